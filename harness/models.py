@@ -1,0 +1,79 @@
+"""Hugging Face causal LMs: built-in tiny presets, local configs, meta-device construction.
+
+Every layout starts from the same weights for a seed: the reference weights are what
+`AutoModelForCausalLM.from_config` initialises on CPU after `torch.manual_seed(seed)` (or the
+safetensors of a local model directory), and each rank copies its own shards out of them.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import torch
+from torch import nn
+from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig
+
+_TINY_ATTENTION = dict(hidden_size=64, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+                       num_hidden_layers=4, vocab_size=256, max_position_embeddings=2048,
+                       tie_word_embeddings=False)
+
+PRESETS: dict[str, dict[str, Any]] = {
+    "llama": dict(model_type="llama", intermediate_size=128, **_TINY_ATTENTION),
+    "qwen3_moe": dict(model_type="qwen3_moe", intermediate_size=128, moe_intermediate_size=32,
+                      num_experts=8, num_experts_per_tok=2, norm_topk_prob=True,
+                      router_aux_loss_coef=0.001, **_TINY_ATTENTION),
+    "mixtral": dict(model_type="mixtral", intermediate_size=32, num_local_experts=8,
+                    num_experts_per_tok=2, router_aux_loss_coef=0.001, **_TINY_ATTENTION),
+    "deepseek_v3": dict(model_type="deepseek_v3", intermediate_size=128, moe_intermediate_size=32,
+                        n_routed_experts=8, n_shared_experts=1, num_experts_per_tok=2, n_group=2,
+                        topk_group=1, first_k_dense_replace=1, routed_scaling_factor=1.0,
+                        q_lora_rank=32, kv_lora_rank=16, qk_rope_head_dim=8, qk_nope_head_dim=8,
+                        v_head_dim=16, **{**_TINY_ATTENTION, "num_key_value_heads": 4, "head_dim": 8}),
+}
+
+
+def load_config(preset: str | None, path: str | None, overrides: dict[str, Any] | None = None) -> PretrainedConfig:
+    """The HF config of a preset or of a local directory / config.json (never the network)."""
+    if path:
+        source = os.path.dirname(path) if path.endswith(".json") else path
+        config = AutoConfig.from_pretrained(source, local_files_only=True)
+    else:
+        kwargs = dict(PRESETS[preset])
+        config = AutoConfig.for_model(kwargs.pop("model_type"), **kwargs)
+    for key, value in (overrides or {}).items():
+        setattr(config, key, value)
+    config.use_cache = False
+    return config
+
+
+def build_meta_model(config: PretrainedConfig) -> nn.Module:
+    """The model's modules with parameters on the meta device: parallelize first, allocate later."""
+    with torch.device("meta"):
+        return AutoModelForCausalLM.from_config(config)
+
+
+def reference_model(config: PretrainedConfig, seed: int, path: str | None = None) -> nn.Module:
+    """The single-process HF model every layout must reproduce (fp32, CPU)."""
+    if path and not path.endswith(".json") and _has_weights(path):
+        return AutoModelForCausalLM.from_pretrained(path, config=config, local_files_only=True,
+                                                    dtype=torch.float32)
+    torch.manual_seed(seed)
+    return AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+
+
+def _has_weights(directory: str) -> bool:
+    return any(name.endswith((".safetensors", ".bin")) for name in os.listdir(directory))
+
+
+def decoder_layers(model: nn.Module) -> nn.ModuleList | nn.ModuleDict:
+    """The container of transformer blocks (`model.model.layers` in HF causal LMs)."""
+    inner = getattr(model, "model", model)
+    layers = getattr(inner, "layers", None)
+    if layers is None:
+        raise ValueError(f"{type(model).__name__}: no decoder layers found at model.layers")
+    return layers
+
+
+def is_moe(config: PretrainedConfig) -> bool:
+    return any(getattr(config, key, None) for key in ("num_experts", "num_local_experts", "n_routed_experts"))

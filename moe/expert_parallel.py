@@ -1,0 +1,103 @@
+"""Expert parallelism for Hugging Face MoE blocks.
+
+The experts' weights become DTensors sharded Shard(0) over the EP mesh (each rank holds
+num_experts / ep whole experts), and the experts' forward is swapped through transformers'
+`ExpertsInterface`, so HF's own router, shared experts and router-logit outputs (aux loss)
+run unchanged around it. Runs on the meta-device model, before activation checkpointing,
+FSDP and materialization.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from torch.distributed.device_mesh import DeviceMesh
+from torch.distributed.tensor import Shard, distribute_tensor
+from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS
+
+from moe.balance import record_load
+from moe.dispatch import Dispatcher, resolve_dispatcher
+from moe.experts import local_experts_forward
+
+logger = logging.getLogger(__name__)
+
+EXPERTS_IMPLEMENTATION = "harness_ep"
+_EXPERT_PARAMS = ("gate_up_proj", "down_proj")
+
+
+@dataclass
+class ExpertParallelState:
+    dispatcher: Dispatcher
+    # The router whose `e_score_correction_bias` aux-loss-free balancing updates (DeepSeek-V3).
+    router: nn.Module | None
+
+
+def _ep_experts_forward(self: nn.Module, hidden_states: torch.Tensor, top_k_index: torch.Tensor,
+                        top_k_weights: torch.Tensor) -> torch.Tensor:
+    state: ExpertParallelState = self._expert_parallel
+    if state.router is not None:
+        record_load(self, top_k_index)
+    routed, handle = state.dispatcher.dispatch(hidden_states, top_k_index, top_k_weights, self.num_experts)
+    expert_out = local_experts_forward(self, routed).to(hidden_states.dtype)
+    return state.dispatcher.combine(expert_out, handle)
+
+
+ALL_EXPERTS_FUNCTIONS.register(EXPERTS_IMPLEMENTATION, _ep_experts_forward)
+
+
+def _moe_blocks(model: nn.Module) -> list[tuple[nn.Module, nn.Module | None]]:
+    """(experts, router) of every HF MoE block: a module with an `experts` child in the v5 layout."""
+    blocks = []
+    for module in model.modules():
+        experts = getattr(module, "experts", None)
+        if isinstance(experts, nn.Module) and all(hasattr(experts, p) for p in _EXPERT_PARAMS):
+            blocks.append((experts, getattr(module, "gate", None)))
+    return blocks
+
+
+def _check_supported(experts: nn.Module, ep: int) -> None:
+    name = type(experts).__name__
+    if not hasattr(experts, "has_gate"):
+        raise ValueError(f"{name}: not an ExpertsInterface experts class (no @use_experts_implementation)")
+    if not experts.has_gate or experts.has_bias or experts.is_transposed or experts.has_post_expert_norm:
+        raise ValueError(f"{name}: expert parallel supports the gated, bias-free [E, 2I, H] / [E, H, I] "
+                         "layout only (not transposed, biased or post-normed experts)")
+    if experts.num_experts % ep:
+        raise ValueError(f"{name}: num_experts={experts.num_experts} is not divisible by ep={ep}; "
+                         "choose an ep size that divides the number of experts")
+
+
+def apply_expert_parallel(model: nn.Module, ep_mesh: DeviceMesh, dispatcher: str = "alltoall",
+                          strict: bool = False) -> list[nn.Module]:
+    """Shard every MoE block's experts over `ep_mesh` and route tokens with `dispatcher`.
+
+    Returns the experts modules, for the caller to FSDP-shard over the experts' FSDP mesh.
+    """
+    if ep_mesh.ndim != 1:
+        raise ValueError(f"ep_mesh must be 1-D, got a {ep_mesh.ndim}-D mesh")
+    ep = ep_mesh.size()
+    blocks = _moe_blocks(model)
+    if not blocks:
+        raise ValueError(f"{type(model).__name__}: no MoE experts found (expected `experts.gate_up_proj`)")
+    for experts, _ in blocks:
+        _check_supported(experts, ep)
+    chosen, reason = resolve_dispatcher(dispatcher, strict, ep_mesh.get_group())
+    for experts, router in blocks:
+        for name in _EXPERT_PARAMS:
+            param = getattr(experts, name)
+            sharded = distribute_tensor(param.data, ep_mesh, [Shard(0)])
+            experts.register_parameter(name, nn.Parameter(sharded, requires_grad=param.requires_grad))
+        # A private config copy: the switch must not leak into other modules or models that
+        # share the config object, nor into an exported config.json.
+        experts.config = copy.copy(experts.config)
+        experts.config._experts_implementation = EXPERTS_IMPLEMENTATION
+        has_bias = router is not None and hasattr(router, "e_score_correction_bias")
+        experts._expert_parallel = ExpertParallelState(chosen, router if has_bias else None)
+    experts0 = blocks[0][0]
+    logger.info("expert parallel: ep=%d, %d experts per rank in %d MoE blocks, dispatcher %s",
+                ep, experts0.num_experts // ep, len(blocks), reason)
+    return [experts for experts, _ in blocks]

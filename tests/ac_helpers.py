@@ -35,13 +35,14 @@ class StackModel(nn.Module):
 
 
 class OpRecorder(TorchDispatchMode):
-    """Counts aten ops per phase. Phase "recompute" is set while a watched block's forward runs
-    during backward; under SAC, saved ops are replayed from the cache and never reach this mode."""
+    """Counts aten ops per phase: "forward" and "recompute" while a watched block's forward runs
+    outside / inside backward, "other" elsewhere. Under SAC, saved ops are replayed from the
+    cache during recompute and never reach this mode."""
 
     def __init__(self) -> None:
         super().__init__()
-        self.phase = "forward"
-        self.counts: dict[str, Counter] = {"forward": Counter(), "recompute": Counter(), "backward": Counter()}
+        self.phase = "other"
+        self.counts: dict[str, Counter] = {"forward": Counter(), "recompute": Counter(), "other": Counter()}
 
     def watch(self, block: nn.Module) -> None:
         """Attribute ops run inside `block`'s forward to "forward" or "recompute"."""

@@ -1,0 +1,76 @@
+"""Shared pieces of the MoE tests: the batch, the one-process reference, an EP model."""
+
+from __future__ import annotations
+
+from functools import partial
+
+import torch
+import torch.distributed as dist
+from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import CheckpointWrapper, checkpoint_wrapper
+from torch.utils.checkpoint import CheckpointPolicy, create_selective_checkpoint_contexts
+from torch import nn
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.tensor import DTensor
+
+from harness.loss import token_loss_sum
+from harness.materialize import materialize
+from harness.models import build_meta_model, decoder_layers, reference_model
+from moe.expert_parallel import apply_expert_parallel
+from parallel.activation_checkpointing import apply_selective_checkpointing_to_layers
+
+SEED = 0
+
+
+def batch(vocab: int, rows: int = 4, seq: int = 24) -> tuple[torch.Tensor, torch.Tensor]:
+    tokens = torch.randint(0, vocab, (rows, seq + 1), generator=torch.Generator().manual_seed(1))
+    return tokens[:, :-1], tokens[:, 1:]
+
+
+def reference_step(config, inputs: torch.Tensor, labels: torch.Tensor) -> tuple[float, dict[str, torch.Tensor]]:
+    model = reference_model(config, SEED)
+    loss = token_loss_sum(model(inputs).logits, labels) / labels.numel()
+    loss.backward()
+    return loss.item(), {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+
+
+def _recompute_everything(ctx, func, *args, **kwargs) -> CheckpointPolicy:
+    return CheckpointPolicy.PREFER_RECOMPUTE
+
+
+def ep_model(config, world: int, dispatcher: str = "alltoall", checkpointing: str | None = None) -> tuple[nn.Module, list[nn.Module]]:
+    """The trainer's order on a meta model: EP -> activation checkpointing -> materialize.
+
+    `checkpointing`: None, "selective" (the project's policy) or "recompute_all" (a control).
+    """
+    mesh = init_device_mesh("cpu", (world,), mesh_dim_names=("ep",))
+    model = build_meta_model(config)
+    experts = apply_expert_parallel(model, mesh, dispatcher)
+    layers = decoder_layers(model)
+    if checkpointing == "selective":
+        apply_selective_checkpointing_to_layers(model, layers, has_kv_sharing=False)
+    elif checkpointing == "recompute_all":
+        context_fn = partial(create_selective_checkpoint_contexts, _recompute_everything)
+        for index, layer in enumerate(layers):
+            layers[index] = checkpoint_wrapper(layer, context_fn=context_fn)
+    if checkpointing:
+        assert all(isinstance(layer, CheckpointWrapper) for layer in layers)
+    materialize(model, reference_model(config, SEED), "cpu")
+    return model, experts
+
+
+def full_grads(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Expert grads gathered from their shards; dense grads summed over the ranks' slices."""
+    grads = {}
+    for name, param in model.named_parameters():
+        if param.grad is None:
+            continue
+        if isinstance(param.grad, DTensor):
+            grads[name] = param.grad.full_tensor()
+        else:
+            grads[name] = param.grad.clone()
+            dist.all_reduce(grads[name])
+    return grads
+
+
+def canonical(name: str) -> str:
+    return name.replace("_checkpoint_wrapped_module.", "")

@@ -75,5 +75,9 @@ def decoder_layers(model: nn.Module) -> nn.ModuleList | nn.ModuleDict:
     return layers
 
 
-def is_moe(config: PretrainedConfig) -> bool:
-    return any(getattr(config, key, None) for key in ("num_experts", "num_local_experts", "n_routed_experts"))
+def expert_count(config: PretrainedConfig) -> int:
+    """Routed experts per MoE layer; 0 for a dense model."""
+    for key in ("num_experts", "num_local_experts", "n_routed_experts"):
+        if getattr(config, key, None):
+            return int(getattr(config, key))
+    return 0

@@ -9,6 +9,7 @@ seen aborting at teardown without one.
 from __future__ import annotations
 
 import os
+import pickle
 import queue
 import tempfile
 import traceback
@@ -28,7 +29,9 @@ def _rank_main(fn: Callable, rank: int, world_size: int, store_path: str, args: 
         store = dist.FileStore(store_path, world_size)
         dist.init_process_group("gloo", store=store, rank=rank, world_size=world_size,
                                 timeout=timedelta(seconds=120))
-        value = fn(rank, world_size, *args)
+        # Pickled to bytes here: tensors sent through the queue as shared memory vanish when
+        # this process exits before the parent has read them.
+        value = pickle.dumps(fn(rank, world_size, *args))
         dist.barrier()
         results.put((rank, "ok", value))
     except BaseException:
@@ -65,4 +68,4 @@ def run_ranks(fn: Callable, world_size: int, *args: Any, timeout: float = 300.0)
                 if p.is_alive():
                     p.kill()
                     p.join()
-    return [outcome[r][1] for r in range(world_size)]
+    return [pickle.loads(outcome[r][1]) for r in range(world_size)]

@@ -1,0 +1,144 @@
+"""One training run on an initialised process group: build everything, then the loop."""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from functools import partial
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from harness.config import Config
+from harness.data import BatchSampler, load_tokens
+from harness.loss import count_tokens, token_loss_sum
+from harness.metrics import MetricsLog
+from harness.models import build_meta_model, load_config as load_model_config, reference_model
+from harness.parallelize import parallelize
+from harness.schedule import lr_factor
+from parallel.grad_clip import clip_grad_norm_
+from parallel.mesh import ParallelDims
+
+logger = logging.getLogger(__name__)
+
+
+class GlobalTokenLoss:
+    """Token-summed loss divided by the step's token count over all data-parallel ranks.
+
+    Summing it over microbatches and ranks gives the one-process mean, so gradients need no
+    further scaling (FSDP sums rather than averages; pipeline schedules do not rescale).
+    """
+
+    def __init__(self) -> None:
+        self.global_tokens = torch.ones(())
+
+    def __call__(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        return token_loss_sum(logits, labels) / self.global_tokens
+
+
+@dataclass
+class Run:
+    """What the loop needs, built once; checkpointing saves and restores its state."""
+    cfg: Config
+    dims: ParallelDims
+    modules: list[nn.Module]  # the model, or this rank's pipeline stages
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LambdaLR
+    sampler: BatchSampler
+    loss_fn: GlobalTokenLoss
+    forward_backward: object  # (inputs, labels) -> loss on this rank, gradients accumulated
+    dp_group: dist.ProcessGroup
+    pp_group: dist.ProcessGroup | None
+    step: int = 0
+
+
+def device_for_rank() -> torch.device:
+    if torch.cuda.is_available():
+        device = torch.device("cuda", torch.cuda.current_device())
+        return device
+    return torch.device("cpu")
+
+
+def build_run(cfg: Config, dims: ParallelDims) -> Run:
+    device = device_for_rank()
+    meshes = dims.build_meshes(device.type)
+    model_config = load_model_config(cfg.model.preset, cfg.model.path, cfg.model.overrides)
+    reference = reference_model(model_config, cfg.train.seed, cfg.model.path)
+    model = build_meta_model(model_config)
+    parallelize_fn = partial(parallelize, cfg=cfg, dims=dims, meshes=meshes, reference=reference, device=device)
+    loss_fn = GlobalTokenLoss()
+    if dims.pp > 1:
+        from parallel.pipeline import pipeline_model
+
+        p = cfg.parallel
+        plan = pipeline_model(model, meshes.pp, schedule=p.pp_schedule, n_microbatches=p.pp_microbatches or dims.pp,
+                              stages_per_rank=p.pp_stages_per_rank, layers_per_stage=p.pp_layers_per_stage,
+                              parallelize_fn=parallelize_fn, device=device, loss_fn=loss_fn)
+        modules, forward_backward = list(plan.stage_modules), plan.step
+    else:
+        parallelize_fn(model)
+        modules, forward_backward = [model], partial(_forward_backward, model, loss_fn)
+    del reference
+    params = [p for m in modules for p in m.parameters()]
+    t = cfg.train
+    optimizer = torch.optim.AdamW(params, lr=t.lr, betas=(0.9, 0.95), weight_decay=t.weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, partial(lr_factor, cfg=t))
+    sampler = BatchSampler(load_tokens(cfg.data), t.seq_len, t.global_batch_size, t.seed)
+    return Run(cfg=cfg, dims=dims, modules=modules, optimizer=optimizer, scheduler=scheduler, sampler=sampler,
+               loss_fn=loss_fn, forward_backward=forward_backward, dp_group=meshes.dp.get_group(),
+               pp_group=meshes.pp.get_group() if dims.pp > 1 else None)
+
+
+def _forward_backward(model: nn.Module, loss_fn: GlobalTokenLoss, inputs: torch.Tensor,
+                      labels: torch.Tensor) -> torch.Tensor:
+    loss = loss_fn(model(input_ids=inputs).logits, labels)
+    loss.backward()
+    return loss.detach()
+
+
+def train_step(run: Run) -> dict:
+    """One optimizer step over the global batch; returns its metrics row."""
+    cfg, device = run.cfg, device_for_rank()
+    started = time.perf_counter()
+    dp_rank, dp_size = dist.get_rank(run.dp_group), dist.get_world_size(run.dp_group)
+    inputs, labels = run.sampler.local_batch(run.step, dp_rank, dp_size)
+    inputs, labels = inputs.to(device), labels.to(device)
+    tokens = count_tokens(labels).float()
+    dist.all_reduce(tokens, group=run.dp_group)
+    run.loss_fn.global_tokens = tokens
+    loss = torch.zeros((), device=device)
+    micro = cfg.train.micro_batch_size
+    for start in range(0, inputs.shape[0], micro):
+        micro_loss = run.forward_backward(inputs[start:start + micro], labels[start:start + micro])
+        if micro_loss is not None:
+            loss += micro_loss
+    params = [p for m in run.modules for p in m.parameters()]
+    grad_norm = clip_grad_norm_(params, cfg.train.max_grad_norm, run.pp_group)
+    lr = run.scheduler.get_last_lr()[0]
+    run.optimizer.step()
+    run.scheduler.step()
+    run.optimizer.zero_grad(set_to_none=True)
+    # Ranks without the last pipeline stage contribute zero, so a world sum is the dp sum.
+    dist.all_reduce(loss)
+    run.step += 1
+    elapsed = time.perf_counter() - started
+    return {"step": run.step, "loss": loss.item(), "grad_norm": grad_norm.item(), "lr": lr,
+            "tokens": int(tokens.item()), "tokens_per_s": tokens.item() / elapsed, "step_time_s": elapsed}
+
+
+def train(cfg: Config, dims: ParallelDims) -> list[dict]:
+    """Trains for cfg.train.steps steps; returns the metrics rows (on every rank)."""
+    run = build_run(cfg, dims)
+    log = MetricsLog(cfg.train.metrics_file, cfg.train.steps, cfg.logging.log_every, cfg.logging.progress,
+                     enabled=dist.get_rank() == 0)
+    rows = []
+    try:
+        while run.step < cfg.train.steps:
+            row = train_step(run)
+            log.log(row)
+            rows.append(row)
+    finally:
+        log.close()
+    return rows

@@ -1,0 +1,135 @@
+"""Whole-config checks that need more than types: sizes, paths, the mesh, the model.
+
+Run by the launcher before any process starts; each failure is one ConfigError line.
+"""
+
+from __future__ import annotations
+
+import os
+
+from transformers import PretrainedConfig
+
+from harness.config import AC_MODES, DISPATCHERS, MODEL_PRESETS, Config, ConfigError
+from harness.models import expert_count, load_config as load_model_config
+from parallel.mesh import ParallelDims
+from parallel.pipeline import validate_pipeline
+
+
+def normalize_ac_mode(mode: str | bool) -> str:
+    if isinstance(mode, bool):
+        return "full" if mode else "none"
+    if mode.lower() not in AC_MODES:
+        raise ConfigError(f"ac.mode={mode!r}: must be one of {', '.join(AC_MODES)} (or true/false)")
+    return mode.lower()
+
+
+def validate(cfg: Config, world_size: int) -> ParallelDims:
+    """Checks the whole config for a world of `world_size` ranks; returns the resolved dims."""
+    _check_positive(cfg)
+    cfg.ac.mode = normalize_ac_mode(cfg.ac.mode)
+    p = cfg.parallel
+    try:
+        dims = ParallelDims(pp=p.pp, dp_replicate=p.dp_replicate, dp_shard=p.dp_shard, cp=p.cp, tp=p.tp,
+                            ep=p.ep, world_size=world_size)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    _check_batch(cfg, dims)
+    model_config = _check_model(cfg)
+    _check_data(cfg, model_config)
+    _check_experts(cfg, model_config, dims)
+    if dims.pp > 1:
+        try:
+            validate_pipeline(num_layers=model_config.num_hidden_layers, pp=dims.pp, schedule=p.pp_schedule,
+                              stages_per_rank=p.pp_stages_per_rank, n_microbatches=p.pp_microbatches or dims.pp,
+                              layers_per_stage=p.pp_layers_per_stage, local_batch_size=cfg.train.micro_batch_size)
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
+    if cfg.moe.dispatcher not in DISPATCHERS:
+        raise ConfigError(f"moe.dispatcher={cfg.moe.dispatcher!r}: must be one of {', '.join(DISPATCHERS)}")
+    _check_checkpoint(cfg)
+    return dims
+
+
+def _check_positive(cfg: Config) -> None:
+    for section, name in [("train", "steps"), ("train", "global_batch_size"), ("train", "micro_batch_size"),
+                          ("train", "seq_len"), ("data", "max_bytes"), ("logging", "log_every"),
+                          ("checkpoint", "keep")]:
+        value = getattr(getattr(cfg, section), name)
+        if value <= 0:
+            raise ConfigError(f"{section}.{name}={value}: must be > 0")
+    for section, name in [("train", "lr"), ("train", "warmup_steps"), ("train", "weight_decay"),
+                          ("train", "max_grad_norm"), ("train", "min_lr_ratio"), ("checkpoint", "every")]:
+        value = getattr(getattr(cfg, section), name)
+        if value < 0:
+            raise ConfigError(f"{section}.{name}={value}: must be >= 0")
+    if cfg.train.lr == 0:
+        raise ConfigError("train.lr=0: nothing would train; set a positive learning rate, e.g. 3e-4")
+    if cfg.train.min_lr_ratio > 1:
+        raise ConfigError(f"train.min_lr_ratio={cfg.train.min_lr_ratio}: must be in [0, 1]")
+
+
+def _check_batch(cfg: Config, dims: ParallelDims) -> None:
+    t = cfg.train
+    per_step = t.micro_batch_size * dims.dp
+    if t.global_batch_size % per_step:
+        raise ConfigError(f"train.global_batch_size={t.global_batch_size}: must be a multiple of "
+                          f"micro_batch_size*dp = {t.micro_batch_size}*{dims.dp} = {per_step}")
+
+
+def _check_model(cfg: Config) -> PretrainedConfig:
+    m = cfg.model
+    if m.path is not None:
+        if not os.path.exists(m.path):
+            raise ConfigError(f"model.path={m.path}: no such file or directory; give a local HF model "
+                              "directory or its config.json")
+        if os.path.isdir(m.path) and not os.path.isfile(os.path.join(m.path, "config.json")):
+            raise ConfigError(f"model.path={m.path}: no config.json in that directory")
+    elif m.preset not in MODEL_PRESETS:
+        raise ConfigError(f"model.preset={m.preset!r}: unknown; choose one of {', '.join(MODEL_PRESETS)} "
+                          "or set model.path")
+    try:
+        model_config = load_model_config(m.preset, m.path, m.overrides)
+    except (OSError, ValueError, KeyError) as e:
+        raise ConfigError(f"model: cannot load the model config ({str(e).splitlines()[0]})") from None
+    for key in m.overrides:
+        if not hasattr(model_config, key):
+            raise ConfigError(f"model.overrides.{key}: not a field of {type(model_config).__name__}")
+    if cfg.train.seq_len > getattr(model_config, "max_position_embeddings", cfg.train.seq_len):
+        raise ConfigError(f"train.seq_len={cfg.train.seq_len}: longer than the model's "
+                          f"max_position_embeddings={model_config.max_position_embeddings}")
+    return model_config
+
+
+def _check_data(cfg: Config, model_config: PretrainedConfig) -> None:
+    d = cfg.data
+    if d.source != "stdlib":
+        if not os.path.isfile(d.source):
+            raise ConfigError(f"data.source={d.source}: no such file; use 'stdlib' or a local .txt/.jsonl file")
+        if not d.source.endswith((".txt", ".jsonl")):
+            raise ConfigError(f"data.source={d.source}: expected a .txt or .jsonl file")
+    if d.tokenizer is not None and not os.path.isdir(d.tokenizer):
+        raise ConfigError(f"data.tokenizer={d.tokenizer}: no such directory; give a local HF tokenizer "
+                          "directory, or leave it unset for bytes")
+    if d.tokenizer is None and model_config.vocab_size < 256:
+        raise ConfigError(f"data.tokenizer: unset means bytes (256 ids) but the model's vocab_size is "
+                          f"{model_config.vocab_size}; set a tokenizer or a vocab_size >= 256")
+
+
+def _check_experts(cfg: Config, model_config: PretrainedConfig, dims: ParallelDims) -> None:
+    if dims.ep == 1:
+        return
+    experts = expert_count(model_config)
+    if experts == 0:
+        raise ConfigError(f"parallel.ep={dims.ep}: the model has no experts; set parallel.ep=1")
+    if experts % dims.ep:
+        raise ConfigError(f"parallel.ep={dims.ep}: must divide the model's {experts} experts")
+
+
+def _check_checkpoint(cfg: Config) -> None:
+    c = cfg.checkpoint
+    if c.dir is not None and os.path.exists(c.dir) and not os.path.isdir(c.dir):
+        raise ConfigError(f"checkpoint.dir={c.dir}: exists and is not a directory; choose another path")
+    if c.resume_from is not None and not os.path.isdir(c.resume_from):
+        raise ConfigError(f"checkpoint.resume_from={c.resume_from}: no such checkpoint directory")
+    if c.every and c.dir is None:
+        raise ConfigError("checkpoint.every is set but checkpoint.dir is not; set checkpoint.dir")

@@ -1,0 +1,86 @@
+"""Command line: split flags, validate, then spawn workers or run as one."""
+
+from __future__ import annotations
+
+import os
+import sys
+from importlib import resources
+
+import torch
+
+from harness.config import Config, ConfigError, load_config
+from harness.validation import validate
+from parallel.mesh import ParallelDims
+
+DEFAULT_RECIPE = str(resources.files("launch") / "recipes" / "default.yaml")
+
+
+def split_args(argv: list[str]) -> tuple[str | None, list[str], list[str]]:
+    """(recipe, config overrides, torchrun flags): dotted `--a.b=v` flags are the recipe's."""
+    recipe, overrides, torchrun = None, [], []
+    i = 0
+    while i < len(argv):
+        arg = argv[i]
+        if arg == "--config" or arg.startswith("--config="):
+            if "=" in arg:
+                recipe = arg.split("=", 1)[1]
+            elif i + 1 < len(argv):
+                recipe, i = argv[i + 1], i + 1
+            else:
+                raise ConfigError("--config: missing the recipe path")
+        elif arg.startswith("--") and "." in arg.split("=", 1)[0]:
+            overrides.append(arg)
+        else:
+            torchrun.append(arg)
+        i += 1
+    return recipe, overrides, torchrun
+
+
+def _flag(torchrun: list[str], name: str) -> str | None:
+    """Value of a torchrun flag given as `--name v`, `--name=v`, or with underscores."""
+    spellings = {f"--{name}", f"--{name.replace('-', '_')}"}
+    for i, arg in enumerate(torchrun):
+        key, _, value = arg.partition("=")
+        if key in spellings:
+            return value if value else (torchrun[i + 1] if i + 1 < len(torchrun) else None)
+    return None
+
+
+def world_size(cfg: Config, torchrun: list[str]) -> int:
+    """The world the workers will form: from torchrun's flags, or what the recipe's mesh needs."""
+    nproc, nnodes = _flag(torchrun, "nproc-per-node"), _flag(torchrun, "nnodes")
+    if nproc is not None:
+        if not nproc.isdigit():
+            raise ConfigError(f"--nproc-per-node={nproc}: give a number of processes per node")
+        nodes = nnodes or "1"
+        if not nodes.isdigit():
+            raise ConfigError(f"--nnodes={nodes}: give a fixed number of nodes (elastic ranges are not supported)")
+        return int(nproc) * int(nodes)
+    p = cfg.parallel
+    if p.dp_shard == -1:
+        if torch.cuda.is_available():
+            return torch.cuda.device_count() * int(nnodes or 1)
+        raise ConfigError("parallel.dp_shard=-1 needs a world size on CPU: set parallel.dp_shard "
+                          "or pass --nproc-per-node")
+    return p.pp * p.dp_replicate * p.dp_shard * p.cp * p.tp
+
+
+def main(argv: list[str]) -> int:
+    try:
+        recipe, overrides, torchrun = split_args(argv)
+        cfg = load_config(recipe or DEFAULT_RECIPE, overrides)
+        worker = "LOCAL_RANK" in os.environ
+        size = int(os.environ["WORLD_SIZE"]) if worker else world_size(cfg, torchrun)
+        dims = validate(cfg, size)
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    if worker:
+        from launch.worker import run_worker
+
+        run_worker(cfg, dims)
+        return 0
+    from launch.spawn import spawn_workers
+
+    config_args = (["--config", recipe] if recipe else []) + overrides
+    return spawn_workers(config_args, torchrun, size)

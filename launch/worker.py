@@ -1,0 +1,35 @@
+"""What each torchrun worker does: process group, threads, train, clean teardown."""
+
+from __future__ import annotations
+
+import logging
+import os
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+
+from harness.config import Config
+from harness.trainer import train
+from parallel.mesh import ParallelDims
+
+
+def run_worker(cfg: Config, dims: ParallelDims) -> None:
+    local_world = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    if torch.cuda.is_available():
+        torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
+        backend = "nccl"
+    else:
+        backend = "gloo"
+        # N ranks on one box share its cores; more threads than cores per rank only thrashes.
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_world))
+    logging.basicConfig(level=logging.INFO if os.environ.get("RANK", "0") == "0" else logging.WARNING,
+                        format="%(message)s")
+    dist.init_process_group(backend, timeout=timedelta(minutes=10))
+    try:
+        train(cfg, dims)
+        # gloo was seen aborting at teardown ("terminate called without an active exception")
+        # when ranks destroy the group while others still talk.
+        dist.barrier()
+    finally:
+        dist.destroy_process_group()

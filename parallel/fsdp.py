@@ -1,0 +1,43 @@
+"""FSDP2 (or HSDP on a 2-D mesh): each transformer block, then the root.
+
+Gradients are summed, never averaged, across shards: the loss is already divided by the
+step's global token count, so a sum over ranks is the one-process gradient. This also keeps
+expert parameters (sharded over efsdp, with their tokens gathered over ep) on the same scale
+as dense ones.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import torch
+from torch import nn
+from torch.distributed.device_mesh import DeviceMesh
+from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
+
+
+def mixed_precision_policy(device_type: str) -> MixedPrecisionPolicy:
+    """bf16 compute with fp32 gradient reduction on CUDA; plain fp32 on CPU."""
+    if device_type == "cuda":
+        return MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+    return MixedPrecisionPolicy()
+
+
+def apply_fsdp(model: nn.Module, layers: Iterable[nn.Module], mesh: DeviceMesh, *,
+               reshard_after_forward: bool, expert_modules: Iterable[nn.Module] = (),
+               expert_mesh: DeviceMesh | None = None) -> None:
+    """Shard experts over `expert_mesh`, each layer and then the root over `mesh`."""
+    policy = mixed_precision_policy(mesh.device_type)
+    for experts in expert_modules:
+        assert expert_mesh is not None, "expert modules need the efsdp mesh"
+        fully_shard(experts, mesh=expert_mesh, mp_policy=policy, reshard_after_forward=reshard_after_forward)
+    for layer in layers:
+        fully_shard(layer, mesh=mesh, mp_policy=policy, reshard_after_forward=reshard_after_forward)
+    # The root keeps its parameters (embeddings, final norm, lm_head) gathered after forward:
+    # backward needs them again at once.
+    fully_shard(model, mesh=mesh, mp_policy=policy, reshard_after_forward=False)
+    for module in model.modules():
+        if isinstance(module, FSDPModule):
+            module.set_gradient_divide_factor(1.0)
+            # A factor of 1 otherwise becomes PREMUL_SUM, which gloo cannot run.
+            module.set_force_sum_reduction_for_comms(True)

@@ -1,0 +1,40 @@
+"""Gradient-norm clipping over parameters sharded on different meshes and pipeline stages.
+
+Dense parameters are DTensors on the fsdp mesh, experts on the (efsdp, ep) mesh, and each
+pipeline stage holds different parameters, so one foreach norm cannot see them all: take the
+norm per sharding layout, make each one global, and sum the squares across stages.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Iterable
+
+import torch
+import torch.distributed as dist
+from torch.distributed.tensor import DTensor
+
+
+def clip_grad_norm_(parameters: Iterable[torch.nn.Parameter], max_norm: float,
+                    pp_group: dist.ProcessGroup | None = None) -> torch.Tensor:
+    """Clips in place when max_norm > 0 and returns the total L2 norm of all gradients."""
+    grads = [p.grad for p in parameters if p.grad is not None]
+    by_layout: dict[object, list[torch.Tensor]] = defaultdict(list)
+    for grad in grads:
+        key = (grad.device_mesh, grad.placements) if isinstance(grad, DTensor) else None
+        by_layout[key].append(grad)
+    squared = torch.zeros((), dtype=torch.float32, device=grads[0].device if grads else "cpu")
+    for group in by_layout.values():
+        norm = torch.nn.utils.get_total_norm(group, norm_type=2.0)
+        if isinstance(norm, DTensor):
+            norm = norm.full_tensor()
+        squared += norm.float() ** 2
+    if pp_group is not None:
+        dist.all_reduce(squared, group=pp_group)
+    total = squared.sqrt()
+    if max_norm > 0:
+        scale = float((max_norm / (total + 1e-6)).clamp(max=1.0))
+        if scale < 1.0:
+            for grad in grads:
+                grad.mul_(scale)
+    return total

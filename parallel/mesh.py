@@ -1,0 +1,91 @@
+"""Parallel dimensions and the device meshes that serve them.
+
+World = pp x dp_replicate x dp_shard x cp x tp. Expert parallel is not a factor of the world:
+it borrows ranks from dp_shard x cp x tp, and experts are FSDP-sharded over the rest ("efsdp").
+One world mesh (pp, dp_replicate, fsdp) is built; the expert meshes unflatten its fsdp axis into
+(efsdp, ep) with ep innermost, so an expert group is a run of neighbouring ranks. The views:
+
+    dp     dp_replicate x fsdp     data loading and the loss
+    fsdp   fsdp, or (dp_replicate, fsdp) for HSDP     FSDP2 of dense parameters
+    ep     ep                      expert parallel
+    efsdp  efsdp, or (dp_replicate, efsdp) for HSDP   FSDP2 of expert parameters
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
+
+
+@dataclass(frozen=True)
+class ParallelDims:
+    pp: int = 1
+    dp_replicate: int = 1
+    dp_shard: int = -1
+    cp: int = 1
+    tp: int = 1
+    ep: int = 1
+    world_size: int = 1
+
+    def __post_init__(self) -> None:
+        for name in ("pp", "dp_replicate", "cp", "tp", "ep", "world_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"parallel.{name}={getattr(self, name)}: must be >= 1")
+        if self.cp != 1 or self.tp != 1:
+            bad = "cp" if self.cp != 1 else "tp"
+            raise ValueError(f"parallel.{bad}={getattr(self, bad)}: context and tensor parallel are "
+                             f"not supported yet; set parallel.{bad}=1")
+        if self.dp_shard == -1:
+            rest = self.pp * self.dp_replicate * self.cp * self.tp
+            if self.world_size % rest:
+                raise ValueError(f"parallel.dp_shard=-1: world size {self.world_size} is not divisible by "
+                                 f"pp*dp_replicate*cp*tp={rest}; change the world size or those axes")
+            object.__setattr__(self, "dp_shard", self.world_size // rest)
+        if self.dp_shard < 1:
+            raise ValueError(f"parallel.dp_shard={self.dp_shard}: must be >= 1, or -1 to fill the world")
+        product = self.pp * self.dp_replicate * self.dp_shard * self.cp * self.tp
+        if product != self.world_size:
+            raise ValueError(f"parallel: pp*dp_replicate*dp_shard*cp*tp = {self.pp}*{self.dp_replicate}*"
+                             f"{self.dp_shard}*{self.cp}*{self.tp} = {product}, but the world size is "
+                             f"{self.world_size}; make them equal (dp_shard=-1 fills the rest)")
+        borrowable = self.dp_shard * self.cp * self.tp
+        if borrowable % self.ep:
+            raise ValueError(f"parallel.ep={self.ep}: must divide dp_shard*cp*tp={borrowable} "
+                             f"(expert parallel borrows those ranks)")
+
+    @property
+    def dp(self) -> int:
+        return self.dp_replicate * self.dp_shard
+
+    @property
+    def efsdp(self) -> int:
+        return self.dp_shard * self.cp * self.tp // self.ep
+
+    def build_meshes(self, device_type: str) -> "ParallelMeshes":
+        world = init_device_mesh(device_type, (self.pp, self.dp_replicate, self.dp_shard),
+                                 mesh_dim_names=("pp", "dp_replicate", "fsdp"))
+        hsdp = self.dp_replicate > 1
+        experts = world._unflatten("fsdp", (self.efsdp, self.ep), ("efsdp", "ep"))
+        return ParallelMeshes(
+            world=world,
+            pp=world["pp"],
+            dp=world["dp_replicate", "fsdp"]._flatten("dp"),
+            fsdp=world["dp_replicate", "fsdp"] if hsdp else world["fsdp"],
+            ep=experts["ep"],
+            efsdp=experts["dp_replicate", "efsdp"] if hsdp else experts["efsdp"],
+        )
+
+    def describe(self) -> str:
+        axes = [f"{name}={getattr(self, name)}" for name in ("pp", "dp_replicate", "dp_shard", "ep")]
+        return " x ".join(axes) + f" (world {self.world_size}, efsdp={self.efsdp})"
+
+
+@dataclass(frozen=True)
+class ParallelMeshes:
+    world: DeviceMesh
+    pp: DeviceMesh
+    dp: DeviceMesh
+    fsdp: DeviceMesh
+    ep: DeviceMesh
+    efsdp: DeviceMesh

@@ -1,0 +1,48 @@
+"""The one-process run every layout must reproduce: plain HF model, plain torch loop.
+
+Written independently of the harness's trainer (whole global batch in one forward, torch's own
+clip_grad_norm_), sharing only the data order, the weights and the LR formula with it.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from harness.config import Config
+from harness.data import BatchSampler, load_tokens
+from harness.loss import count_tokens, token_loss_sum
+from harness.models import load_config as load_model_config, reference_model
+from harness.schedule import lr_factor
+
+
+def reference_run(cfg: Config) -> tuple[list[float], list[float], dict[str, torch.Tensor]]:
+    """Per-step losses and gradient norms, and the final parameters, of the single-process run."""
+    torch.set_num_threads(1)
+    t = cfg.train
+    model = reference_model(load_model_config(cfg.model.preset, cfg.model.path, cfg.model.overrides), t.seed,
+                            cfg.model.path)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=t.lr, betas=(0.9, 0.95), weight_decay=t.weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, t))
+    sampler = BatchSampler(load_tokens(cfg.data), t.seq_len, t.global_batch_size, t.seed)
+    losses, grad_norms = [], []
+    for step in range(t.steps):
+        inputs, labels = sampler.global_batch(step)
+        loss = token_loss_sum(model(input_ids=inputs).logits, labels) / count_tokens(labels)
+        loss.backward()
+        # Adam and clipping hide a wrong gradient scale from losses and parameters; the norm shows it.
+        grad_norms.append(torch.nn.utils.clip_grad_norm_(model.parameters(), t.max_grad_norm or float("inf")).item())
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad()
+        losses.append(loss.item())
+    return losses, grad_norms, {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def tiny_config(*overrides: str) -> Config:
+    """A few fast steps on a small slice of the built-in corpus."""
+    from harness.config import load_config
+
+    base = ["--train.steps=3", "--train.global_batch_size=8", "--train.micro_batch_size=2",
+            "--train.seq_len=32", "--train.lr=1e-2", "--train.warmup_steps=1", "--train.metrics_file=null",
+            "--data.max_bytes=200000", "--logging.progress=false"]
+    return load_config(None, [*base, *overrides])

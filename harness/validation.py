@@ -88,12 +88,13 @@ def _check_model(cfg: Config) -> PretrainedConfig:
         raise ConfigError(f"model.preset={m.preset!r}: unknown; choose one of {', '.join(MODEL_PRESETS)} "
                           "or set model.path")
     try:
-        model_config = load_model_config(m.preset, m.path, m.overrides)
+        model_config = load_model_config(m.preset, m.path)
     except (OSError, ValueError, KeyError) as e:
         raise ConfigError(f"model: cannot load the model config ({str(e).splitlines()[0]})") from None
     for key in m.overrides:
         if not hasattr(model_config, key):
             raise ConfigError(f"model.overrides.{key}: not a field of {type(model_config).__name__}")
+    model_config = load_model_config(m.preset, m.path, m.overrides)
     if cfg.train.seq_len > getattr(model_config, "max_position_embeddings", cfg.train.seq_len):
         raise ConfigError(f"train.seq_len={cfg.train.seq_len}: longer than the model's "
                           f"max_position_embeddings={model_config.max_position_embeddings}")

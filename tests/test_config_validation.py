@@ -1,0 +1,97 @@
+"""Bad input: one line naming the field and the fix, before any process starts."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+from harness.config import ConfigError, load_config
+from harness.validation import validate
+
+CASES = [
+    # (overrides, world size, text the message must contain)
+    (["--train.stpes=5"], 1, "did you mean train.steps"),
+    (["--trian.steps=5"], 1, "did you mean train"),
+    (["--train.steps=ten"], 1, "train.steps: expected int"),
+    (["--train.steps=0"], 1, "train.steps=0"),
+    (["--train.seq_len=0"], 1, "train.seq_len=0"),
+    (["--train.seq_len=-4"], 1, "train.seq_len=-4"),
+    (["--train.lr=-1"], 1, "train.lr=-1"),
+    (["--train.lr=0"], 1, "train.lr=0"),
+    (["--train.micro_batch_size=0"], 1, "train.micro_batch_size=0"),
+    (["--train.global_batch_size=6", "--train.micro_batch_size=4"], 1, "train.global_batch_size=6"),
+    (["--train.global_batch_size=8", "--train.micro_batch_size=4", "--parallel.dp_shard=4"], 4,
+     "micro_batch_size*dp"),
+    (["--train.min_lr_ratio=2"], 1, "train.min_lr_ratio=2"),
+    (["--train.max_grad_norm=-1"], 1, "train.max_grad_norm=-1"),
+    (["--train.seq_len=100000"], 1, "max_position_embeddings"),
+    (["--parallel.dp_shard=3"], 4, "world size is 4"),
+    (["--parallel.pp=3"], 4, "world size 4 is not divisible"),
+    (["--parallel.dp_shard=0"], 1, "parallel.dp_shard=0"),
+    (["--parallel.tp=2", "--parallel.dp_shard=1"], 2, "parallel.tp=2"),
+    (["--parallel.ep=2", "--parallel.dp_shard=2"], 2, "the model has no experts"),
+    (["--model.preset=qwen3_moe", "--parallel.ep=3", "--parallel.dp_shard=3", "--train.global_batch_size=6"], 3,
+     "must divide the model's 8 experts"),
+    (["--model.preset=qwen3_moe", "--parallel.ep=4", "--parallel.dp_shard=2"], 2, "must divide dp_shard"),
+    (["--model.preset=gpt9"], 1, "model.preset='gpt9'"),
+    (["--model.path=/no/such/model"], 1, "model.path=/no/such/model"),
+    (["--model.overrides.hidden_sizee=8"], 1, "model.overrides.hidden_sizee"),
+    (["--data.source=/no/such/corpus.txt"], 1, "data.source=/no/such/corpus.txt"),
+    (["--data.tokenizer=/no/such/tokenizer"], 1, "data.tokenizer=/no/such/tokenizer"),
+    (["--ac.mode=sometimes"], 1, "ac.mode='sometimes'"),
+    (["--moe.dispatcher=nccl"], 1, "moe.dispatcher='nccl'"),
+    (["--checkpoint.every=5"], 1, "checkpoint.dir"),
+    (["--checkpoint.resume_from=/no/such/ckpt"], 1, "checkpoint.resume_from=/no/such/ckpt"),
+    (["--train.steps"], 1, "--section.field=value"),
+    (["--parallel.pp_layers_per_stage=2"], 1, "parallel.pp_layers_per_stage: expected a list"),
+]
+
+
+@pytest.mark.parametrize("overrides, world_size, expected", CASES, ids=[c[2][:40] for c in CASES])
+def test_bad_input_names_the_field(overrides, world_size, expected):
+    with pytest.raises(ConfigError) as error:
+        validate(load_config(None, overrides), world_size)
+    message = str(error.value)
+    assert expected in message
+    assert "\n" not in message
+
+
+def test_checkpoint_dir_that_is_a_file(tmp_path):
+    path = tmp_path / "file"
+    path.write_text("x")
+    with pytest.raises(ConfigError, match="checkpoint.dir=.*not a directory"):
+        validate(load_config(None, [f"--checkpoint.dir={path}"]), 1)
+
+
+def test_recipe_errors(tmp_path):
+    with pytest.raises(ConfigError, match="--config .*no such file"):
+        load_config(str(tmp_path / "missing.yaml"))
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("train: [unclosed\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(str(bad))
+    unknown = tmp_path / "unknown.yaml"
+    unknown.write_text("train:\n  stepz: 3\n")
+    with pytest.raises(ConfigError, match="did you mean train.steps"):
+        load_config(str(unknown))
+
+
+def test_true_false_and_case_select_ac_modes():
+    assert validate_mode("true") == "full" and validate_mode("false") == "none"
+    assert validate_mode("Selective") == "selective"
+
+
+def validate_mode(text: str) -> str:
+    cfg = load_config(None, [f"--ac.mode={text}"])
+    validate(cfg, 1)
+    return cfg.ac.mode
+
+
+def test_launcher_exits_2_with_one_line_before_starting_processes(tmp_path):
+    result = subprocess.run([sys.executable, "-m", "launch", "--train.seq_len=0", "--parallel.dp_shard=2"],
+                            capture_output=True, text=True, timeout=120, cwd=tmp_path,
+                            env={**os.environ, "PYTHONPATH": os.getcwd()})
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == ["error: train.seq_len=0: must be > 0"]
+    assert not (tmp_path / "runs").exists()

@@ -1,0 +1,121 @@
+"""Activation memory and step time of each activation-checkpointing mode on one HF model.
+
+    python -m harness.ac_report [--preset llama] [--hidden 512 --layers 4 --seq 512 --batch 8]
+
+Memory is measured at the tensor level with PyTorch's `MemTracker` (not process RSS, which the
+CPU allocator's caching makes meaningless): "activations" is everything tracked at the peak
+that is not a parameter, gradient or buffer. Step time (forward + backward) is the median of a
+few untracked steps. Defaults are small enough for a CPU box.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import time
+from typing import Any
+
+import torch
+from torch.distributed._tools.mem_tracker import MemTracker, _MemRefType
+
+from harness.loss import token_loss_sum
+from harness.models import PRESETS, decoder_layers, load_config, reference_model
+from parallel.activation_checkpointing import AC_MODES, apply_activation_checkpointing
+
+_MIB = 2 ** 20
+# MemTracker categories that are model state rather than activations.
+_STATE_CATEGORIES = (_MemRefType.PARAM, _MemRefType.GRAD, _MemRefType.BUFFER, _MemRefType.OPT)
+
+
+def _scaled_overrides(preset: str, hidden: int, layers: int, seq: int) -> dict[str, Any]:
+    """Widen a tiny preset to `hidden`, keeping its head count and MLP ratios."""
+    base = PRESETS[preset]
+    scale = hidden // base["hidden_size"]
+    overrides: dict[str, Any] = dict(hidden_size=hidden, num_hidden_layers=layers,
+                                     head_dim=hidden // base["num_attention_heads"],
+                                     max_position_embeddings=max(seq, base["max_position_embeddings"]))
+    for key in ("intermediate_size", "moe_intermediate_size"):
+        if key in base:
+            overrides[key] = base[key] * scale
+    return overrides
+
+
+def _step(model: torch.nn.Module, input_ids: torch.Tensor) -> torch.Tensor:
+    model.zero_grad(set_to_none=True)
+    loss = token_loss_sum(model(input_ids=input_ids[:, :-1]).logits, input_ids[:, 1:]) / input_ids[:, 1:].numel()
+    loss.backward()
+    return loss.detach()
+
+
+def _peak_activation_bytes(model: torch.nn.Module, input_ids: torch.Tensor) -> int:
+    tracker = MemTracker()
+    tracker.track_external(model, input_ids)
+    with tracker:
+        _step(model, input_ids)
+    peaks = tracker.get_tracker_snapshot("peak")
+    return max(snap["Total"] - sum(snap.get(key, 0) for key in _STATE_CATEGORIES) for snap in peaks.values())
+
+
+def measure(preset: str, hidden: int, layers: int, seq: int, batch: int, steps: int) -> list[dict[str, Any]]:
+    """One row per AC mode: peak activation MiB, median step seconds, loss."""
+    config = load_config(preset, None, _scaled_overrides(preset, hidden, layers, seq))
+    input_ids = torch.randint(0, config.vocab_size, (batch, seq + 1), generator=torch.Generator().manual_seed(0))
+    models = {}
+    for mode in AC_MODES:
+        models[mode] = reference_model(config, seed=0)
+        apply_activation_checkpointing(models[mode], decoder_layers(models[mode]), mode)
+    losses = {mode: _step(model, input_ids).item() for mode, model in models.items()}  # also warm-up
+    # Modes take turns within each round, so load from other processes hits all modes alike.
+    times: dict[str, list[float]] = {mode: [] for mode in AC_MODES}
+    for _ in range(steps):
+        for mode, model in models.items():
+            start = time.perf_counter()
+            _step(model, input_ids)
+            times[mode].append(time.perf_counter() - start)
+    rows = [dict(mode=mode, activation_mib=_peak_activation_bytes(model, input_ids) / _MIB,
+                 step_s=statistics.median(times[mode]), loss=losses[mode]) for mode, model in models.items()]
+    base = rows[0]
+    for row in rows:
+        row["memory_ratio"] = row["activation_mib"] / base["activation_mib"]
+        row["time_ratio"] = row["step_s"] / base["step_s"]
+    return rows
+
+
+def format_table(rows: list[dict[str, Any]]) -> str:
+    lines = [f"{'mode':<10} {'act MiB':>9} {'x none':>7} {'step s':>8} {'x none':>7} {'loss':>10}"]
+    for r in rows:
+        lines.append(f"{r['mode']:<10} {r['activation_mib']:>9.1f} {r['memory_ratio']:>7.2f} "
+                     f"{r['step_s']:>8.3f} {r['time_ratio']:>7.2f} {r['loss']:>10.6f}")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--preset", default="llama", choices=sorted(PRESETS))
+    parser.add_argument("--hidden", type=int, default=128)
+    parser.add_argument("--layers", type=int, default=4)
+    parser.add_argument("--seq", type=int, default=128)
+    parser.add_argument("--batch", type=int, default=4)
+    parser.add_argument("--steps", type=int, default=3, help="timed steps per mode (median reported)")
+    parser.add_argument("--out", default=os.path.join("runs", "ac_report.json"))
+    args = parser.parse_args(argv)
+    base_hidden = PRESETS[args.preset]["hidden_size"]
+    if args.hidden % base_hidden or args.hidden < base_hidden:
+        parser.error(f"--hidden must be a multiple of {base_hidden} for preset {args.preset}")
+    if min(args.layers, args.seq, args.batch, args.steps) < 1:
+        parser.error("--layers, --seq, --batch and --steps must be positive")
+
+    rows = measure(args.preset, args.hidden, args.layers, args.seq, args.batch, args.steps)
+    print(f"{args.preset}: hidden {args.hidden}, {args.layers} layers, seq {args.seq}, batch {args.batch}, "
+          f"{torch.get_num_threads()} threads")
+    print(format_table(rows))
+    os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
+    with open(args.out, "w") as f:
+        json.dump(dict(config=vars(args), rows=rows), f, indent=2)
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()

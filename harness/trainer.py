@@ -11,6 +11,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from harness.checkpoint import PreemptionRequest, is_due, load_checkpoint, resume_path, save_checkpoint
 from harness.config import Config
 from harness.data import BatchSampler, load_tokens
 from harness.loss import count_tokens, token_loss_sum
@@ -128,9 +129,13 @@ def train_step(run: Run) -> dict:
             "tokens": int(tokens.item()), "tokens_per_s": tokens.item() / elapsed, "step_time_s": elapsed}
 
 
-def train(cfg: Config, dims: ParallelDims) -> list[dict]:
-    """Trains for cfg.train.steps steps; returns the metrics rows (on every rank)."""
+def train(cfg: Config, dims: ParallelDims, preemption: PreemptionRequest | None = None) -> list[dict]:
+    """Trains up to cfg.train.steps, resuming from the newest checkpoint; returns the metrics rows
+    of this invocation (on every rank). When `preemption` is signalled, checkpoints and stops."""
     run = build_run(cfg, dims)
+    start = resume_path(cfg.checkpoint)
+    if start is not None:
+        load_checkpoint(run, start)
     log = MetricsLog(cfg.train.metrics_file, cfg.train.steps, cfg.logging.log_every, cfg.logging.progress,
                      enabled=dist.get_rank() == 0)
     rows = []
@@ -139,6 +144,12 @@ def train(cfg: Config, dims: ParallelDims) -> list[dict]:
             row = train_step(run)
             log.log(row)
             rows.append(row)
+            stop = preemption is not None and preemption.agreed(device_for_rank())
+            if is_due(cfg.checkpoint, run.step, cfg.train.steps) or (stop and cfg.checkpoint.dir is not None):
+                save_checkpoint(run, cfg.checkpoint.dir)
+            if stop:
+                logger.info("preemption signal: stopped after step %d", run.step)
+                break
     finally:
         log.close()
     return rows

@@ -75,3 +75,17 @@ def test_llama_bitwise(mode: str) -> None:
 @pytest.mark.parametrize("mode", MODES)
 def test_qwen3_moe_bitwise(mode: str) -> None:
     _hf_case("qwen3_moe", mode)
+
+
+def test_ac_report_measures_every_mode(tmp_path) -> None:
+    import json
+
+    from harness import ac_report
+
+    out = tmp_path / "ac.json"
+    ac_report.main(["--hidden", "64", "--layers", "2", "--seq", "64", "--batch", "2", "--steps", "1", "--out", str(out)])
+    rows = {row["mode"]: row for row in json.loads(out.read_text())["rows"]}
+    assert list(rows) == ["none", "full", "selective", "submodule"]
+    assert len({row["loss"] for row in rows.values()}) == 1
+    # Checkpointing must show up in the tensor-level measurement: full < selective < none.
+    assert rows["full"]["activation_mib"] < rows["selective"]["activation_mib"] < rows["none"]["activation_mib"]

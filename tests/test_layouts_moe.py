@@ -1,0 +1,23 @@
+"""Expert parallel composed with FSDP2 / HSDP and selective AC through the trainer reproduces
+the single-process HF MoE model (fp32, CPU, gloo)."""
+
+import pytest
+
+from layout_run import assert_matches_reference, train_layout
+from multiproc import run_ranks
+from reference import reference_run, tiny_config
+
+
+@pytest.mark.parametrize("world_size, layout", [
+    (2, ["--model.preset=mixtral", "--parallel.dp_shard=2", "--parallel.ep=2"]),
+    (4, ["--model.preset=qwen3_moe", "--parallel.dp_shard=4", "--parallel.ep=2", "--ac.mode=selective"]),
+    (4, ["--model.preset=deepseek_v3", "--parallel.dp_replicate=2", "--parallel.dp_shard=2", "--parallel.ep=2"]),
+], ids=["mixtral-ep2", "qwen3_moe-fsdp4-ep2-sac", "deepseek_v3-hsdp2x2-ep2"])
+def test_expert_parallel_layout_matches_single_process(world_size, layout):
+    cfg = tiny_config(*layout)
+    assert_matches_reference(run_ranks(train_layout, world_size, cfg), reference_run(cfg))
+
+
+def test_dense_fsdp_with_selective_ac_matches_single_process():
+    cfg = tiny_config("--parallel.dp_shard=2", "--ac.mode=selective")
+    assert_matches_reference(run_ranks(train_layout, 2, cfg), reference_run(cfg))

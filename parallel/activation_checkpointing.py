@@ -153,8 +153,9 @@ def _default_compute_intensive_ops() -> tuple:
     return tuple(op for op in ops if op is not None)
 
 
-def _resolve_save_op(path: str) -> Any:
-    return _resolve_torch_op(*path.split(".")) if path.count(".") == 2 else None
+def _resolve_op_path(path: str) -> Any:
+    """Resolve "<namespace>.<name>.<overload>" under `torch.ops`, or `None` if absent."""
+    return _resolve_torch_op(*path.split("."))
 
 
 def _build_selective_ac_save_ops() -> frozenset:
@@ -164,14 +165,14 @@ def _build_selective_ac_save_ops() -> frozenset:
     variants, reduction ops, the compiled HOP, and communication collectives whose outputs are
     expensive (or, for collectives, unsafe) to recompute.
     """
-    curated = [_resolve_save_op(path) for path in _SAVE_TORCH_OPS]
+    curated = [_resolve_op_path(path) for path in _SAVE_TORCH_OPS]
     curated += [_resolve_op_attr(torch, path) for path in _SAVE_TORCH_ATTRS]
     return _existing_ops(*_default_compute_intensive_ops(), *curated)
 
 
 def resolved_optional_ops() -> dict[str, bool]:
     """For each optional save-set op, whether it resolves in this process (start-up summary)."""
-    found = {f"torch.ops.{path}": _resolve_save_op(path) is not None for path in _SAVE_TORCH_OPS}
+    found = {f"torch.ops.{path}": _resolve_op_path(path) is not None for path in _SAVE_TORCH_OPS}
     found.update({f"torch.{path}": _resolve_op_attr(torch, path) is not None for path in _SAVE_TORCH_ATTRS})
     return found
 
@@ -220,7 +221,7 @@ def _register_sac_ignored_ops() -> None:
         return
     if torch.distributed.is_available():
         importlib.import_module("torch.distributed.fsdp")  # registers the torch.ops.fsdp runtime ops
-    ignored.update(_existing_ops(*(_resolve_save_op(path) for path in _SAC_IGNORED_TORCH_OPS)))
+    ignored.update(_existing_ops(*(_resolve_op_path(path) for path in _SAC_IGNORED_TORCH_OPS)))
 
 
 def make_selective_checkpoint_context_fn() -> Callable[[], tuple]:

@@ -9,6 +9,7 @@ import os
 
 from transformers import PretrainedConfig
 
+from harness.checkpoint import check_checkpoint, resume_path
 from harness.config import AC_MODES, DISPATCHERS, MODEL_PRESETS, Config, ConfigError
 from harness.models import expert_count, load_config as load_model_config
 from parallel.mesh import ParallelDims
@@ -134,3 +135,15 @@ def _check_checkpoint(cfg: Config) -> None:
         raise ConfigError(f"checkpoint.resume_from={c.resume_from}: no such checkpoint directory")
     if c.every and c.dir is None:
         raise ConfigError("checkpoint.every is set but checkpoint.dir is not; set checkpoint.dir")
+    start = resume_path(c)
+    if start is None:
+        return
+    if c.resume_from is not None:
+        where, fix = f"checkpoint.resume_from={c.resume_from}", "point checkpoint.resume_from at another checkpoint"
+    else:
+        where, fix = f"checkpoint.dir={c.dir}", "delete it to resume from an older one, or set checkpoint.resume_from"
+    try:
+        check_checkpoint(start)
+    except ValueError as e:
+        name = os.path.basename(os.path.normpath(start))
+        raise ConfigError(f"{where}: checkpoint {name} is corrupt ({e}); {fix}") from None

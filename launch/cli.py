@@ -10,6 +10,7 @@ import torch
 
 from harness.config import Config, ConfigError, load_config
 from harness.validation import validate
+from launch import slurm
 from parallel.mesh import ParallelDims
 
 DEFAULT_RECIPE = str(resources.files("launch") / "recipes" / "default.yaml")
@@ -70,6 +71,8 @@ def main(argv: list[str]) -> int:
         recipe, overrides, torchrun = split_args(argv)
         cfg = load_config(recipe or DEFAULT_RECIPE, overrides)
         worker = "LOCAL_RANK" in os.environ
+        if not worker and slurm.in_multinode_step(os.environ) and not slurm.names_rendezvous(torchrun):
+            torchrun = slurm.torchrun_args(os.environ) + torchrun
         size = int(os.environ["WORLD_SIZE"]) if worker else world_size(cfg, torchrun)
         dims = validate(cfg, size)
     except ConfigError as e:

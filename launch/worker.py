@@ -9,6 +9,7 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
+from harness.checkpoint import PreemptionRequest
 from harness.config import Config
 from harness.trainer import train
 from parallel.mesh import ParallelDims
@@ -25,9 +26,11 @@ def run_worker(cfg: Config, dims: ParallelDims) -> None:
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_world))
     logging.basicConfig(level=logging.INFO if os.environ.get("RANK", "0") == "0" else logging.WARNING,
                         format="%(message)s")
+    # Installed before the process group exists: a signal that arrives during start-up still counts.
+    preemption = PreemptionRequest()
     dist.init_process_group(backend, timeout=timedelta(minutes=10))
     try:
-        train(cfg, dims)
+        train(cfg, dims, preemption)
         # gloo was seen aborting at teardown ("terminate called without an active exception")
         # when ranks destroy the group while others still talk.
         dist.barrier()

@@ -125,18 +125,20 @@ def test_save_set_contents_and_report() -> None:
         assert f"torch.ops.{name}.default" in report
 
 
-def test_op_registered_after_import_is_saved() -> None:
-    # An external name from the save list that nothing in this process registers.
-    assert ac._resolve_torch_op("hybridep", "combine") is None
-    lib = torch.library.Library("hybridep", "FRAGMENT")
-    lib.define("combine(Tensor x) -> Tensor")
-    lib.impl("combine", lambda x: x * 2, "CompositeExplicitAutograd")
-    op = ac._resolve_torch_op("hybridep", "combine")
+def test_op_registered_after_import_is_saved(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Like `moe.ops` registering torch.ops.harness.*: listed by name, registered after import.
+    # A namespace of its own, so no other test's registration can interfere.
+    monkeypatch.setattr(ac, "_SAVE_TORCH_OPS", ac._SAVE_TORCH_OPS + ("harness_sac_test.dispatch.default",))
+    assert ac.resolved_optional_ops()["torch.ops.harness_sac_test.dispatch.default"] is False
+    lib = torch.library.Library("harness_sac_test", "FRAGMENT")
+    lib.define("dispatch(Tensor x) -> Tensor")
+    lib.impl("dispatch", lambda x: x * 2, "CompositeExplicitAutograd")
+    op = ac._resolve_torch_op("harness_sac_test", "dispatch")
     assert op is not None and op not in ac._SELECTIVE_AC_MUST_SAVE_OPS
     policy = _policy()
     assert op in ac._SELECTIVE_AC_MUST_SAVE_OPS
     assert policy(SelectiveCheckpointContext(is_recompute=False), op) is CheckpointPolicy.MUST_SAVE
-    assert ac.resolved_optional_ops()["torch.ops.hybridep.combine.default"] is True
+    assert ac.resolved_optional_ops()["torch.ops.harness_sac_test.dispatch.default"] is True
 
 
 def test_missing_namespaces_degrade(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -13,7 +13,10 @@ One world mesh (pp, dp_replicate, fsdp) is built; the expert meshes unflatten it
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
+
+import torch
 
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 
@@ -75,6 +78,16 @@ class ParallelDims:
             ep=experts["ep"],
             efsdp=experts["dp_replicate", "efsdp"] if hsdp else experts["efsdp"],
         )
+
+    def rank_groups(self) -> dict[str, list[list[int]]]:
+        """The ranks of every group of each view, as build_meshes lays them out."""
+        grid = torch.arange(self.world_size).reshape(self.pp, self.dp_replicate, self.efsdp, self.ep)
+
+        def along(*dims: int) -> list[list[int]]:
+            rest = [d for d in range(4) if d not in dims]
+            return grid.permute(*rest, *dims).reshape(-1, math.prod(grid.shape[d] for d in dims)).tolist()
+
+        return {"pp": along(0), "dp": along(1, 2, 3), "fsdp": along(2, 3), "ep": along(3), "efsdp": along(2)}
 
     def describe(self) -> str:
         axes = [f"{name}={getattr(self, name)}" for name in ("pp", "dp_replicate", "dp_shard", "ep")]

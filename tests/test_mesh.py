@@ -1,0 +1,52 @@
+"""ParallelDims: sizes, validation, and the groups of each mesh view on real gloo ranks."""
+
+import pytest
+import torch.distributed as dist
+
+from multiproc import run_ranks
+from parallel.mesh import ParallelDims
+
+LAYOUTS = [dict(dp_shard=4), dict(pp=2, dp_shard=2, ep=2), dict(dp_replicate=2, dp_shard=2, ep=2),
+           dict(dp_shard=4, ep=2)]
+
+
+def test_dp_shard_fills_the_world_and_ep_borrows_from_it():
+    dims = ParallelDims(pp=2, dp_shard=-1, ep=2, world_size=8)
+    assert (dims.dp_shard, dims.dp, dims.efsdp) == (4, 4, 2)
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(pp=0, world_size=2), "parallel.pp=0"),
+    (dict(dp_shard=3, world_size=4), "world size is 4"),
+    (dict(pp=3, world_size=4), "not divisible by pp*dp_replicate*cp*tp=3"),
+    (dict(dp_shard=2, ep=4, world_size=2), "parallel.ep=4: must divide dp_shard*cp*tp=2"),
+    (dict(dp_shard=-2, world_size=2), "parallel.dp_shard=-2"),
+    (dict(tp=2, dp_shard=1, world_size=2), "parallel.tp=2"),
+])
+def test_invalid_dims(kwargs, message):
+    with pytest.raises(ValueError, match=message.replace("*", r"\*")):
+        ParallelDims(**kwargs)
+
+
+def _groups_seen(rank: int, world_size: int) -> list[dict[str, list[int]]]:
+    seen = []
+    for layout in LAYOUTS:
+        meshes = ParallelDims(world_size=world_size, **layout).build_meshes("cpu")
+        views = {}
+        for name in ("pp", "dp", "fsdp", "ep", "efsdp"):
+            mesh = getattr(meshes, name)
+            # HSDP views are 2-D (replicate, shard): their last dimension is the shard group.
+            group = mesh.get_group(mesh.ndim - 1)
+            views[name] = dist.get_process_group_ranks(group)
+        seen.append(views)
+    return seen
+
+
+def test_rank_groups_match_the_built_meshes():
+    per_rank = run_ranks(_groups_seen, 4)
+    for index, layout in enumerate(LAYOUTS):
+        expected = ParallelDims(world_size=4, **layout).rank_groups()
+        for rank, seen in enumerate(per_rank):
+            for name, ranks in seen[index].items():
+                assert ranks in expected[name], (layout, name, ranks)
+                assert rank in ranks

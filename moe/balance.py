@@ -13,6 +13,7 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.utils._python_dispatch import _disable_current_modes
 from transformers import PretrainedConfig
 
 
@@ -37,9 +38,12 @@ def record_load(experts: nn.Module, top_k_index: torch.Tensor) -> None:
     """Adds this forward's tokens per expert to `experts._expert_load` (training forwards only)."""
     if not torch.is_grad_enabled() or _recomputing():
         return
-    counts = torch.bincount(top_k_index.flatten(), minlength=experts.num_experts)
-    load = getattr(experts, "_expert_load", None)
-    experts._expert_load = counts if load is None else load + counts
+    # Bookkeeping, hidden from an active selective-checkpoint mode: the recompute skips it,
+    # and that mode matches forward and recompute ops by their order of appearance.
+    with _disable_current_modes():
+        counts = torch.bincount(top_k_index.flatten(), minlength=experts.num_experts)
+        load = getattr(experts, "_expert_load", None)
+        experts._expert_load = counts if load is None else load + counts
 
 
 @torch.no_grad()

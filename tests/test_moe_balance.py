@@ -1,0 +1,90 @@
+"""Load balancing under expert parallel.
+
+Aux loss: HF's `outputs.aux_loss` on each rank's microbatch, scaled by `aux_loss_term`,
+gives the same loss and gradients as the one-process model run on the same microbatches.
+Aux-loss-free (DeepSeek-V3): tokens per expert are counted once per training forward, also
+under activation checkpointing (whose recompute runs the forward again), and the bias step
+uses the counts of every rank: all ranks end with the bias the global routing implies.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+from harness.loss import token_loss_sum
+from harness.models import load_config, reference_model
+from moe.balance import aux_loss_term, update_expert_bias
+from tests.moe_common import SEED, batch, canonical, ep_model, full_grads
+from tests.multiproc import run_ranks
+
+RATE = 1e-3
+
+
+def _aux_loss(rank: int, world: int) -> tuple[float, float]:
+    config = load_config("qwen3_moe", None, {"output_router_logits": True})
+    inputs, labels = batch(config.vocab_size)
+    reference = reference_model(config, SEED)
+    ref_total = 0.0
+    for r in range(world):  # the same microbatches, one process
+        out = reference(inputs[r::world])
+        loss = token_loss_sum(out.logits, labels[r::world]) / labels.numel() + aux_loss_term(out, config, world)
+        loss.backward()
+        ref_total += loss.item()
+    model, _ = ep_model(config, world)
+    out = model(inputs[rank::world])
+    loss = token_loss_sum(out.logits, labels[rank::world]) / labels.numel() + aux_loss_term(out, config, world)
+    loss.backward()
+    total = loss.detach().clone()
+    dist.all_reduce(total)
+    grads = full_grads(model)
+    router = [n for n in grads if "gate.weight" in n]
+    assert router and all(reference.get_parameter(n).grad is not None for n in router)
+    worst = max((grads[n] - reference.get_parameter(n).grad).abs().max().item() for n in grads)
+    return abs(total.item() - ref_total), worst
+
+
+def test_hf_aux_loss_matches_single_process() -> None:
+    loss_diff, grad_diff = run_ranks(_aux_loss, 2)[0]
+    assert loss_diff < 1e-6 and grad_diff < 1e-5, (loss_diff, grad_diff)
+
+
+def _reference_counts(config, inputs) -> list[torch.Tensor]:
+    """Tokens per expert of each MoE layer, from HF's router on the whole batch."""
+    model = reference_model(config, SEED)
+    counts = []
+    hooks = [layer.mlp.gate.register_forward_hook(
+        lambda module, args, out: counts.append(torch.bincount(out[2].flatten(), minlength=config.n_routed_experts)))
+        for layer in model.model.layers if hasattr(layer.mlp, "gate")]
+    model(inputs)
+    for hook in hooks:
+        hook.remove()
+    return counts
+
+
+def _bias_updates(rank: int, world: int) -> dict:
+    return {mode: _bias_update(rank, world, mode) for mode in (None, "selective", "recompute_all")}
+
+
+def _bias_update(rank: int, world: int, checkpointing: str | None) -> dict:
+    config = load_config("deepseek_v3", None)
+    inputs, labels = batch(config.vocab_size)
+    model, experts = ep_model(config, world, checkpointing=checkpointing)
+    loss = token_loss_sum(model(inputs[rank::world]).logits, labels[rank::world]) / labels.numel()
+    loss.backward()
+    local = [m._expert_load.clone() for m in experts]
+    update_expert_bias(experts, RATE, dist.group.WORLD)
+    expected = [RATE * torch.sign(c.float().mean() - c.float()) for c in _reference_counts(config, inputs)]
+    biases = [m._expert_parallel.router.e_score_correction_bias for m in experts]
+    return dict(local_sum=[int(c.sum()) for c in local], tokens=inputs[rank::world].numel() * config.num_experts_per_tok,
+                bias_error=max((b - e).abs().max().item() for b, e in zip(biases, expected)),
+                reset=all(m._expert_load is None for m in experts),
+                names=[canonical(n) for n, _ in model.named_buffers() if "e_score_correction_bias" in n])
+
+
+def test_aux_free_bias_counts_once_under_checkpointing_and_uses_global_counts() -> None:
+    for per_mode in run_ranks(_bias_updates, 2):
+        for checkpointing, result in per_mode.items():
+            assert all(s == result["tokens"] for s in result["local_sum"]), (checkpointing, result)
+            assert result["bias_error"] == 0.0 and result["reset"], (checkpointing, result)
+            assert len(result["names"]) == len(result["local_sum"]) > 0

@@ -19,6 +19,7 @@ from harness.metrics import MetricsLog
 from harness.models import build_meta_model, load_config as load_model_config, reference_model
 from harness.parallelize import parallelize
 from harness.schedule import lr_factor
+from harness.summary import startup_summary
 from parallel.grad_clip import clip_grad_norm_
 from parallel.mesh import ParallelDims
 
@@ -81,12 +82,18 @@ def build_run(cfg: Config, dims: ParallelDims) -> Run:
     else:
         parallelize_fn(model)
         modules, forward_backward = [model], partial(_forward_backward, model, loss_fn)
+    model_class, parameters = type(reference).__name__, sum(p.numel() for p in reference.parameters())
     del reference
     params = [p for m in modules for p in m.parameters()]
     t = cfg.train
     optimizer = torch.optim.AdamW(params, lr=t.lr, betas=(0.9, 0.95), weight_decay=t.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, partial(lr_factor, cfg=t))
-    sampler = BatchSampler(load_tokens(cfg.data), t.seq_len, t.global_batch_size, t.seed)
+    tokens = load_tokens(cfg.data)
+    sampler = BatchSampler(tokens, t.seq_len, t.global_batch_size, t.seed)
+    summary = startup_summary(cfg, dims, model_config, model_class, parameters, modules, len(tokens),
+                              cfg.moe.dispatcher if dims.ep > 1 else None)
+    if dist.get_rank() == 0:
+        logger.info("\n".join(summary))
     return Run(cfg=cfg, dims=dims, modules=modules, optimizer=optimizer, scheduler=scheduler, sampler=sampler,
                loss_fn=loss_fn, forward_backward=forward_backward, dp_group=meshes.dp.get_group(),
                pp_group=meshes.pp.get_group() if dims.pp > 1 else None)

@@ -24,7 +24,8 @@ def run_worker(cfg: Config, dims: ParallelDims) -> None:
         backend = "gloo"
         # N ranks on one box share its cores; more threads than cores per rank only thrashes.
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_world))
-    logging.basicConfig(level=logging.INFO if os.environ.get("RANK", "0") == "0" else logging.WARNING,
+    # Rank 0 speaks for the job; the others only report errors, so a warning shows once.
+    logging.basicConfig(level=logging.INFO if os.environ.get("RANK", "0") == "0" else logging.ERROR,
                         format="%(message)s")
     # Installed before the process group exists: a signal that arrives during start-up still counts.
     preemption = PreemptionRequest()

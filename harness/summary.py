@@ -1,0 +1,74 @@
+"""The start-up summary rank 0 prints: model, mesh, stages, checkpointing, MoE, kernels, data."""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+from transformers import PretrainedConfig
+
+from harness.config import Config
+from parallel.activation_checkpointing import resolved_optional_ops
+from parallel.mesh import ParallelDims
+
+
+def describe_modules(module: nn.Module) -> str:
+    """What a model or pipeline stage holds, e.g. 'embed_tokens, layers 0-1, norm, lm_head'."""
+    inner = getattr(module, "model", module)
+    parts = ["embed_tokens"] if getattr(inner, "embed_tokens", None) is not None else []
+    layers = getattr(inner, "layers", None)
+    if layers is not None and len(layers):
+        ids = [int(k) for k in layers.keys()] if isinstance(layers, nn.ModuleDict) else list(range(len(layers)))
+        parts.append(f"layers {ids[0]}-{ids[-1]}" if len(ids) > 1 else f"layer {ids[0]}")
+    parts += [name for name, owner in (("norm", inner), ("lm_head", module))
+              if getattr(owner, name, None) is not None]
+    return ", ".join(parts)
+
+
+def _kernels(device_type: str) -> str:
+    grouped = "torch grouped_mm" if hasattr(F, "grouped_mm") else "per-expert loop"
+    if device_type == "cuda":
+        backends = torch.backends.cuda
+        sdpa = "flash" if backends.flash_sdp_enabled() else "efficient" if backends.mem_efficient_sdp_enabled() else "math"
+    else:
+        sdpa = "cpu flash-attention kernel"
+    return f"grouped GEMM: {grouped}; attention: sdpa ({sdpa})"
+
+
+def startup_summary(cfg: Config, dims: ParallelDims, model_config: PretrainedConfig, model_class: str,
+                    parameters: int, modules: list[nn.Module], corpus_tokens: int,
+                    dispatcher: str | None) -> list[str]:
+    """Collective: every rank calls it (stage contents are gathered); rank 0 gets the lines."""
+    stages = [describe_modules(m) for m in modules]
+    per_rank: list = [None] * dist.get_world_size()
+    dist.all_gather_object(per_rank, stages)
+    t, p = cfg.train, cfg.parallel
+    device_type = "cuda" if torch.cuda.is_available() else "cpu"
+    lines = [
+        f"model: {model_class} ({cfg.model.path or 'preset ' + cfg.model.preset}), {parameters:,} parameters, "
+        f"{model_config.num_hidden_layers} layers, vocab {model_config.vocab_size}",
+        f"mesh: {dims.describe()} on {device_type} ({dist.get_backend()})",
+    ]
+    for view, groups in dims.rank_groups().items():
+        if len(groups[0]) > 1:
+            lines.append(f"  {view} groups: {' '.join(str(g) for g in groups)}")
+    if dims.pp > 1:
+        lines.append(f"pipeline: {p.pp_schedule}, {p.pp_microbatches or dims.pp} microbatches per micro batch")
+        lines += [f"  rank {rank}: " + " | ".join(s) for rank, s in enumerate(per_rank)
+                  if rank in dims.rank_groups()["pp"][0]]
+    lines.append(f"activation checkpointing: {cfg.ac.mode}")
+    if cfg.ac.mode == "selective":
+        found = {name.removeprefix("torch.ops.").removesuffix(".default"): ok for name, ok in resolved_optional_ops().items()}
+        # aten matmuls and attention always resolve; the collectives and backends are what varies.
+        optional = {name: ok for name, ok in found.items() if not name.startswith("aten.")}
+        lines.append("  saved when seen: " + (", ".join(n for n, ok in optional.items() if ok) or "none"))
+        lines.append("  not available: " + (", ".join(n for n, ok in optional.items() if not ok) or "none"))
+    if dispatcher is not None:
+        lines.append(f"moe: ep={dims.ep}, dispatcher {dispatcher}")
+    lines.append(f"kernels: {_kernels(device_type)}")
+    accumulation = t.global_batch_size // (t.micro_batch_size * dims.dp)
+    source = "Python standard library sources (bytes)" if cfg.data.source == "stdlib" else cfg.data.source
+    lines.append(f"data: {source}, {corpus_tokens:,} tokens; {t.global_batch_size} x {t.seq_len} = "
+                 f"{t.global_batch_size * t.seq_len:,} tokens per step, gradient accumulation {accumulation}")
+    return lines

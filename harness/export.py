@@ -25,14 +25,17 @@ def find_checkpoint(path: str) -> str:
         return path
     found = complete_checkpoints(path)
     if not found:
-        raise ValueError(f"{path}: neither a checkpoint nor a directory of step_XXXXXXX checkpoints")
+        raise ValueError("neither a checkpoint nor a directory holding step_XXXXXXX checkpoints")
     return found[-1][1]
 
 
 def export(checkpoint: str, out_dir: str) -> str:
     """Writes the HF directory; returns the checkpoint it was made from."""
     checkpoint = find_checkpoint(checkpoint)
-    check_checkpoint(checkpoint)
+    try:
+        check_checkpoint(checkpoint)
+    except ValueError as e:
+        raise ValueError(f"{os.path.basename(checkpoint)} is corrupt ({e})") from None
     config = AutoConfig.from_pretrained(checkpoint, local_files_only=True)
     # Training turns the KV cache off (activation checkpointing recomputes with it otherwise);
     # generation with the exported model wants it back.
@@ -43,8 +46,8 @@ def export(checkpoint: str, out_dir: str) -> str:
     state = model.state_dict()
     dcp.load({"model": state}, checkpoint_id=checkpoint)
     model.load_state_dict(state)
-    # Non-persistent buffers (rotary inv_freq) are not in the checkpoint; to_empty left them as
-    # garbage, and save_pretrained does not write them, but the model's own init recomputes them.
+    # Non-persistent buffers (rotary inv_freq) are neither in the checkpoint nor written here:
+    # from_pretrained computes them.
     model.save_pretrained(out_dir, safe_serialization=True)
     return checkpoint
 
@@ -60,7 +63,8 @@ def main(argv: list[str]) -> int:
     try:
         used = export(source, out_dir)
     except ValueError as e:
-        print(f"error: {source}: {e}; pass a checkpoint written by training", file=sys.stderr)
+        print(f"error: {source}: {e}; pass a step_XXXXXXX folder or a checkpoint.dir written by training",
+              file=sys.stderr)
         return 2
     print(f"exported {used} -> {out_dir}")
     return 0

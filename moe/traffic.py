@@ -4,6 +4,7 @@ cache, which never runs, is not counted)."""
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 from math import prod
 
@@ -20,6 +21,7 @@ class Transfer:
     dtype: torch.dtype
     rows: int          # rows sent, to this rank included
     remote_rows: int   # rows sent to other ranks
+    seconds: float     # wall time of the call, waiting for peers included
 
     @property
     def bytes(self) -> int:
@@ -37,9 +39,15 @@ class TrafficLog(TorchDispatchMode):
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         if func in (torch.ops.harness.ep_dispatch.default, torch.ops.harness.ep_combine.default):
             x, input_splits = args[0], args[1]
+            start = time.perf_counter()
+            out = func(*args, **(kwargs or {}))
             self.transfers.append(Transfer(func._opname, tuple(x.shape[1:]), x.dtype, sum(input_splits),
-                                           sum(input_splits) - input_splits[self.rank]))
+                                           sum(input_splits) - input_splits[self.rank], time.perf_counter() - start))
+            return out
         return func(*args, **(kwargs or {}))
+
+    def seconds(self) -> float:
+        return sum(t.seconds for t in self.transfers)
 
     def calls(self, op: str) -> int:
         return sum(t.op == op for t in self.transfers)

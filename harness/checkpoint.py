@@ -19,7 +19,7 @@ import os
 import re
 import shutil
 import signal
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.distributed as dist
@@ -29,6 +29,9 @@ from torch.distributed.checkpoint import FileSystemReader
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
 
 from harness.config import CheckpointConfig
+
+if TYPE_CHECKING:  # the trainer imports this module
+    from harness.trainer import Run
 
 logger = logging.getLogger(__name__)
 
@@ -128,7 +131,7 @@ def _holds_state(module: nn.Module) -> bool:
     return any(_direct_state(m) for m in module.modules())
 
 
-def _app_state(run: Any) -> dict[str, Any]:
+def _app_state(run: Run) -> dict[str, Any]:
     model_state, optim_state = get_state_dict(as_one_module(run.modules), run.optimizer, options=_OPTIONS)
     return {"model": model_state, "optimizer": optim_state, "scheduler": run.scheduler.state_dict(),
             "step": run.step}
@@ -145,7 +148,7 @@ def _rng_file(path: str, rank: int) -> str:
     return os.path.join(path, f"rng_{rank:05d}.pt")
 
 
-def save_checkpoint(run: Any, root: str) -> str:
+def save_checkpoint(run: Run, root: str) -> str:
     """Writes `root/step_XXXXXXX` for `run.step` on every rank (a collective); returns its path."""
     rank = dist.get_rank()
     final = os.path.join(root, checkpoint_name(run.step))
@@ -178,7 +181,7 @@ def _prune(root: str, keep: int) -> None:
             shutil.rmtree(os.path.join(root, name), ignore_errors=True)
 
 
-def load_checkpoint(run: Any, path: str) -> None:
+def load_checkpoint(run: Run, path: str) -> None:
     """Restores model, optimizer, LR schedule, step and (same world size only) RNG from `path`."""
     state = _app_state(run)
     dcp.load(state, checkpoint_id=path)
@@ -202,16 +205,17 @@ def load_checkpoint(run: Any, path: str) -> None:
 
 
 class PreemptionRequest:
-    """A signal (SLURM's warning before preemption) asks for a checkpoint and a clean exit.
+    """SIGUSR1 (SLURM's warning before the time limit or preemption) asks for a checkpoint and a
+    clean exit.
 
     The handler only sets a flag; the loop asks `agreed()` at each step boundary, which takes
     the maximum over all ranks, so every rank stops after the same step even when the signal
     reached them at different times.
     """
 
-    def __init__(self, signum: int = signal.SIGUSR1) -> None:
+    def __init__(self) -> None:
         self.requested = False
-        signal.signal(signum, self._handle)
+        signal.signal(signal.SIGUSR1, self._handle)
 
     def _handle(self, signum: int, frame: object) -> None:
         self.requested = True

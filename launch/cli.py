@@ -1,4 +1,9 @@
-"""Command line: split flags, validate, then spawn workers or run as one."""
+"""Command line: split flags, validate, then spawn workers or run as one.
+
+Flags that are not recipe overrides go to torchrun unchanged (`--nnodes`, `--node-rank`,
+`--rdzv-*`, `--max-restarts`, `--master-addr/--master-port`, ...). Inside a multi-node srun
+step the node count, node rank and rendezvous come from SLURM (launch/slurm.py) unless given.
+"""
 
 from __future__ import annotations
 

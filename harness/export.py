@@ -57,8 +57,9 @@ def main(argv: list[str]) -> int:
         print("usage: python -m harness.export CHECKPOINT OUT_DIR", file=sys.stderr)
         return 2
     source, out_dir = argv
-    if os.path.exists(out_dir) and os.listdir(out_dir):
-        print(f"error: {out_dir}: exists and is not empty; choose a new output directory", file=sys.stderr)
+    if os.path.exists(out_dir) and (not os.path.isdir(out_dir) or os.listdir(out_dir)):
+        print(f"error: {out_dir}: exists and is not an empty directory; choose a new output directory",
+              file=sys.stderr)
         return 2
     try:
         used = export(source, out_dir)

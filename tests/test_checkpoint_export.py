@@ -47,6 +47,8 @@ def test_export_refuses_a_non_empty_output_and_a_missing_checkpoint(tmp_path, ca
     (tmp_path / "out" / "keep.txt").write_text("mine")
     assert export_main([str(tmp_path), str(tmp_path / "out")]) == 2
     assert (tmp_path / "out" / "keep.txt").read_text() == "mine"
+    assert export_main([str(tmp_path), str(tmp_path / "out" / "keep.txt")]) == 2
+    assert (tmp_path / "out" / "keep.txt").read_text() == "mine"
     assert export_main([str(tmp_path / "empty"), str(tmp_path / "new")]) == 2
     lines = capsys.readouterr().err.strip().splitlines()
-    assert len(lines) == 2 and all(line.startswith("error: ") for line in lines)
+    assert len(lines) == 3 and all(line.startswith("error: ") for line in lines)

@@ -54,21 +54,30 @@ def _sac_vs_plain(rank: int, world: int, preset: str) -> dict:
         grads_bitwise=plain[1].keys() == selective[1].keys()
         and all(torch.equal(plain[1][n], selective[1][n]) for n in plain[1]),
         plain_calls=plain[2], selective_calls=selective[2], recompute_all_calls=recompute_all[2],
-        layers=config.num_hidden_layers)
+        moe_layers=config.num_hidden_layers - getattr(config, "first_k_dense_replace", 0))
+
+
+def _both_presets(rank: int, world: int) -> dict:
+    return {preset: _sac_vs_plain(rank, world, preset) for preset in ("qwen3_moe", "deepseek_v3")}
 
 
 def test_selective_ac_saves_dispatch_and_combine_and_keeps_grads_bitwise() -> None:
-    for result in run_ranks(_sac_vs_plain, 2, "qwen3_moe"):
-        assert result["losses_equal"] and result["grads_bitwise"]
-        per_microbatch = MICROBATCHES * result["layers"]
-        forward = result["selective_calls"]["forward"]
-        # Per MoE layer: dispatch of counts, routing ids, routing weights, hidden states; one combine.
-        assert forward == {"ep_dispatch": 4 * per_microbatch, "ep_combine": per_microbatch}, forward
-        assert result["selective_calls"] == result["plain_calls"], (result["selective_calls"], result["plain_calls"])
-        # Control: a policy that saves nothing replays every forward collective in backward.
-        replayed = result["recompute_all_calls"]["backward"]
-        plain_backward = result["plain_calls"]["backward"]
-        assert replayed == {op: plain_backward[op] + forward[op] for op in OPS}, replayed
+    for results in run_ranks(_both_presets, 2):
+        for preset, result in results.items():
+            _check_sac(preset, result)
+
+
+def _check_sac(preset: str, result: dict) -> None:
+    assert result["losses_equal"] and result["grads_bitwise"], preset
+    per_microbatch = MICROBATCHES * result["moe_layers"]
+    forward = result["selective_calls"]["forward"]
+    # Per MoE layer: dispatch of counts, routing ids, routing weights, hidden states; one combine.
+    assert forward == {"ep_dispatch": 4 * per_microbatch, "ep_combine": per_microbatch}, (preset, forward)
+    assert result["selective_calls"] == result["plain_calls"], (preset, result)
+    # Control: a policy that saves nothing replays every forward collective in backward.
+    replayed = result["recompute_all_calls"]["backward"]
+    plain_backward = result["plain_calls"]["backward"]
+    assert replayed == {op: plain_backward[op] + forward[op] for op in OPS}, (preset, replayed)
 
 
 # The control: what the custom ops avoid.

@@ -52,23 +52,31 @@ def _flag(torchrun: list[str], name: str) -> str | None:
     return None
 
 
+def node_count(torchrun: list[str]) -> int:
+    nodes = _flag(torchrun, "nnodes") or "1"
+    if not nodes.isdigit() or int(nodes) < 1:
+        raise ConfigError(f"--nnodes={nodes}: give a fixed number of nodes (elastic ranges are not supported)")
+    return int(nodes)
+
+
 def world_size(cfg: Config, torchrun: list[str]) -> int:
     """The world the workers will form: from torchrun's flags, or what the recipe's mesh needs."""
-    nproc, nnodes = _flag(torchrun, "nproc-per-node"), _flag(torchrun, "nnodes")
+    nproc, nodes = _flag(torchrun, "nproc-per-node"), node_count(torchrun)
     if nproc is not None:
-        if not nproc.isdigit():
+        if not nproc.isdigit() or int(nproc) < 1:
             raise ConfigError(f"--nproc-per-node={nproc}: give a number of processes per node")
-        nodes = nnodes or "1"
-        if not nodes.isdigit():
-            raise ConfigError(f"--nnodes={nodes}: give a fixed number of nodes (elastic ranges are not supported)")
-        return int(nproc) * int(nodes)
+        return int(nproc) * nodes
     p = cfg.parallel
     if p.dp_shard == -1:
         if torch.cuda.is_available():
-            return torch.cuda.device_count() * int(nnodes or 1)
+            return torch.cuda.device_count() * nodes
         raise ConfigError("parallel.dp_shard=-1 needs a world size on CPU: set parallel.dp_shard "
                           "or pass --nproc-per-node")
-    return p.pp * p.dp_replicate * p.dp_shard * p.cp * p.tp
+    size = p.pp * p.dp_replicate * p.dp_shard * p.cp * p.tp
+    if size % nodes:
+        raise ConfigError(f"--nnodes={nodes}: the recipe's mesh needs {size} ranks, which do not split evenly "
+                          f"over {nodes} nodes; pass --nproc-per-node or change the parallel sizes")
+    return size
 
 
 def main(argv: list[str]) -> int:
@@ -91,4 +99,4 @@ def main(argv: list[str]) -> int:
     from launch.spawn import spawn_workers
 
     config_args = (["--config", recipe] if recipe else []) + overrides
-    return spawn_workers(config_args, torchrun, size)
+    return spawn_workers(config_args, torchrun, size // node_count(torchrun))

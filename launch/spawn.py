@@ -12,11 +12,11 @@ _RENDEZVOUS_FLAGS = ("--nnodes", "--rdzv-endpoint", "--rdzv_endpoint", "--rdzv-b
                      "--master-addr", "--master_addr", "--master-port", "--master_port", "--standalone")
 
 
-def spawn_workers(config_args: list[str], torchrun: list[str], world_size: int) -> int:
+def spawn_workers(config_args: list[str], torchrun: list[str], nproc_per_node: int) -> int:
     """Runs `python -m launch <config_args>` on every rank; returns the agent's exit code."""
     args = list(torchrun)
     if not any(a.split("=")[0] in ("--nproc-per-node", "--nproc_per_node") for a in args):
-        args += ["--nproc-per-node", str(world_size)]
+        args += ["--nproc-per-node", str(nproc_per_node)]
     if not any(a.split("=")[0] in _RENDEZVOUS_FLAGS for a in args):
         # One node: rendezvous on a free localhost port, so two jobs on one box never collide.
         args.append("--standalone")

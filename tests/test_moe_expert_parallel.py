@@ -8,7 +8,6 @@ EP already gathers from every rank both equal the reference's.
 from __future__ import annotations
 
 import pytest
-import torch
 import torch.distributed as dist
 
 from harness.loss import token_loss_sum

@@ -4,7 +4,6 @@ single-process losses and gradients (fp32)."""
 
 from __future__ import annotations
 
-import torch
 import torch.distributed as dist
 
 from harness.loss import token_loss_sum

@@ -8,7 +8,6 @@ sends are exactly tokens x distinct destination ranks, never one row per routed 
 from __future__ import annotations
 
 import torch
-import torch.distributed as dist
 from torch import nn
 from torch.distributed.device_mesh import init_device_mesh
 from transformers.models.qwen3_moe.modeling_qwen3_moe import Qwen3MoeExperts

@@ -93,6 +93,7 @@ class CheckpointConfig:
 class LoggingConfig:
     log_every: int = 10  # plain log lines when stdout is not a terminal
     progress: bool = True
+    peak_tflops: float | None = None  # per-rank peak for MFU; None = the GPU's known peak, or a CPU estimate
 
 
 @dataclass

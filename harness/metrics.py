@@ -46,7 +46,8 @@ class MetricsLog:
     @staticmethod
     def _plain_line(row: dict[str, Any]) -> str:
         return (f"step {row['step']:>5} | loss {row['loss']:.4f} | grad_norm {row['grad_norm']:.3f} | "
-                f"lr {row['lr']:.2e} | {row['tokens_per_s']:,.0f} tok/s | {row['step_time_s'] * 1000:.0f} ms")
+                f"lr {row['lr']:.2e} | {row['tokens_per_s']:,.0f} tok/s | {row['step_time_s'] * 1000:.0f} ms | "
+                f"mfu {row['mfu']:.1%}")
 
     def close(self) -> None:
         if self.file is not None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import time
 from dataclasses import dataclass
 from functools import partial
@@ -14,7 +15,9 @@ from torch import nn
 from harness.checkpoint import PreemptionRequest, is_due, load_checkpoint, resume_path, save_checkpoint
 from harness.config import Config
 from harness.data import BatchSampler, load_tokens
+from harness.flops import flops_per_token, peak_flops_per_rank
 from harness.loss import count_tokens, token_loss_sum
+from harness.memory import peak_mib, state_mib
 from harness.metrics import MetricsLog
 from harness.models import build_meta_model, load_config as load_model_config, reference_model
 from harness.parallelize import parallelize
@@ -53,6 +56,8 @@ class Run:
     forward_backward: object  # (inputs, labels) -> loss on this rank, gradients accumulated
     dp_group: dist.ProcessGroup
     pp_group: dist.ProcessGroup | None
+    flops_per_token: float
+    peak_flops_per_rank: float
     step: int = 0
 
 
@@ -83,6 +88,7 @@ def build_run(cfg: Config, dims: ParallelDims) -> Run:
         parallelize_fn(model)
         modules, forward_backward = [model], partial(_forward_backward, model, loss_fn)
     model_class, parameters = type(reference).__name__, sum(p.numel() for p in reference.parameters())
+    model_flops = flops_per_token(reference, model_config, cfg.train.seq_len)
     del reference
     params = [p for m in modules for p in m.parameters()]
     t = cfg.train
@@ -96,7 +102,9 @@ def build_run(cfg: Config, dims: ParallelDims) -> Run:
         logger.info("\n".join(summary))
     return Run(cfg=cfg, dims=dims, modules=modules, optimizer=optimizer, scheduler=scheduler, sampler=sampler,
                loss_fn=loss_fn, forward_backward=forward_backward, dp_group=meshes.dp.get_group(),
-               pp_group=meshes.pp.get_group() if dims.pp > 1 else None)
+               pp_group=meshes.pp.get_group() if dims.pp > 1 else None, flops_per_token=model_flops,
+               peak_flops_per_rank=peak_flops_per_rank(cfg.logging.peak_tflops,
+                                                       int(os.environ.get("LOCAL_WORLD_SIZE", "1"))))
 
 
 def _forward_backward(model: nn.Module, loss_fn: GlobalTokenLoss, inputs: torch.Tensor,
@@ -127,13 +135,17 @@ def train_step(run: Run) -> dict:
     lr = run.scheduler.get_last_lr()[0]
     run.optimizer.step()
     run.scheduler.step()
+    memory = state_mib(params, run.optimizer)
     run.optimizer.zero_grad(set_to_none=True)
     # Ranks without the last pipeline stage contribute zero, so a world sum is the dp sum.
     dist.all_reduce(loss)
     run.step += 1
     elapsed = time.perf_counter() - started
+    tokens_per_s = tokens.item() / elapsed
+    mfu = tokens_per_s / dist.get_world_size() * run.flops_per_token / run.peak_flops_per_rank
     return {"step": run.step, "loss": loss.item(), "grad_norm": grad_norm.item(), "lr": lr,
-            "tokens": int(tokens.item()), "tokens_per_s": tokens.item() / elapsed, "step_time_s": elapsed}
+            "tokens": int(tokens.item()), "tokens_per_s": tokens_per_s, "step_time_s": elapsed, "mfu": mfu,
+            **memory, "peak_mib": peak_mib(device)}
 
 
 def train(cfg: Config, dims: ParallelDims, preemption: PreemptionRequest | None = None) -> list[dict]:

@@ -63,6 +63,8 @@ def _check_positive(cfg: Config) -> None:
         value = getattr(getattr(cfg, section), name)
         if value < 0:
             raise ConfigError(f"{section}.{name}={value}: must be >= 0")
+    if cfg.logging.peak_tflops is not None and cfg.logging.peak_tflops <= 0:
+        raise ConfigError(f"logging.peak_tflops={cfg.logging.peak_tflops}: must be > 0 (or unset for auto)")
     if cfg.train.lr == 0:
         raise ConfigError("train.lr=0: nothing would train; set a positive learning rate, e.g. 3e-4")
     if cfg.train.min_lr_ratio > 1:

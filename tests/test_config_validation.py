@@ -44,6 +44,7 @@ CASES = [
     (["--checkpoint.every=5"], 1, "checkpoint.dir"),
     (["--checkpoint.resume_from=/no/such/ckpt"], 1, "checkpoint.resume_from=/no/such/ckpt"),
     (["--train.steps"], 1, "--section.field=value"),
+    (["--logging.peak_tflops=0"], 1, "logging.peak_tflops=0"),
     (["--parallel.pp_layers_per_stage=2"], 1, "parallel.pp_layers_per_stage: expected a list"),
 ]
 

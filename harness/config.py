@@ -79,6 +79,8 @@ class ACConfig:
 class MoEConfig:
     dispatcher: str = "alltoall"
     dispatcher_strict: bool = False  # fail instead of falling back when the dispatcher is unavailable
+    # Aux-loss-free balancing (DeepSeek-V3 routers): bias += rate * sign(mean load - load) per step.
+    bias_update_rate: float = 0.0
 
 
 @dataclass

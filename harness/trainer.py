@@ -23,6 +23,7 @@ from harness.models import build_meta_model, load_config as load_model_config, r
 from harness.parallelize import parallelize
 from harness.schedule import lr_factor
 from harness.summary import startup_summary
+from moe.balance import aux_loss_term, update_expert_bias
 from parallel.grad_clip import clip_grad_norm_
 from parallel.mesh import ParallelDims
 
@@ -58,6 +59,7 @@ class Run:
     pp_group: dist.ProcessGroup | None
     flops_per_token: float
     peak_flops_per_rank: float
+    expert_modules: list[nn.Module]  # experts under expert parallel, for aux-loss-free balancing
     step: int = 0
 
 
@@ -86,7 +88,10 @@ def build_run(cfg: Config, dims: ParallelDims) -> Run:
         modules, forward_backward = list(plan.stage_modules), plan.step
     else:
         parallelize_fn(model)
-        modules, forward_backward = [model], partial(_forward_backward, model, loss_fn)
+        aux_terms = cfg.train.global_batch_size // cfg.train.micro_batch_size
+        modules = [model]
+        forward_backward = partial(_forward_backward, model, loss_fn,
+                                   aux_terms if getattr(model_config, "output_router_logits", False) else 0)
     model_class, parameters = type(reference).__name__, sum(p.numel() for p in reference.parameters())
     model_flops = flops_per_token(reference, model_config, cfg.train.seq_len)
     del reference
@@ -96,21 +101,27 @@ def build_run(cfg: Config, dims: ParallelDims) -> Run:
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, partial(lr_factor, cfg=t))
     tokens = load_tokens(cfg.data)
     sampler = BatchSampler(tokens, t.seq_len, t.global_batch_size, t.seed)
-    summary = startup_summary(cfg, dims, model_config, model_class, parameters, modules, len(tokens),
-                              cfg.moe.dispatcher if dims.ep > 1 else None)
+    expert_modules = [m for module in modules for m in module.modules() if hasattr(m, "_expert_parallel")]
+    dispatcher = expert_modules[0]._expert_parallel.dispatcher_reason if expert_modules else None
+    summary = startup_summary(cfg, dims, model_config, model_class, parameters, modules, len(tokens), dispatcher)
     if dist.get_rank() == 0:
         logger.info("\n".join(summary))
     return Run(cfg=cfg, dims=dims, modules=modules, optimizer=optimizer, scheduler=scheduler, sampler=sampler,
                loss_fn=loss_fn, forward_backward=forward_backward, dp_group=meshes.dp.get_group(),
                pp_group=meshes.pp.get_group() if dims.pp > 1 else None, flops_per_token=model_flops,
                peak_flops_per_rank=peak_flops_per_rank(cfg.logging.peak_tflops,
-                                                       int(os.environ.get("LOCAL_WORLD_SIZE", "1"))))
+                                                       int(os.environ.get("LOCAL_WORLD_SIZE", "1"))),
+               expert_modules=expert_modules)
 
 
-def _forward_backward(model: nn.Module, loss_fn: GlobalTokenLoss, inputs: torch.Tensor,
+def _forward_backward(model: nn.Module, loss_fn: GlobalTokenLoss, aux_terms: int, inputs: torch.Tensor,
                       labels: torch.Tensor) -> torch.Tensor:
-    loss = loss_fn(model(input_ids=inputs).logits, labels)
-    loss.backward()
+    """Backward of the token loss plus, when the model returns one, HF's router aux loss averaged
+    over the step's `aux_terms` microbatch forwards (all ranks); returns the token loss alone."""
+    outputs = model(input_ids=inputs)
+    loss = loss_fn(outputs.logits, labels)
+    total = loss + aux_loss_term(outputs, model.config, aux_terms) if aux_terms else loss
+    total.backward()
     return loss.detach()
 
 
@@ -135,6 +146,8 @@ def train_step(run: Run) -> dict:
     lr = run.scheduler.get_last_lr()[0]
     run.optimizer.step()
     run.scheduler.step()
+    if cfg.moe.bias_update_rate > 0:
+        update_expert_bias(run.expert_modules, cfg.moe.bias_update_rate, run.dp_group)
     memory = state_mib(params, run.optimizer)
     run.optimizer.zero_grad(set_to_none=True)
     # Ranks without the last pipeline stage contribute zero, so a world sum is the dp sum.

@@ -120,6 +120,14 @@ def _check_data(cfg: Config, model_config: PretrainedConfig) -> None:
 
 
 def _check_experts(cfg: Config, model_config: PretrainedConfig, dims: ParallelDims) -> None:
+    if cfg.moe.bias_update_rate < 0:
+        raise ConfigError(f"moe.bias_update_rate={cfg.moe.bias_update_rate}: must be >= 0")
+    if cfg.moe.bias_update_rate > 0 and (dims.ep == 1 or model_config.model_type != "deepseek_v3"):
+        raise ConfigError("moe.bias_update_rate: aux-loss-free balancing needs a router with a correction "
+                          "bias (deepseek_v3) and parallel.ep > 1; set it to 0 otherwise")
+    if getattr(model_config, "output_router_logits", False) and dims.pp > 1:
+        raise ConfigError("model.overrides.output_router_logits: the auxiliary loss is not supported under "
+                          "pipeline parallel; use parallel.pp=1 or aux-loss-free balancing")
     if dims.ep == 1:
         return
     experts = expert_count(model_config)

@@ -32,6 +32,7 @@ _EXPERT_PARAMS = ("gate_up_proj", "down_proj")
 @dataclass
 class ExpertParallelState:
     dispatcher: Dispatcher
+    dispatcher_reason: str  # e.g. "deepep: not installed (...) -> alltoall", for the start-up summary
     # The router whose `e_score_correction_bias` aux-loss-free balancing updates (DeepSeek-V3).
     router: nn.Module | None
 
@@ -96,8 +97,8 @@ def apply_expert_parallel(model: nn.Module, ep_mesh: DeviceMesh, dispatcher: str
         experts.config = copy.copy(experts.config)
         experts.config._experts_implementation = EXPERTS_IMPLEMENTATION
         has_bias = router is not None and hasattr(router, "e_score_correction_bias")
-        experts._expert_parallel = ExpertParallelState(chosen, router if has_bias else None)
+        experts._expert_parallel = ExpertParallelState(chosen, reason, router if has_bias else None)
     experts0 = blocks[0][0]
-    logger.info("expert parallel: ep=%d, %d experts per rank in %d MoE blocks, dispatcher %s",
+    logger.debug("expert parallel: ep=%d, %d experts per rank in %d MoE blocks, dispatcher %s",
                 ep, experts0.num_experts // ep, len(blocks), reason)
     return [experts for experts, _ in blocks]

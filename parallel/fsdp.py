@@ -8,12 +8,13 @@ as dense ones.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 import torch
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
+from torch.distributed.tensor import DTensor, Shard
 
 
 def mixed_precision_policy(device_type: str) -> MixedPrecisionPolicy:
@@ -23,6 +24,15 @@ def mixed_precision_policy(device_type: str) -> MixedPrecisionPolicy:
     return MixedPrecisionPolicy()
 
 
+def _expert_placement(experts: nn.Module, mesh: DeviceMesh) -> Callable[[nn.Parameter], Shard] | None:
+    """Shard experts along dim 1 when this rank holds fewer experts than there are FSDP shards:
+    along dim 0 some shards would be padding only."""
+    local_experts = min((p.to_local() if isinstance(p, DTensor) else p).shape[0] for p in experts.parameters())
+    if local_experts < mesh.size(mesh.ndim - 1):
+        return lambda param: Shard(1)
+    return None
+
+
 def apply_fsdp(model: nn.Module, layers: Iterable[nn.Module], mesh: DeviceMesh, *,
                reshard_after_forward: bool, expert_modules: Iterable[nn.Module] = (),
                expert_mesh: DeviceMesh | None = None) -> None:
@@ -30,7 +40,8 @@ def apply_fsdp(model: nn.Module, layers: Iterable[nn.Module], mesh: DeviceMesh, 
     policy = mixed_precision_policy(mesh.device_type)
     for experts in expert_modules:
         assert expert_mesh is not None, "expert modules need the efsdp mesh"
-        fully_shard(experts, mesh=expert_mesh, mp_policy=policy, reshard_after_forward=reshard_after_forward)
+        fully_shard(experts, mesh=expert_mesh, mp_policy=policy, reshard_after_forward=reshard_after_forward,
+                    shard_placement_fn=_expert_placement(experts, expert_mesh))
     for layer in layers:
         fully_shard(layer, mesh=mesh, mp_policy=policy, reshard_after_forward=reshard_after_forward)
     # The root keeps its parameters (embeddings, final norm, lm_head) gathered after forward:

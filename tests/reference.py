@@ -24,18 +24,51 @@ def reference_run(cfg: Config) -> tuple[list[float], list[float], dict[str, torc
     optimizer = torch.optim.AdamW(model.parameters(), lr=t.lr, betas=(0.9, 0.95), weight_decay=t.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, t))
     sampler = BatchSampler(load_tokens(cfg.data), t.seq_len, t.global_batch_size, t.seed)
+    loads = _count_expert_loads(model)
+    # HF's router aux loss is not linear in the batch: with it, run the trainer's microbatches.
+    chunk = t.micro_batch_size if model.config.output_router_logits else t.global_batch_size
     losses, grad_norms = [], []
     for step in range(t.steps):
         inputs, labels = sampler.global_batch(step)
-        loss = token_loss_sum(model(input_ids=inputs).logits, labels) / count_tokens(labels)
-        loss.backward()
+        loss = torch.zeros(())
+        for start in range(0, t.global_batch_size, chunk):
+            outputs = model(input_ids=inputs[start:start + chunk])
+            token_loss = token_loss_sum(outputs.logits, labels[start:start + chunk]) / count_tokens(labels)
+            aux = outputs.aux_loss * model.config.router_aux_loss_coef * chunk / t.global_batch_size \
+                if model.config.output_router_logits else 0.0
+            (token_loss + aux).backward()
+            loss += token_loss.detach()
         # Adam and clipping hide a wrong gradient scale from losses and parameters; the norm shows it.
         grad_norms.append(torch.nn.utils.clip_grad_norm_(model.parameters(), t.max_grad_norm or float("inf")).item())
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad()
+        if cfg.moe.bias_update_rate:
+            _update_biases(model, loads, cfg.moe.bias_update_rate)
         losses.append(loss.item())
     return losses, grad_norms, {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def _count_expert_loads(model: torch.nn.Module) -> dict[torch.nn.Module, torch.Tensor]:
+    """Tokens routed to each expert since the last bias update, per MoE block's experts."""
+    loads = {}
+    for module in model.modules():
+        experts = getattr(module, "experts", None)
+        if getattr(getattr(module, "gate", None), "e_score_correction_bias", None) is not None:
+            loads[module] = torch.zeros(experts.num_experts)
+
+            def count(experts_module, args, block=module):
+                loads[block] += torch.bincount(args[1].flatten(), minlength=len(loads[block])).float()
+
+            experts.register_forward_pre_hook(count)
+    return loads
+
+
+@torch.no_grad()
+def _update_biases(model: torch.nn.Module, loads: dict, rate: float) -> None:
+    for block, load in loads.items():
+        block.gate.e_score_correction_bias += rate * torch.sign(load.mean() - load)
+        load.zero_()
 
 
 def tiny_config(*overrides: str) -> Config:

@@ -12,7 +12,9 @@ from reference import reference_run, tiny_config
     (2, ["--model.preset=mixtral", "--parallel.dp_shard=2", "--parallel.ep=2"]),
     (4, ["--model.preset=qwen3_moe", "--parallel.dp_shard=4", "--parallel.ep=2", "--ac.mode=selective"]),
     (4, ["--model.preset=deepseek_v3", "--parallel.dp_replicate=2", "--parallel.dp_shard=2", "--parallel.ep=2"]),
-], ids=["mixtral-ep2", "qwen3_moe-fsdp4-ep2-sac", "deepseek_v3-hsdp2x2-ep2"])
+    # One expert per rank, two FSDP shards of it: experts are sharded along dim 1.
+    (4, ["--model.preset=qwen3_moe", "--model.overrides.num_experts=2", "--parallel.dp_shard=4", "--parallel.ep=2"]),
+], ids=["mixtral-ep2", "qwen3_moe-fsdp4-ep2-sac", "deepseek_v3-hsdp2x2-ep2", "qwen3_moe-experts-shard-dim1"])
 def test_expert_parallel_layout_matches_single_process(world_size, layout):
     cfg = tiny_config(*layout)
     assert_matches_reference(run_ranks(train_layout, world_size, cfg), reference_run(cfg))
@@ -21,3 +23,14 @@ def test_expert_parallel_layout_matches_single_process(world_size, layout):
 def test_dense_fsdp_with_selective_ac_matches_single_process():
     cfg = tiny_config("--parallel.dp_shard=2", "--ac.mode=selective")
     assert_matches_reference(run_ranks(train_layout, 2, cfg), reference_run(cfg))
+
+
+@pytest.mark.parametrize("world_size, layout", [
+    (2, ["--model.preset=qwen3_moe", "--parallel.dp_shard=2", "--parallel.ep=2",
+         "--model.overrides.output_router_logits=true", "--model.overrides.router_aux_loss_coef=0.1"]),
+    (2, ["--model.preset=deepseek_v3", "--parallel.dp_shard=2", "--parallel.ep=2", "--moe.bias_update_rate=0.01",
+         "--ac.mode=selective"]),
+], ids=["qwen3_moe-aux-loss", "deepseek_v3-aux-free-bias-sac"])
+def test_load_balancing_matches_single_process(world_size, layout):
+    cfg = tiny_config(*layout)
+    assert_matches_reference(run_ranks(train_layout, world_size, cfg), reference_run(cfg))

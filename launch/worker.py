@@ -29,7 +29,7 @@ def run_worker(cfg: Config, dims: ParallelDims) -> None:
                         format="%(message)s")
     # Installed before the process group exists: a signal that arrives during start-up still counts.
     preemption = PreemptionRequest()
-    dist.init_process_group(backend, timeout=timedelta(minutes=10))
+    _init_process_group(backend, timedelta(minutes=10))
     try:
         train(cfg, dims, preemption)
         # gloo was seen aborting at teardown ("terminate called without an active exception")
@@ -37,3 +37,20 @@ def run_worker(cfg: Config, dims: ParallelDims) -> None:
         dist.barrier()
     finally:
         dist.destroy_process_group()
+
+
+def _init_process_group(backend: str, timeout: timedelta) -> None:
+    """The default group, on torchrun's store under a prefix per restart attempt.
+
+    torchrun's agent keeps one TCPStore across restarts, and `env://` initialisation writes the
+    same keys on every attempt: after a worker was restarted, a rank could read a dead peer's
+    gloo address left by the previous attempt and fail with "Connection refused".
+    """
+    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
+        dist.init_process_group(backend, timeout=timeout)
+        return
+    store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), is_master=False,
+                          timeout=timeout)
+    attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+    dist.init_process_group(backend, store=dist.PrefixStore(f"attempt_{attempt}/", store),
+                            rank=int(os.environ["RANK"]), world_size=int(os.environ["WORLD_SIZE"]), timeout=timeout)

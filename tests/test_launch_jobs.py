@@ -23,9 +23,15 @@ import torch
 from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
 
 STEPS = 10
-JOB = [f"--train.steps={STEPS}", "--train.global_batch_size=8", "--train.micro_batch_size=2", "--train.seq_len=32",
-       "--train.lr=1e-2", "--train.warmup_steps=1", "--data.max_bytes=200000", "--logging.progress=false",
-       "--logging.log_every=1", "--parallel.dp_shard=2", "--checkpoint.every=2", "--checkpoint.keep=2"]
+# The job's own recipe: the shipped default recipe is a demo that others change.
+RECIPE = f"""
+model: {{preset: llama}}
+train: {{steps: {STEPS}, global_batch_size: 8, micro_batch_size: 2, seq_len: 32, lr: 1.0e-2, warmup_steps: 1}}
+data: {{max_bytes: 200000}}
+parallel: {{dp_shard: 2}}
+checkpoint: {{every: 2, keep: 2}}
+logging: {{progress: false, log_every: 1}}
+"""
 ROOT = Path(__file__).resolve().parent.parent
 TIMEOUT = 600
 
@@ -101,11 +107,18 @@ def _children(parent: int) -> list[int]:
 
 
 @pytest.fixture(scope="module")
-def straight(tmp_path_factory) -> Path:
+def job(tmp_path_factory) -> list[str]:
+    recipe = tmp_path_factory.mktemp("recipe") / "job.yaml"
+    recipe.write_text(RECIPE)
+    return ["--config", str(recipe)]
+
+
+@pytest.fixture(scope="module")
+def straight(tmp_path_factory, job) -> Path:
     """The uninterrupted single-node job."""
     folder = tmp_path_factory.mktemp("straight")
     log = folder / "log.txt"
-    assert _run(["--nproc-per-node", "2", *JOB, *_outputs(folder)], log) == 0, log.read_text()[-3000:]
+    assert _run(["--nproc-per-node", "2", *job, *_outputs(folder)], log) == 0, log.read_text()[-3000:]
     return folder
 
 
@@ -113,12 +126,12 @@ def _final(folder: Path) -> Path:
     return folder / "ckpt" / f"step_{STEPS:07d}"
 
 
-def test_two_nodes_match_one_node(straight, tmp_path):
+def test_two_nodes_match_one_node(straight, job, tmp_path):
     with socket.socket() as s:
         s.bind(("localhost", 0))
         port = s.getsockname()[1]
     nodes = [_start(["--nnodes", "2", "--node-rank", str(rank), "--nproc-per-node", "1", "--rdzv-backend", "c10d",
-                     "--rdzv-endpoint", f"localhost:{port}", "--rdzv-id", "two-nodes", *JOB, *_outputs(tmp_path)],
+                     "--rdzv-endpoint", f"localhost:{port}", "--rdzv-id", "two-nodes", *job, *_outputs(tmp_path)],
                     tmp_path / f"node{rank}.txt") for rank in range(2)]
     codes = [_finish(proc, tmp_path / f"node{rank}.txt") for rank, proc in enumerate(nodes)]
     assert codes == [0, 0], (tmp_path / "node0.txt").read_text()[-3000:]
@@ -129,10 +142,10 @@ def test_two_nodes_match_one_node(straight, tmp_path):
                                torch.tensor([expected[s] for s in sorted(expected)]), atol=1e-6, rtol=0)
 
 
-def test_killed_worker_is_restarted_and_resumes(straight, tmp_path):
+def test_killed_worker_is_restarted_and_resumes(straight, job, tmp_path):
     log = tmp_path / "log.txt"
     ckpt = tmp_path / "ckpt"
-    proc = _start(["--nproc-per-node", "2", "--max-restarts", "1", *JOB, *_outputs(tmp_path)], log)
+    proc = _start(["--nproc-per-node", "2", "--max-restarts", "1", *job, *_outputs(tmp_path)], log)
     _wait_for(lambda: (ckpt / "step_0000002").is_dir(), proc, log, "first checkpoint")
     workers = _children(proc.pid)
     assert len(workers) == 2, f"expected 2 workers under the launcher, found {workers}"
@@ -151,17 +164,17 @@ def test_killed_worker_is_restarted_and_resumes(straight, tmp_path):
     assert not half.exists(), "the half-written checkpoint was not cleaned up"
 
 
-def test_preemption_signal_checkpoints_and_resume_is_bitwise(straight, tmp_path):
+def test_preemption_signal_checkpoints_and_resume_is_bitwise(straight, job, tmp_path):
     log = tmp_path / "log.txt"
     ckpt = tmp_path / "ckpt"
-    proc = _start(["--nproc-per-node", "2", *JOB, *_outputs(tmp_path)], log)
+    proc = _start(["--nproc-per-node", "2", *job, *_outputs(tmp_path)], log)
     _wait_for(lambda: (ckpt / "step_0000002").is_dir(), proc, log, "first checkpoint")
     proc.send_signal(signal.SIGUSR1)
     assert _finish(proc, log) == 0, log.read_text()[-3000:]
     stopped = max(_losses(tmp_path / "metrics.jsonl"))
     assert stopped < STEPS, "the job ran to the end: the signal came too late to test anything"
     assert (ckpt / f"step_{stopped:07d}").is_dir(), "no checkpoint at the step the job stopped after"
-    assert _run(["--nproc-per-node", "2", *JOB, *_outputs(tmp_path)], log) == 0, log.read_text()[-3000:]
+    assert _run(["--nproc-per-node", "2", *job, *_outputs(tmp_path)], log) == 0, log.read_text()[-3000:]
     assert _losses(tmp_path / "metrics.jsonl") == _losses(straight / "metrics.jsonl")
     _assert_same_state(_checkpoint(_final(tmp_path), tmp_path), _checkpoint(_final(straight), tmp_path))
 
@@ -180,10 +193,10 @@ def _snapshot(folder: Path) -> dict[str, bytes]:
     return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
 
 
-def test_bad_input_is_one_line_and_touches_nothing(straight, tmp_path):
+def test_bad_input_is_one_line_and_touches_nothing(straight, job, tmp_path):
     as_file = tmp_path / "ckpt_is_a_file"
     as_file.write_text("not a folder")
-    line = _refused(["--nproc-per-node", "2", *JOB, f"--checkpoint.dir={as_file}"])
+    line = _refused(["--nproc-per-node", "2", *job, f"--checkpoint.dir={as_file}"])
     assert "checkpoint.dir=" in line and "not a directory" in line
     assert as_file.read_text() == "not a folder"
 
@@ -193,17 +206,17 @@ def test_bad_input_is_one_line_and_touches_nothing(straight, tmp_path):
     (newest / ".metadata").write_bytes((newest / ".metadata").read_bytes()[:100])
     (corrupt / "metrics.jsonl").write_text("")
     before = _snapshot(corrupt)
-    line = _refused(["--nproc-per-node", "2", *JOB, *_outputs(corrupt)])
+    line = _refused(["--nproc-per-node", "2", *job, *_outputs(corrupt)])
     assert "checkpoint.dir=" in line and "corrupt" in line and "unreadable .metadata" in line
     assert _snapshot(corrupt) == before
     truncated = corrupt / "ckpt" / f"step_{STEPS - 2:07d}" / "__1_0.distcp"
     truncated.write_bytes(truncated.read_bytes()[:1000])
     before = _snapshot(corrupt)
-    line = _refused(["--nproc-per-node", "2", *JOB, *_outputs(corrupt),
+    line = _refused(["--nproc-per-node", "2", *job, *_outputs(corrupt),
                      f"--checkpoint.resume_from={truncated.parent}"])
     assert "checkpoint.resume_from=" in line and "truncated" in line
     assert _snapshot(corrupt) == before
 
-    line = _refused(["--nproc-per-node", "2", *JOB, "--parallel.dp_shard=4", *_outputs(corrupt)])
+    line = _refused(["--nproc-per-node", "2", *job, "--parallel.dp_shard=4", *_outputs(corrupt)])
     assert "world size is 2" in line
     assert _snapshot(corrupt) == before

@@ -9,7 +9,8 @@ batch 8, one forward per step on each rank, one CPU thread per rank:
   turns step by step, so load from other processes hits both alike.
 - memory: the bytes each rank holds of parameters, gradients and AdamW moments (the local
   shards, `to_local()`) at dp_shard = 1, 2, 4, against the single-process total / N.
-- throughput: tokens/s of dp_shard=2 against one process on the same global batch.
+- throughput: tokens/s of dp_shard=2 against one process on the same global batch, with each
+  rank's CPU seconds per step: far below the step time, the rank was waiting for a core or a peer.
 
 Times are medians after one warm-up step; on a shared machine they move with its load.
 """
@@ -79,9 +80,14 @@ def layout_rank(rank: int, world: int, steps: int) -> dict[str, Any]:
     """On one rank of a dp_shard=`world` run: step times of `steps` steps, then its shard bytes."""
     cfg = bench_config(world, steps)
     run = build_run(cfg, validate(cfg, world))
-    rows = [train_step(run) for _ in range(steps)]
+    rows, cpu_s = [], []
+    for _ in range(steps):
+        # CPU time next to wall time tells a rank that waited for a core from one that worked.
+        start = time.process_time()
+        rows.append(train_step(run))
+        cpu_s.append(time.process_time() - start)
     _fill_gradients(run)
-    return dict(step_s=[r["step_time_s"] for r in rows], tokens=rows[-1]["tokens"], **shard_bytes(run))
+    return dict(step_s=[r["step_time_s"] for r in rows], cpu_s=cpu_s, tokens=rows[-1]["tokens"], **shard_bytes(run))
 
 
 def _rank_entry(rank: int, world: int, store: str, results: str, fn: Callable, args: tuple) -> None:
@@ -109,14 +115,18 @@ def spawn_ranks(fn: Callable, world: int, *args: Any) -> list[Any]:
     return results
 
 
+def _median_of_slowest(per_rank: list[list[float]]) -> float:
+    # A step ends when its slowest rank's does; the first step is warm-up.
+    return statistics.median(max(step) for step in list(zip(*per_rank))[1:])
+
+
 def layout(world: int, steps: int) -> dict[str, Any]:
     """Per-rank shard bytes (max and min over ranks) and tokens/s of a dp_shard=`world` run."""
     ranks = spawn_ranks(layout_rank, world, steps)
-    row: dict[str, Any] = dict(dp_shard=world, step_s=None, tokens_per_s=None)
+    row: dict[str, Any] = dict(dp_shard=world, step_s=None, cpu_s=None, tokens_per_s=None)
     if steps > 1:
-        # A step ends when the slowest rank's does; the first step is warm-up.
-        slowest = [max(times) for times in zip(*(r["step_s"] for r in ranks))]
-        row["step_s"] = statistics.median(slowest[1:])
+        row["step_s"] = _median_of_slowest([r["step_s"] for r in ranks])
+        row["cpu_s"] = _median_of_slowest([r["cpu_s"] for r in ranks])
         row["tokens_per_s"] = ranks[0]["tokens"] / row["step_s"]
     for key in ("params", "grads", "optimizer"):
         row[f"{key}_bytes_max"] = max(r[key] for r in ranks)
@@ -169,11 +179,11 @@ def format_tables(over: dict[str, Any], layouts: list[dict[str, Any]]) -> str:
         lines.append(f"{n:>8} {r['params_bytes_max']:>10,} {r['grads_bytes_max']:>10,} "
                      f"{r['optimizer_bytes_max']:>10,} {per_rank:>10,} {total // n:>10,} {per_rank * n / total:>9.3f}")
     lines += ["", "throughput, same global batch",
-              f"{'dp_shard':>8} {'step ms':>9} {'tokens/s':>10} {'x 1 proc':>9}"]
+              f"{'dp_shard':>8} {'step ms':>9} {'cpu ms':>8} {'tokens/s':>10} {'x 1 proc':>9}"]
     timed = [r for r in layouts if r["dp_shard"] in THROUGHPUT_SHARDS]
     for r in timed:
-        lines.append(f"{r['dp_shard']:>8} {r['step_s'] * 1e3:>9.1f} {r['tokens_per_s']:>10,.0f} "
-                     f"{r['tokens_per_s'] / timed[0]['tokens_per_s']:>9.2f}")
+        lines.append(f"{r['dp_shard']:>8} {r['step_s'] * 1e3:>9.1f} {r['cpu_s'] * 1e3:>8.1f} "
+                     f"{r['tokens_per_s']:>10,.0f} {r['tokens_per_s'] / timed[0]['tokens_per_s']:>9.2f}")
     return "\n".join(lines)
 
 

@@ -16,7 +16,6 @@ import torch
 from harness.config import Config, ConfigError, load_config
 from harness.validation import validate
 from launch import slurm
-from parallel.mesh import ParallelDims
 
 DEFAULT_RECIPE = str(resources.files("launch") / "recipes" / "default.yaml")
 

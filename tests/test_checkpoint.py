@@ -2,21 +2,19 @@
 
 from __future__ import annotations
 
-import os
-
 import pytest
 import torch
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
 from harness.checkpoint import complete_checkpoints, load_checkpoint, save_checkpoint
 from harness.config import Config
-from harness.trainer import build_run, train_step
+from harness.trainer import Run, build_run, train_step
 from harness.validation import validate
 from multiproc import run_ranks
 from reference import tiny_config
 
 
-def _full_params(run) -> dict[str, torch.Tensor]:
+def _full_params(run: Run) -> dict[str, torch.Tensor]:
     params: dict[str, torch.Tensor] = {}
     for module in run.modules:
         full = get_model_state_dict(module, options=StateDictOptions(full_state_dict=True))

@@ -13,14 +13,19 @@ from typing import Any
 class MetricsLog:
     """Writes one JSON object per step; shows a progress bar on a terminal, log lines otherwise."""
 
-    def __init__(self, path: str | None, total_steps: int, log_every: int, progress: bool, enabled: bool) -> None:
+    def __init__(self, path: str | None, total_steps: int, log_every: int, progress: bool, enabled: bool,
+                 start_step: int = 0) -> None:
+        """`start_step`: the step a run resumes from; rows after it (from the run that crashed
+        or an older run in the same place) are dropped, so the file holds one run."""
         self.total_steps, self.log_every, self.enabled = total_steps, log_every, enabled
         self.live = enabled and progress and sys.stdout.isatty()
         self.started = time.perf_counter()
         self.file = None
         if enabled and path:
             os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-            self.file = open(path, "a")
+            kept = _rows_up_to(path, start_step) if start_step and os.path.isfile(path) else []
+            self.file = open(path, "w")
+            self.file.writelines(kept)
 
     def log(self, row: dict[str, Any]) -> None:
         if not self.enabled:
@@ -52,3 +57,28 @@ class MetricsLog:
     def close(self) -> None:
         if self.file is not None:
             self.file.close()
+
+
+def _rows_up_to(path: str, step: int) -> list[str]:
+    with open(path) as f:
+        return [line for line in f if line.strip() and json.loads(line)["step"] <= step]
+
+
+def report_outputs(metrics_file: str | None, checkpoint: str | None) -> list[str]:
+    """Where a finished run left its metrics, plot and checkpoint (the plot is drawn here)."""
+    lines = []
+    if metrics_file:
+        lines.append(f"metrics: {metrics_file}")
+        from harness.plot import INSTALL_HINT, plot, read_rows
+
+        try:
+            import matplotlib  # noqa: F401
+        except ImportError:
+            lines.append(f"plot: skipped ({INSTALL_HINT}, or pip install -e '.[plot]')")
+        else:
+            png = os.path.splitext(metrics_file)[0] + ".png"
+            plot(read_rows(metrics_file), png)
+            lines.append(f"plot: {png}")
+    if checkpoint:
+        lines.append(f"checkpoint: {checkpoint}")
+    return lines

@@ -12,18 +12,20 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from harness.checkpoint import PreemptionRequest, is_due, load_checkpoint, resume_path, save_checkpoint
+from harness.checkpoint import PreemptionRequest, complete_checkpoints, is_due, load_checkpoint, resume_path, save_checkpoint
 from harness.config import Config
 from harness.data import BatchSampler, load_tokens
 from harness.flops import flops_per_token, peak_flops_per_rank
 from harness.loss import count_tokens, token_loss_sum
 from harness.memory import peak_mib, state_mib
-from harness.metrics import MetricsLog
-from harness.models import build_meta_model, load_config as load_model_config, reference_model
+from harness.metrics import MetricsLog, report_outputs
+from harness.models import build_meta_model, expert_count, load_config as load_model_config, reference_model
 from harness.parallelize import parallelize
 from harness.schedule import lr_factor
 from harness.summary import startup_summary
 from moe.balance import aux_loss_term, update_expert_bias
+from moe.load_meter import ExpertLoadMeter
+from parallel.fsdp import mixed_precision_policy
 from parallel.grad_clip import clip_grad_norm_
 from parallel.mesh import ParallelDims
 
@@ -60,6 +62,7 @@ class Run:
     flops_per_token: float
     peak_flops_per_rank: float
     expert_modules: list[nn.Module]  # experts under expert parallel, for aux-loss-free balancing
+    expert_load: ExpertLoadMeter | None
     step: int = 0
 
 
@@ -78,13 +81,16 @@ def build_run(cfg: Config, dims: ParallelDims) -> Run:
     model = build_meta_model(model_config)
     parallelize_fn = partial(parallelize, cfg=cfg, dims=dims, meshes=meshes, reference=reference, device=device)
     loss_fn = GlobalTokenLoss()
+    t = cfg.train
     if dims.pp > 1:
         from parallel.pipeline import pipeline_model
 
         p = cfg.parallel
         plan = pipeline_model(model, meshes.pp, schedule=p.pp_schedule, n_microbatches=p.pp_microbatches or dims.pp,
                               stages_per_rank=p.pp_stages_per_rank, layers_per_stage=p.pp_layers_per_stage,
-                              parallelize_fn=parallelize_fn, device=device, loss_fn=loss_fn)
+                              parallelize_fn=parallelize_fn, device=device, loss_fn=loss_fn,
+                              microbatch_shape=(t.micro_batch_size // (p.pp_microbatches or dims.pp), t.seq_len),
+                              activation_dtype=mixed_precision_policy(device.type).param_dtype or torch.float32)
         modules, forward_backward = list(plan.stage_modules), plan.step
     else:
         parallelize_fn(model)
@@ -96,7 +102,6 @@ def build_run(cfg: Config, dims: ParallelDims) -> Run:
     model_flops = flops_per_token(reference, model_config, cfg.train.seq_len)
     del reference
     params = [p for m in modules for p in m.parameters()]
-    t = cfg.train
     optimizer = torch.optim.AdamW(params, lr=t.lr, betas=(0.9, 0.95), weight_decay=t.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, partial(lr_factor, cfg=t))
     tokens = load_tokens(cfg.data)
@@ -111,7 +116,8 @@ def build_run(cfg: Config, dims: ParallelDims) -> Run:
                pp_group=meshes.pp.get_group() if dims.pp > 1 else None, flops_per_token=model_flops,
                peak_flops_per_rank=peak_flops_per_rank(cfg.logging.peak_tflops,
                                                        int(os.environ.get("LOCAL_WORLD_SIZE", "1"))),
-               expert_modules=expert_modules)
+               expert_modules=expert_modules,
+               expert_load=ExpertLoadMeter(modules) if expert_count(model_config) else None)
 
 
 def _forward_backward(model: nn.Module, loss_fn: GlobalTokenLoss, aux_terms: int, inputs: torch.Tensor,
@@ -149,6 +155,7 @@ def train_step(run: Run) -> dict:
     if cfg.moe.bias_update_rate > 0:
         update_expert_bias(run.expert_modules, cfg.moe.bias_update_rate, run.dp_group)
     memory = state_mib(params, run.optimizer)
+    load = run.expert_load.take() if run.expert_load is not None else {}
     run.optimizer.zero_grad(set_to_none=True)
     # Ranks without the last pipeline stage contribute zero, so a world sum is the dp sum.
     dist.all_reduce(loss)
@@ -158,7 +165,7 @@ def train_step(run: Run) -> dict:
     mfu = tokens_per_s / dist.get_world_size() * run.flops_per_token / run.peak_flops_per_rank
     return {"step": run.step, "loss": loss.item(), "grad_norm": grad_norm.item(), "lr": lr,
             "tokens": int(tokens.item()), "tokens_per_s": tokens_per_s, "step_time_s": elapsed, "mfu": mfu,
-            **memory, "peak_mib": peak_mib(device)}
+            **memory, "peak_mib": peak_mib(device), **load}
 
 
 def train(cfg: Config, dims: ParallelDims, preemption: PreemptionRequest | None = None) -> list[dict]:
@@ -169,7 +176,7 @@ def train(cfg: Config, dims: ParallelDims, preemption: PreemptionRequest | None 
     if start is not None:
         load_checkpoint(run, start)
     log = MetricsLog(cfg.train.metrics_file, cfg.train.steps, cfg.logging.log_every, cfg.logging.progress,
-                     enabled=dist.get_rank() == 0)
+                     enabled=dist.get_rank() == 0, start_step=run.step)
     rows = []
     try:
         while run.step < cfg.train.steps:
@@ -184,4 +191,8 @@ def train(cfg: Config, dims: ParallelDims, preemption: PreemptionRequest | None 
                 break
     finally:
         log.close()
+    if dist.get_rank() == 0:
+        newest = complete_checkpoints(cfg.checkpoint.dir) if cfg.checkpoint.dir else []
+        for line in report_outputs(cfg.train.metrics_file, newest[-1][1] if newest else None):
+            logger.info(line)
     return rows

@@ -28,7 +28,7 @@ def aux_loss_term(outputs, config: PretrainedConfig, num_loss_terms: int) -> tor
     return config.router_aux_loss_coef * outputs.aux_loss / num_loss_terms
 
 
-def _recomputing() -> bool:
+def is_recomputing() -> bool:
     # Activation-checkpoint recompute runs the forward again from inside the backward pass;
     # counting there would count every token twice.
     return torch._C._current_graph_task_id() != -1
@@ -36,7 +36,7 @@ def _recomputing() -> bool:
 
 def record_load(experts: nn.Module, top_k_index: torch.Tensor) -> None:
     """Adds this forward's tokens per expert to `experts._expert_load` (training forwards only)."""
-    if not torch.is_grad_enabled() or _recomputing():
+    if not torch.is_grad_enabled() or is_recomputing():
         return
     # Bookkeeping, hidden from an active selective-checkpoint mode: the recompute skips it,
     # and that mode matches forward and recompute ops by their order of appearance.

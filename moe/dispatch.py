@@ -130,6 +130,9 @@ def _load_backend(name: str, group: dist.ProcessGroup) -> Dispatcher:
     return HybridEPDispatcher(group, buffer_cls)
 
 
+_REPORTED: set[str] = set()
+
+
 def resolve_dispatcher(name: str, strict: bool, ep_group: dist.ProcessGroup) -> tuple[Dispatcher, str]:
     """The dispatcher to run and a one-line reason for the start-up summary.
 
@@ -146,5 +149,7 @@ def resolve_dispatcher(name: str, strict: bool, ep_group: dist.ProcessGroup) -> 
         reason = f"{name}: {exc} -> alltoall"
         if strict:
             raise RuntimeError(f"{name} dispatcher requested with strict=True but unavailable: {exc}") from exc
-        logger.warning(reason)
+        if reason not in _REPORTED:  # once per process, however many stages or models resolve it
+            _REPORTED.add(reason)
+            logger.warning(reason)
         return AllToAllDispatcher(ep_group), reason

@@ -116,12 +116,30 @@ class PipelinePlan:
         return torch.stack([loss.detach() for loss in losses]).sum()
 
 
+def _stage_io(config, stage_id: int, num_stages: int, microbatch_shape: tuple[int, int],
+              dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """Meta examples of a stage's input (token ids or hidden states) and output (hidden or logits)."""
+    rows, seq = microbatch_shape
+    meta = torch.device("meta")
+    # requires_grad tells the stage that gradients flow back through these tensors.
+    hidden = torch.empty(rows, seq, config.hidden_size, dtype=dtype, device=meta, requires_grad=True)
+    ids = torch.empty(rows, seq, dtype=torch.long, device=meta)
+    logits = torch.empty(rows, seq, config.vocab_size, dtype=dtype, device=meta, requires_grad=True)
+    return {"input_args": ids if stage_id == 0 else hidden,
+            "output_args": logits if stage_id == num_stages - 1 else hidden}
+
+
 def pipeline_model(model: nn.Module, pp_mesh: DeviceMesh, *, schedule: str, n_microbatches: int,
                    stages_per_rank: int | None, layers_per_stage: LayerSpec,
                    parallelize_fn: Callable[[nn.Module], None], device: torch.device | str,
-                   loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]) -> PipelinePlan:
+                   loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+                   microbatch_shape: tuple[int, int], activation_dtype: torch.dtype = torch.float32) -> PipelinePlan:
     """Split `model` (an HF causal LM, normally on meta), parallelize this rank's stages, and
-    build the schedule. `loss_fn(logits, labels)` is the microbatch's share of the step loss."""
+    build the schedule. `loss_fn(logits, labels)` is the microbatch's share of the step loss.
+
+    `microbatch_shape` (rows, seq_len) and `activation_dtype` describe what travels between
+    stages up front: without them torch infers it by running the first microbatch through an
+    extra forward and backward, which side effects (expert load counts) would see."""
     pp, rank = pp_mesh.size(), pp_mesh.get_local_rank()
     num_layers = len(model.model.layers)
     per_rank = _validate_layout(num_layers, pp, schedule, stages_per_rank, n_microbatches, layers_per_stage)
@@ -131,7 +149,8 @@ def pipeline_model(model: nn.Module, pp_mesh: DeviceMesh, *, schedule: str, n_mi
     for module in modules:
         parallelize_fn(module)
     group = pp_mesh.get_group()
-    stages = [PipelineStage(module, stage_id, num_stages, torch.device(device), group=group)
+    stages = [PipelineStage(module, stage_id, num_stages, torch.device(device), group=group,
+                            **_stage_io(model.config, stage_id, num_stages, microbatch_shape, activation_dtype))
               for module, stage_id in zip(modules, stage_ids)]
     schedule_class = get_schedule_class(schedule)
     if schedule in SINGLE_STAGE:

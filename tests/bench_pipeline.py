@@ -72,7 +72,7 @@ def _measure(rank: int, world: int, schedule: str, m: int) -> dict:
     plan = pipeline_model(build_meta_model(config), meshes.pp, schedule=schedule, n_microbatches=m,
                           stages_per_rank=None, layers_per_stage=None,
                           parallelize_fn=lambda stage: materialize(stage, reference, "cpu"),
-                          device="cpu", loss_fn=loss_fn)
+                          device="cpu", loss_fn=loss_fn, microbatch_shape=(MICROBATCH_ROWS, SEQ))
     gen = torch.Generator().manual_seed(0)
     inputs = torch.randint(0, config.vocab_size, (m * MICROBATCH_ROWS, SEQ), generator=gen)
     labels = torch.randint(0, config.vocab_size, (m * MICROBATCH_ROWS, SEQ), generator=gen)

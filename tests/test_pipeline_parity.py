@@ -96,7 +96,8 @@ def _pipelined(rank: int, world_size: int, cases: list[Case], dp_shard: int) -> 
         loss_fn = _GlobalTokenLoss()
         plan = pipeline_model(build_meta_model(config), meshes.pp, schedule=schedule, n_microbatches=MICROBATCHES,
                               stages_per_rank=None, layers_per_stage=layers_per_stage,
-                              parallelize_fn=parallelize, device="cpu", loss_fn=loss_fn)
+                              parallelize_fn=parallelize, device="cpu", loss_fn=loss_fn,
+                              microbatch_shape=(BATCH // dp // MICROBATCHES, SEQ))
         params = [p for m in plan.stage_modules for p in m.parameters()]
         optimizer = torch.optim.AdamW(params, lr=LR)
         losses, norms = [], []

@@ -175,6 +175,9 @@ def train(cfg: Config, dims: ParallelDims, preemption: PreemptionRequest | None 
     start = resume_path(cfg.checkpoint)
     if start is not None:
         load_checkpoint(run, start)
+        if run.step >= cfg.train.steps and dist.get_rank() == 0:
+            logger.info(f"{start} already reached train.steps={cfg.train.steps}: nothing to train "
+                        f"(raise train.steps, or delete {cfg.checkpoint.dir} to start over)")
     log = MetricsLog(cfg.train.metrics_file, cfg.train.steps, cfg.logging.log_every, cfg.logging.progress,
                      enabled=dist.get_rank() == 0, start_step=run.step)
     rows = []

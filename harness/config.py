@@ -95,6 +95,7 @@ class CheckpointConfig:
 class LoggingConfig:
     log_every: int = 10  # plain log lines when stdout is not a terminal
     progress: bool = True
+    tensorboard_dir: str | None = None  # also write scalars for TensorBoard (needs `pip install tensorboard`)
     peak_tflops: float | None = None  # per-rank peak for MFU; None = the GPU's known peak, or a CPU estimate
 
 

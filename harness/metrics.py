@@ -14,7 +14,7 @@ class MetricsLog:
     """Writes one JSON object per step; shows a progress bar on a terminal, log lines otherwise."""
 
     def __init__(self, path: str | None, total_steps: int, log_every: int, progress: bool, enabled: bool,
-                 start_step: int = 0) -> None:
+                 start_step: int = 0, tensorboard_dir: str | None = None) -> None:
         """`start_step`: the step a run resumes from; rows after it (from the run that crashed
         or an older run in the same place) are dropped, so the file holds one run."""
         self.total_steps, self.log_every, self.enabled = total_steps, log_every, enabled
@@ -26,6 +26,11 @@ class MetricsLog:
             kept = _rows_up_to(path, start_step) if start_step and os.path.isfile(path) else []
             self.file = open(path, "w")
             self.file.writelines(kept)
+        self.tensorboard = None
+        if enabled and tensorboard_dir:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.tensorboard = SummaryWriter(tensorboard_dir, purge_step=start_step + 1)
 
     def log(self, row: dict[str, Any]) -> None:
         if not self.enabled:
@@ -33,6 +38,10 @@ class MetricsLog:
         if self.file is not None:
             self.file.write(json.dumps(row) + "\n")
             self.file.flush()
+        if self.tensorboard is not None:
+            for key, value in row.items():
+                if isinstance(value, (int, float)) and key != "step":
+                    self.tensorboard.add_scalar(key, value, row["step"])
         step = row["step"]
         if self.live:
             print("\r" + self._progress_line(row), end="", flush=True)
@@ -57,6 +66,8 @@ class MetricsLog:
     def close(self) -> None:
         if self.file is not None:
             self.file.close()
+        if self.tensorboard is not None:
+            self.tensorboard.close()
 
 
 def _rows_up_to(path: str, step: int) -> list[str]:

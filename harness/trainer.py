@@ -179,7 +179,7 @@ def train(cfg: Config, dims: ParallelDims, preemption: PreemptionRequest | None 
             logger.info(f"{start} already reached train.steps={cfg.train.steps}: nothing to train "
                         f"(raise train.steps, or delete {cfg.checkpoint.dir} to start over)")
     log = MetricsLog(cfg.train.metrics_file, cfg.train.steps, cfg.logging.log_every, cfg.logging.progress,
-                     enabled=dist.get_rank() == 0, start_step=run.step)
+                     enabled=dist.get_rank() == 0, start_step=run.step, tensorboard_dir=cfg.logging.tensorboard_dir)
     rows = []
     try:
         while run.step < cfg.train.steps:

@@ -5,6 +5,7 @@ Run by the launcher before any process starts; each failure is one ConfigError l
 
 from __future__ import annotations
 
+import importlib.util
 import os
 
 from transformers import PretrainedConfig
@@ -65,6 +66,9 @@ def _check_positive(cfg: Config) -> None:
             raise ConfigError(f"{section}.{name}={value}: must be >= 0")
     if cfg.logging.peak_tflops is not None and cfg.logging.peak_tflops <= 0:
         raise ConfigError(f"logging.peak_tflops={cfg.logging.peak_tflops}: must be > 0 (or unset for auto)")
+    if cfg.logging.tensorboard_dir is not None and importlib.util.find_spec("tensorboard") is None:
+        raise ConfigError(f"logging.tensorboard_dir={cfg.logging.tensorboard_dir}: tensorboard is not installed; "
+                          "pip install tensorboard, or unset it")
     if cfg.train.lr == 0:
         raise ConfigError("train.lr=0: nothing would train; set a positive learning rate, e.g. 3e-4")
     if cfg.train.min_lr_ratio > 1:

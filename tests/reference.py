@@ -26,7 +26,8 @@ def reference_run(cfg: Config) -> tuple[list[float], list[float], dict[str, torc
     sampler = BatchSampler(load_tokens(cfg.data), t.seq_len, t.global_batch_size, t.seed)
     loads = _count_expert_loads(model)
     # HF's router aux loss is not linear in the batch: with it, run the trainer's microbatches.
-    chunk = t.micro_batch_size if model.config.output_router_logits else t.global_batch_size
+    with_aux = getattr(model.config, "output_router_logits", False)
+    chunk = t.micro_batch_size if with_aux else t.global_batch_size
     losses, grad_norms = [], []
     for step in range(t.steps):
         inputs, labels = sampler.global_batch(step)
@@ -35,7 +36,7 @@ def reference_run(cfg: Config) -> tuple[list[float], list[float], dict[str, torc
             outputs = model(input_ids=inputs[start:start + chunk])
             token_loss = token_loss_sum(outputs.logits, labels[start:start + chunk]) / count_tokens(labels)
             aux = outputs.aux_loss * model.config.router_aux_loss_coef * chunk / t.global_batch_size \
-                if model.config.output_router_logits else 0.0
+                if with_aux else 0.0
             (token_loss + aux).backward()
             loss += token_loss.detach()
         # Adam and clipping hide a wrong gradient scale from losses and parameters; the norm shows it.

@@ -1,5 +1,6 @@
 """Bad input: one line naming the field and the fix, before any process starts."""
 
+import importlib.util
 import os
 import subprocess
 import sys
@@ -45,6 +46,8 @@ CASES = [
     (["--checkpoint.resume_from=/no/such/ckpt"], 1, "checkpoint.resume_from=/no/such/ckpt"),
     (["--train.steps"], 1, "--section.field=value"),
     (["--logging.peak_tflops=0"], 1, "logging.peak_tflops=0"),
+    (["--moe.bias_update_rate=0.01"], 1, "moe.bias_update_rate"),
+    (["--parallel.pp=2", "--parallel.dp_shard=1", "--parallel.pp_schedule=OneFOneB"], 2, "parallel.pp_schedule"),
     (["--parallel.pp_layers_per_stage=2"], 1, "parallel.pp_layers_per_stage: expected a list"),
 ]
 
@@ -96,3 +99,9 @@ def test_launcher_exits_2_with_one_line_before_starting_processes(tmp_path):
     assert result.returncode == 2
     assert result.stderr.strip().splitlines() == ["error: train.seq_len=0: must be > 0"]
     assert not (tmp_path / "runs").exists()
+
+
+@pytest.mark.skipif(importlib.util.find_spec("tensorboard") is not None, reason="tensorboard is installed")
+def test_tensorboard_dir_without_tensorboard_says_how_to_install():
+    with pytest.raises(ConfigError, match="logging.tensorboard_dir=tb: tensorboard is not installed; pip install"):
+        validate(load_config(None, ["--logging.tensorboard_dir=tb"]), 1)

@@ -20,11 +20,6 @@ def test_expert_parallel_layout_matches_single_process(world_size, layout):
     assert_matches_reference(run_ranks(train_layout, world_size, cfg), reference_run(cfg))
 
 
-def test_dense_fsdp_with_selective_ac_matches_single_process():
-    cfg = tiny_config("--parallel.dp_shard=2", "--ac.mode=selective")
-    assert_matches_reference(run_ranks(train_layout, 2, cfg), reference_run(cfg))
-
-
 @pytest.mark.parametrize("world_size, layout", [
     (2, ["--model.preset=qwen3_moe", "--parallel.dp_shard=2", "--parallel.ep=2",
          "--model.overrides.output_router_logits=true", "--model.overrides.router_aux_loss_coef=0.1"]),

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import os
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
 
@@ -56,7 +57,8 @@ class Run:
     scheduler: torch.optim.lr_scheduler.LambdaLR
     sampler: BatchSampler
     loss_fn: GlobalTokenLoss
-    forward_backward: object  # (inputs, labels) -> loss on this rank, gradients accumulated
+    # (inputs, labels) -> this rank's loss (None off the last pipeline stage); accumulates gradients
+    forward_backward: Callable[[torch.Tensor, torch.Tensor], torch.Tensor | None]
     dp_group: dist.ProcessGroup
     pp_group: dist.ProcessGroup | None
     flops_per_token: float
@@ -68,8 +70,7 @@ class Run:
 
 def device_for_rank() -> torch.device:
     if torch.cuda.is_available():
-        device = torch.device("cuda", torch.cuda.current_device())
-        return device
+        return torch.device("cuda", torch.cuda.current_device())
     return torch.device("cpu")
 
 

@@ -148,7 +148,7 @@ def train_step(run: Run) -> dict:
         micro_loss = run.forward_backward(inputs[start:start + micro], labels[start:start + micro])
         if micro_loss is not None:
             loss += micro_loss
-    params = [p for m in run.modules for p in m.parameters()]
+    params = run.optimizer.param_groups[0]["params"]  # every parameter of this rank's modules
     grad_norm = clip_grad_norm_(params, cfg.train.max_grad_norm, run.pp_group)
     lr = run.scheduler.get_last_lr()[0]
     run.optimizer.step()

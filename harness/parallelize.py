@@ -34,8 +34,9 @@ def parallelize(module: nn.Module, *, cfg: Config, dims: ParallelDims, meshes: P
         # after each forward would all-gather the same weights again for every one of them.
         reshard = dims.pp == 1
     block_list = list(layers.values()) if isinstance(layers, nn.ModuleDict) else list(layers)
-    # One data-parallel rank has nothing to shard or reduce; FSDP would only add DTensor overhead.
-    if meshes.fsdp.size() > 1:
+    # One data-parallel rank has nothing to shard or reduce; on CPU FSDP would only add DTensor
+    # overhead, but on CUDA it is what runs the layers in bf16 (its mixed-precision policy).
+    if meshes.fsdp.size() > 1 or device.type == "cuda":
         apply_fsdp(module, block_list, meshes.fsdp, reshard_after_forward=reshard,
                    expert_modules=expert_modules, expert_mesh=meshes.efsdp)
     materialize(module, reference, device)

@@ -69,7 +69,9 @@ class ParallelDims:
         world = init_device_mesh(device_type, (self.pp, self.dp_replicate, self.dp_shard),
                                  mesh_dim_names=("pp", "dp_replicate", "fsdp"))
         hsdp = self.dp_replicate > 1
-        experts = world._unflatten("fsdp", (self.efsdp, self.ep), ("efsdp", "ep"))
+        # The axis by index: torch 2.11 rejects a name that is present (inverted check,
+        # https://github.com/pytorch/pytorch/issues/176443).
+        experts = world._unflatten(2, (self.efsdp, self.ep), ("efsdp", "ep"))
         return ParallelMeshes(
             world=world,
             pp=world["pp"],

@@ -1,0 +1,273 @@
+"""What a GPU run depends on, checked and timed on the GPUs of this machine, as tables.
+
+    python -m tests.bench.gpu_check [--out runs/gpu_check.json] [--quick]
+
+Sections (each runs on its own; a failure is reported in its row, not raised):
+- attention: which SDPA kernel HF's attention takes in bf16, and flash vs math time;
+- grouped GEMM: `moe.experts.grouped_linear` on CUDA (the `torch._grouped_mm` path) against a
+  per-expert loop: agreement and time, forward + backward;
+- activation checkpointing: per mode, peak activation memory (`torch.cuda.max_memory_allocated`
+  minus parameters and gradients), step time and loss, eager and with each block compiled;
+- training: the launcher's bf16 step (FSDP2 mixed precision) on a dense and a MoE model:
+  tokens/s and MFU from the run's metrics file;
+- expert parallel: with 2+ GPUs, every MoE dispatcher against alltoall over NCCL.
+
+Without CUDA it prints one line and exits 0, so `make gpu-check` is safe anywhere.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import traceback
+from typing import Any, Callable
+
+import torch
+import torch.nn.functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
+
+MiB = 2 ** 20
+
+
+def _timed(fn: Callable[[], Any], repeats: int) -> float:
+    """Median seconds of `fn` after one warm-up call, synchronised."""
+    fn()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        torch.cuda.synchronize()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+class _OpRecorder(TorchDispatchMode):
+    def __init__(self) -> None:
+        super().__init__()
+        self.names: set[str] = set()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.names.add(str(func))
+        return func(*args, **(kwargs or {}))
+
+
+def _llama(hidden: int, layers: int, seq: int, vocab: int = 32000):
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.for_model("llama", hidden_size=hidden, intermediate_size=hidden * 11 // 4,
+                                  num_hidden_layers=layers, num_attention_heads=hidden // 128,
+                                  num_key_value_heads=max(1, hidden // 512), head_dim=128, vocab_size=vocab,
+                                  max_position_embeddings=seq, use_cache=False, tie_word_embeddings=False)
+    torch.manual_seed(0)
+    return AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16).cuda()
+
+
+def check_attention(quick: bool) -> list[dict[str, Any]]:
+    model = _llama(1024, 1, 1024)
+    ids = torch.randint(0, 32000, (2, 1024), device="cuda")
+    recorder = _OpRecorder()
+    with recorder, torch.no_grad():
+        model(input_ids=ids)
+    sdpa_ops = sorted(n for n in recorder.names if "attention" in n)
+    rows = [dict(check="HF llama bf16 attention kernel", result=", ".join(sdpa_ops) or "none")]
+    q, k, v = (torch.randn(4, 16, 2048, 128, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+               for _ in range(3))
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    for backend in (SDPBackend.FLASH_ATTENTION, SDPBackend.CUDNN_ATTENTION, SDPBackend.EFFICIENT_ATTENTION,
+                    SDPBackend.MATH):
+        def step() -> None:
+            with sdpa_kernel([backend]):
+                F.scaled_dot_product_attention(q, k, v, is_causal=True).sum().backward()
+        try:
+            seconds = _timed(step, 3 if quick else 10)
+            rows.append(dict(check=f"sdpa {backend.name} fwd+bwd (4x16x2048x128)", result=f"{seconds * 1e3:.2f} ms"))
+        except Exception as e:
+            rows.append(dict(check=f"sdpa {backend.name}", result=f"unavailable: {str(e).splitlines()[0][:80]}"))
+    return rows
+
+
+def check_grouped_gemm(quick: bool) -> list[dict[str, Any]]:
+    from moe.experts import _grouped_mm_works, grouped_linear
+
+    experts, hidden, inter, rows_per = 8, 2048, 1408, 1024
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    counts = [rows_per + 64 * (e % 3) - 64 for e in range(experts)]
+    x = torch.randn(sum(counts), hidden, device="cuda", dtype=torch.bfloat16, generator=gen, requires_grad=True)
+    w = (torch.randn(experts, inter, hidden, device="cuda", dtype=torch.bfloat16, generator=gen) * 0.02).requires_grad_()
+    out = grouped_linear(x, w, counts)
+    loop = torch.cat([c @ e.t() for c, e in zip(x.split(counts), w.unbind(0))])
+    exact = torch.cat([c.float() @ e.float().t() for c, e in zip(x.split(counts), w.unbind(0))])
+    rel = lambda a: ((a.float() - exact).norm() / exact.norm()).item()  # noqa: E731
+
+    def grouped() -> None:
+        grouped_linear(x, w, counts).sum().backward()
+
+    def looped() -> None:
+        torch.cat([c @ e.t() for c, e in zip(x.split(counts), w.unbind(0))]).sum().backward()
+
+    repeats = 3 if quick else 20
+    return [dict(check="grouped_mm path taken (bf16, cuda)", result=str(_grouped_mm_works(x, w))),
+            dict(check="relative error vs fp32: grouped / loop", result=f"{rel(out):.2e} / {rel(loop):.2e}"),
+            dict(check=f"fwd+bwd {experts} experts, {sum(counts)} rows, {hidden}->{inter}: grouped / loop",
+                 result=f"{_timed(grouped, repeats) * 1e3:.2f} ms / {_timed(looped, repeats) * 1e3:.2f} ms")]
+
+
+def check_activation_checkpointing(quick: bool) -> list[dict[str, Any]]:
+    from harness.loss import token_loss_sum
+    from parallel.activation_checkpointing import AC_MODES, apply_activation_checkpointing
+
+    hidden, layers, seq, batch = (1024, 4, 1024, 2) if quick else (2048, 8, 2048, 4)
+    ids = torch.randint(0, 32000, (batch, seq + 1), device="cuda", generator=torch.Generator("cuda").manual_seed(0))
+    rows = []
+    for compiled in (False, True):
+        base = None
+        for mode in AC_MODES:
+            row: dict[str, Any] = dict(mode=mode, compile=compiled)
+            try:
+                model = _llama(hidden, layers, seq + 1)
+                blocks = model.model.layers
+                apply_activation_checkpointing(model, blocks, mode)
+                if compiled:
+                    for i, block in enumerate(blocks):
+                        blocks[i] = torch.compile(block)
+                param_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+
+                def step() -> torch.Tensor:
+                    model.zero_grad(set_to_none=True)
+                    logits = model(input_ids=ids[:, :-1]).logits
+                    loss = token_loss_sum(logits.float(), ids[:, 1:]) / ids[:, 1:].numel()
+                    loss.backward()
+                    return loss.detach()
+
+                loss = step()  # warm-up (and compile)
+                model.zero_grad(set_to_none=True)
+                torch.cuda.synchronize()
+                torch.cuda.reset_peak_memory_stats()
+                before = torch.cuda.memory_allocated()
+                step()
+                torch.cuda.synchronize()
+                # Parameters are resident before and after; gradients are allocated during the step.
+                row["activation_mib"] = (torch.cuda.max_memory_allocated() - before - param_bytes) / MiB
+                row["step_ms"] = _timed(step, 2 if quick else 5) * 1e3
+                row["loss"] = loss.item()
+                if mode == "none":
+                    base = row
+                if base is not None:
+                    row["memory_x_none"] = row["activation_mib"] / base["activation_mib"]
+                    row["time_x_none"] = row["step_ms"] / base["step_ms"]
+                    row["loss_equal_none"] = row["loss"] == base["loss"]
+                del model
+            except Exception as e:
+                row["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:120] if str(e) else ''}"
+            torch.cuda.empty_cache()
+            rows.append(row)
+    for row in rows:
+        row["model"] = f"llama h{hidden} x{layers}, {batch}x{seq}, bf16"
+    return rows
+
+
+def _launch_run(name: str, overrides: list[str], out_dir: str, steps: int) -> dict[str, Any]:
+    metrics = os.path.join(out_dir, f"{name}.jsonl")
+    cmd = [sys.executable, "-m", "launch", "--nproc-per-node", str(torch.cuda.device_count()),
+           f"--train.steps={steps}", "--train.warmup_steps=2", f"--train.metrics_file={metrics}",
+           "--logging.progress=false", "--logging.log_every=1", "--parallel.dp_shard=-1", "--parallel.pp=1",
+           "--parallel.ep=1", "--parallel.pp_schedule=1F1B", "--parallel.pp_microbatches=null",
+           "--checkpoint.dir=null", "--checkpoint.every=0", *overrides]
+    started = time.perf_counter()
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    wall = time.perf_counter() - started
+    if proc.returncode != 0:
+        tail = (proc.stderr or proc.stdout).strip().splitlines()[-3:]
+        return dict(run=name, error=" | ".join(tail)[:300])
+    rows = [json.loads(line) for line in open(metrics)]
+    steady = rows[2:] or rows
+    return dict(run=name, steps=len(rows), first_loss=rows[0]["loss"], last_loss=rows[-1]["loss"],
+                tokens_per_s=statistics.median(r["tokens_per_s"] for r in steady),
+                step_ms=statistics.median(r["step_time_s"] for r in steady) * 1e3,
+                mfu=statistics.median(r["mfu"] for r in steady), peak_mib=max(r["peak_mib"] for r in rows),
+                wall_s=wall)
+
+
+def check_training(quick: bool, out_dir: str) -> list[dict[str, Any]]:
+    steps = 6 if quick else 10
+    dense = ["--model.preset=llama", "--model.overrides.hidden_size=2048", "--model.overrides.num_attention_heads=16",
+             "--model.overrides.num_key_value_heads=4", "--model.overrides.head_dim=128",
+             "--model.overrides.intermediate_size=5632", "--model.overrides.num_hidden_layers=12",
+             "--model.overrides.vocab_size=32000", "--model.overrides.max_position_embeddings=2048",
+             "--train.seq_len=2048", "--train.micro_batch_size=4", "--train.global_batch_size=4",
+             "--train.lr=3e-4"]
+    moe = ["--model.preset=qwen3_moe", "--model.overrides.hidden_size=1024", "--model.overrides.num_attention_heads=8",
+           "--model.overrides.num_key_value_heads=4", "--model.overrides.head_dim=128",
+           "--model.overrides.moe_intermediate_size=512", "--model.overrides.num_experts=32",
+           "--model.overrides.num_experts_per_tok=4", "--model.overrides.num_hidden_layers=8",
+           "--model.overrides.vocab_size=32000", "--model.overrides.max_position_embeddings=2048",
+           "--train.seq_len=2048", "--train.micro_batch_size=4", "--train.global_batch_size=4",
+           "--train.lr=3e-4"]
+    runs = [("llama-0.7B selective", dense + ["--ac.mode=selective"]),
+            ("llama-0.7B none", dense + ["--ac.mode=none"]),
+            ("qwen3_moe-0.5B selective", moe + ["--ac.mode=selective"])]
+    return [_launch_run(name, overrides, out_dir, steps) for name, overrides in runs[: 1 if quick else None]]
+
+
+def check_expert_parallel() -> list[dict[str, Any]]:
+    if torch.cuda.device_count() < 2:
+        return [dict(check="EP dispatchers over NCCL", result="skipped: needs 2+ GPUs on this machine")]
+    return [dict(check="EP dispatchers over NCCL", result="not part of this check yet")]
+
+
+def _print_rows(title: str, rows: list[dict[str, Any]]) -> None:
+    print(f"\n## {title}")
+    if not rows:
+        return
+    keys = list(dict.fromkeys(k for row in rows for k in row))
+    print("| " + " | ".join(keys) + " |")
+    print("|" + "---|" * len(keys))
+    for row in rows:
+        cells = [f"{v:.3f}" if isinstance(v, float) else str(v) for v in (row.get(k, "") for k in keys)]
+        print("| " + " | ".join(cells) + " |", flush=True)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", default=os.path.join("runs", "gpu_check.json"))
+    parser.add_argument("--quick", action="store_true", help="smaller shapes and fewer repeats")
+    args = parser.parse_args(argv)
+    if not torch.cuda.is_available():
+        print("gpu_check: no CUDA device; nothing to check")
+        return 0
+    import transformers
+
+    print(f"torch {torch.__version__}, transformers {transformers.__version__}, "
+          f"{torch.cuda.device_count()} x {torch.cuda.get_device_name()}")
+    results: dict[str, Any] = {}
+    work_dir = tempfile.mkdtemp(prefix="gpu_check_")
+    sections = [("attention", lambda: check_attention(args.quick)),
+                ("grouped GEMM", lambda: check_grouped_gemm(args.quick)),
+                ("training (launcher, bf16)", lambda: check_training(args.quick, work_dir)),
+                ("activation checkpointing", lambda: check_activation_checkpointing(args.quick)),
+                ("expert parallel", check_expert_parallel)]
+    for title, run in sections:
+        started = time.perf_counter()
+        try:
+            rows = run()
+        except Exception:
+            rows = [dict(error=traceback.format_exc().strip().splitlines()[-1][:300])]
+        results[title] = rows
+        _print_rows(f"{title} ({time.perf_counter() - started:.0f} s)", rows)
+    os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
+    with open(args.out, "w") as f:
+        json.dump(results, f, indent=2)
+    print(f"\nwrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

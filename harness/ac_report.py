@@ -21,7 +21,8 @@ import torch
 from torch.distributed._tools.mem_tracker import MemTracker, _MemRefType
 
 from harness.loss import token_loss_sum
-from harness.models import PRESETS, decoder_layers, load_config, reference_model
+from harness.model_parts import decoder_layers
+from harness.models import PRESETS, load_config, reference_model
 from parallel.activation_checkpointing import AC_MODES, apply_activation_checkpointing
 
 _MIB = 2 ** 20

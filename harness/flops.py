@@ -8,7 +8,7 @@ import torch
 from torch import nn
 from transformers import PretrainedConfig
 
-from harness.models import expert_count
+from harness.model_parts import expert_count
 
 # Dense bf16 tensor-core peaks, TFLOP/s per device.
 _GPU_PEAK_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0, "B200": 2250.0}

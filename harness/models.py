@@ -64,20 +64,3 @@ def reference_model(config: PretrainedConfig, seed: int, path: str | None = None
 
 def _has_weights(directory: str) -> bool:
     return any(name.endswith((".safetensors", ".bin")) for name in os.listdir(directory))
-
-
-def decoder_layers(model: nn.Module) -> nn.ModuleList | nn.ModuleDict:
-    """The container of transformer blocks (`model.model.layers` in HF causal LMs)."""
-    inner = getattr(model, "model", model)
-    layers = getattr(inner, "layers", None)
-    if layers is None:
-        raise ValueError(f"{type(model).__name__}: no decoder layers found at model.layers")
-    return layers
-
-
-def expert_count(config: PretrainedConfig) -> int:
-    """Routed experts per MoE layer; 0 for a dense model."""
-    for key in ("num_experts", "num_local_experts", "n_routed_experts"):
-        if getattr(config, key, None):
-            return int(getattr(config, key))
-    return 0

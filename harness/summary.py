@@ -8,22 +8,10 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import PretrainedConfig
 
+from harness import model_parts
 from harness.config import Config
 from parallel.activation_checkpointing import resolved_optional_ops
 from parallel.mesh import ParallelDims
-
-
-def describe_modules(module: nn.Module) -> str:
-    """What a model or pipeline stage holds, e.g. 'embed_tokens, layers 0-1, norm, lm_head'."""
-    inner = getattr(module, "model", module)
-    parts = ["embed_tokens"] if getattr(inner, "embed_tokens", None) is not None else []
-    layers = getattr(inner, "layers", None)
-    if layers is not None and len(layers):
-        ids = [int(k) for k in layers.keys()] if isinstance(layers, nn.ModuleDict) else list(range(len(layers)))
-        parts.append(f"layers {ids[0]}-{ids[-1]}" if len(ids) > 1 else f"layer {ids[0]}")
-    parts += [name for name, owner in (("norm", inner), ("lm_head", module))
-              if getattr(owner, name, None) is not None]
-    return ", ".join(parts)
 
 
 def _kernels(device_type: str) -> str:
@@ -40,7 +28,7 @@ def startup_summary(cfg: Config, dims: ParallelDims, model_config: PretrainedCon
                     parameters: int, modules: list[nn.Module], corpus_tokens: int,
                     dispatcher: str | None) -> list[str]:
     """Collective: every rank calls it (stage contents are gathered); rank 0 gets the lines."""
-    stages = [describe_modules(m) for m in modules]
+    stages = [model_parts.describe(m) for m in modules]
     per_rank: list = [None] * dist.get_world_size()
     dist.all_gather_object(per_rank, stages)
     t, p = cfg.train, cfg.parallel

@@ -20,7 +20,8 @@ from harness.flops import flops_per_token, peak_flops_per_rank
 from harness.loss import count_tokens, token_loss_sum
 from harness.memory import peak_mib, state_mib
 from harness.metrics import MetricsLog, report_outputs
-from harness.models import build_meta_model, expert_count, load_config as load_model_config, reference_model
+from harness.model_parts import decoder_layers, moe_blocks
+from harness.models import build_meta_model, load_config as load_model_config, reference_model
 from harness.parallelize import parallelize
 from harness.schedule import lr_factor
 from harness.summary import startup_summary
@@ -84,10 +85,11 @@ def build_run(cfg: Config, dims: ParallelDims) -> Run:
     loss_fn = GlobalTokenLoss()
     t = cfg.train
     if dims.pp > 1:
+        from harness.pipeline_stage import stage_builder
         from parallel.pipeline import pipeline_model
 
         p = cfg.parallel
-        plan = pipeline_model(model, meshes.pp, schedule=p.pp_schedule, n_microbatches=p.pp_microbatches or dims.pp,
+        plan = pipeline_model(stage_builder(model), len(decoder_layers(model)), meshes.pp, schedule=p.pp_schedule, n_microbatches=p.pp_microbatches or dims.pp,
                               stages_per_rank=p.pp_stages_per_rank, layers_per_stage=p.pp_layers_per_stage,
                               parallelize_fn=parallelize_fn, device=device, loss_fn=loss_fn,
                               microbatch_shape=(t.micro_batch_size // (p.pp_microbatches or dims.pp), t.seq_len),
@@ -107,7 +109,8 @@ def build_run(cfg: Config, dims: ParallelDims) -> Run:
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, partial(lr_factor, cfg=t))
     tokens = load_tokens(cfg.data)
     sampler = BatchSampler(tokens, t.seq_len, t.global_batch_size, t.seed)
-    expert_modules = [m for module in modules for m in module.modules() if hasattr(m, "_expert_parallel")]
+    experts = [block.experts for module in modules for block in moe_blocks(module)]
+    expert_modules = experts if dims.ep > 1 else []
     dispatcher = expert_modules[0]._expert_parallel.dispatcher_reason if expert_modules else None
     summary = startup_summary(cfg, dims, model_config, model_class, parameters, modules, len(tokens), dispatcher)
     if dist.get_rank() == 0:
@@ -118,7 +121,7 @@ def build_run(cfg: Config, dims: ParallelDims) -> Run:
                peak_flops_per_rank=peak_flops_per_rank(cfg.logging.peak_tflops,
                                                        int(os.environ.get("LOCAL_WORLD_SIZE", "1"))),
                expert_modules=expert_modules,
-               expert_load=ExpertLoadMeter(modules) if expert_count(model_config) else None)
+               expert_load=ExpertLoadMeter(experts) if experts else None)
 
 
 def _forward_backward(model: nn.Module, loss_fn: GlobalTokenLoss, aux_terms: int, inputs: torch.Tensor,

@@ -12,7 +12,8 @@ from transformers import PretrainedConfig
 
 from harness.checkpoint import check_checkpoint, resume_path
 from harness.config import AC_MODES, DISPATCHERS, MODEL_PRESETS, Config, ConfigError
-from harness.models import expert_count, load_config as load_model_config
+from harness.model_parts import expert_count
+from harness.models import load_config as load_model_config
 from parallel.mesh import ParallelDims
 from parallel.pipeline import validate_pipeline
 

@@ -12,9 +12,8 @@ from moe.balance import is_recomputing
 
 
 class ExpertLoadMeter:
-    def __init__(self, modules: list[nn.Module]) -> None:
-        self.experts = [m for root in modules for m in root.modules()
-                        if hasattr(m, "gate_up_proj") and hasattr(m, "num_experts")]
+    def __init__(self, experts: list[nn.Module]) -> None:
+        self.experts = experts
         self.counts = torch.zeros(self.experts[0].num_experts if self.experts else 0)
         for experts in self.experts:
             experts.register_forward_pre_hook(self._count)

@@ -10,8 +10,10 @@ schedules run with `scale_grads=False`: microbatch losses are summed, never aver
 
 from __future__ import annotations
 
+import typing
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 from torch import nn
@@ -20,14 +22,17 @@ from torch.distributed.pipelining import PipelineStage
 from torch.distributed.pipelining.schedules import (PipelineScheduleMulti, PipelineScheduleSingle,
                                                     get_schedule_class)
 
-from parallel.pipeline_split import LayerSpec, split_model, stage_module_names
+from parallel.pipeline_split import LayerSpec, stage_module_names
 
 # Placement of stages on ranks, by schedule. "loop": rank r holds r, r+pp, ...; "v": rank r holds
 # r and 2*pp-1-r, so the first and last stages share rank 0.
+ScheduleName = Literal["GPipe", "1F1B", "Interleaved1F1B", "LoopedBFS", "InterleavedZeroBubble", "ZBVZeroBubble",
+                       "DualPipeV"]
+SCHEDULES: tuple[str, ...] = typing.get_args(ScheduleName)
 SINGLE_STAGE = ("GPipe", "1F1B")
 LOOPED = ("Interleaved1F1B", "LoopedBFS", "InterleavedZeroBubble")
 V_SHAPED = ("ZBVZeroBubble", "DualPipeV")
-SCHEDULES = SINGLE_STAGE + LOOPED + V_SHAPED
+assert set(SINGLE_STAGE + LOOPED + V_SHAPED) == set(SCHEDULES), "every schedule has one placement"
 
 
 def default_stages_per_rank(schedule: str) -> int:
@@ -42,13 +47,15 @@ def stage_ids_for_rank(schedule: str, pp: int, stages_per_rank: int, rank: int) 
 
 
 def validate_pipeline(num_layers: int, pp: int, schedule: str, stages_per_rank: int | None,
-                      n_microbatches: int, layers_per_stage: LayerSpec, local_batch_size: int) -> None:
-    """Raises ValueError (one line: the config field and the fix) for a layout that cannot run."""
-    _validate_layout(num_layers, pp, schedule, stages_per_rank, n_microbatches, layers_per_stage)
+                      n_microbatches: int, layers_per_stage: LayerSpec, local_batch_size: int) -> int:
+    """Raises ValueError (one line: the config field and the fix) for a layout that cannot run;
+    returns the number of stages per rank."""
+    per_rank = _validate_layout(num_layers, pp, schedule, stages_per_rank, n_microbatches, layers_per_stage)
     if local_batch_size % n_microbatches:
         raise ValueError(f"parallel.pp_microbatches={n_microbatches}: the local batch of {local_batch_size} "
                          f"sequences does not split into {n_microbatches} equal microbatches; pick a divisor "
                          f"of {local_batch_size}")
+    return per_rank
 
 
 def _validate_layout(num_layers: int, pp: int, schedule: str, stages_per_rank: int | None,
@@ -129,28 +136,29 @@ def _stage_io(config, stage_id: int, num_stages: int, microbatch_shape: tuple[in
             "output_args": logits if stage_id == num_stages - 1 else hidden}
 
 
-def pipeline_model(model: nn.Module, pp_mesh: DeviceMesh, *, schedule: str, n_microbatches: int,
+def pipeline_model(build_stage: Callable[[list[str]], nn.Module], num_layers: int, pp_mesh: DeviceMesh, *,
+                   schedule: str, n_microbatches: int,
                    stages_per_rank: int | None, layers_per_stage: LayerSpec,
                    parallelize_fn: Callable[[nn.Module], None], device: torch.device | str,
                    loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
                    microbatch_shape: tuple[int, int], activation_dtype: torch.dtype = torch.float32) -> PipelinePlan:
-    """Split `model` (an HF causal LM, normally on meta), parallelize this rank's stages, and
-    build the schedule. `loss_fn(logits, labels)` is the microbatch's share of the step loss.
+    """Build this rank's stages (`build_stage(module names)`, normally on meta, for a model of
+    `num_layers` decoder layers), parallelize them, and build the schedule. `loss_fn(logits, labels)` is the microbatch's share of the step loss.
 
     `microbatch_shape` (rows, seq_len) and `activation_dtype` describe what travels between
     stages up front: without them torch infers it by running the first microbatch through an
     extra forward and backward, which side effects (expert load counts) would see."""
     pp, rank = pp_mesh.size(), pp_mesh.get_local_rank()
-    num_layers = len(model.model.layers)
     per_rank = _validate_layout(num_layers, pp, schedule, stages_per_rank, n_microbatches, layers_per_stage)
     num_stages = pp * per_rank
     stage_ids = stage_ids_for_rank(schedule, pp, per_rank, rank)
-    modules = split_model(model, stage_module_names(num_layers, num_stages, layers_per_stage), stage_ids)
+    names = stage_module_names(num_layers, num_stages, layers_per_stage)
+    modules = [build_stage(names[stage_id]) for stage_id in stage_ids]
     for module in modules:
         parallelize_fn(module)
     group = pp_mesh.get_group()
     stages = [PipelineStage(module, stage_id, num_stages, torch.device(device), group=group,
-                            **_stage_io(model.config, stage_id, num_stages, microbatch_shape, activation_dtype))
+                            **_stage_io(module.config, stage_id, num_stages, microbatch_shape, activation_dtype))
               for module, stage_id in zip(modules, stage_ids)]
     schedule_class = get_schedule_class(schedule)
     if schedule in SINGLE_STAGE:

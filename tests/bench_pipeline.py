@@ -24,6 +24,7 @@ from torch.distributed.pipelining.stage import _PipelineStageBase
 from harness.loss import count_tokens, token_loss_sum
 from harness.materialize import materialize
 from harness.models import build_meta_model, load_config, reference_model
+from harness.pipeline_stage import stage_builder
 from parallel.mesh import ParallelDims
 from parallel.pipeline import pipeline_model
 from tests.multiproc import run_ranks
@@ -69,7 +70,7 @@ def _measure(rank: int, world: int, schedule: str, m: int) -> dict:
     def loss_fn(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         return token_loss_sum(logits, labels) / tokens
 
-    plan = pipeline_model(build_meta_model(config), meshes.pp, schedule=schedule, n_microbatches=m,
+    plan = pipeline_model(stage_builder(build_meta_model(config)), config.num_hidden_layers, meshes.pp, schedule=schedule, n_microbatches=m,
                           stages_per_rank=None, layers_per_stage=None,
                           parallelize_fn=lambda stage: materialize(stage, reference, "cpu"),
                           device="cpu", loss_fn=loss_fn, microbatch_shape=(MICROBATCH_ROWS, SEQ))

@@ -14,7 +14,8 @@ from torch.distributed.tensor import DTensor
 
 from harness.loss import token_loss_sum
 from harness.materialize import materialize
-from harness.models import build_meta_model, decoder_layers, reference_model
+from harness.model_parts import decoder_layers
+from harness.models import build_meta_model, reference_model
 from moe.expert_parallel import apply_expert_parallel
 from parallel.activation_checkpointing import apply_selective_checkpointing_to_layers
 

@@ -15,7 +15,8 @@ from transformers import Gemma3nForCausalLM, Gemma3nTextConfig
 
 import parallel.activation_checkpointing as ac
 from ac_helpers import OpRecorder, StackModel, assert_bitwise, inner, lm_loss_and_grads
-from harness.models import decoder_layers, load_config, reference_model
+from harness.model_parts import decoder_layers
+from harness.models import load_config, reference_model
 
 MM = "aten.mm.default"
 SDPA = "aten._scaled_dot_product_flash_attention_for_cpu.default"

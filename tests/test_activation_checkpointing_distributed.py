@@ -11,7 +11,8 @@ from torch.distributed.fsdp import fully_shard
 from ac_helpers import OpRecorder, inner
 from harness.loss import token_loss_sum
 from harness.materialize import canonical_name, materialize
-from harness.models import build_meta_model, decoder_layers, load_config, reference_model
+from harness.model_parts import decoder_layers
+from harness.models import build_meta_model, load_config, reference_model
 from multiproc import run_ranks
 from parallel.activation_checkpointing import apply_activation_checkpointing
 

@@ -8,7 +8,8 @@ from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import Checkpoi
 
 from ac_helpers import StackModel, assert_bitwise, inner, lm_loss_and_grads
 from harness.materialize import canonical_name
-from harness.models import decoder_layers, load_config, reference_model
+from harness.model_parts import decoder_layers
+from harness.models import load_config, reference_model
 from parallel.activation_checkpointing import SELECTIVE_AC_WRAPPER_FLAG, apply_activation_checkpointing
 
 MODES = ("full", "selective", "submodule")

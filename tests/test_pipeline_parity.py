@@ -15,7 +15,9 @@ from torch.distributed.tensor import DTensor
 
 from harness.loss import count_tokens, token_loss_sum
 from harness.materialize import materialize
-from harness.models import build_meta_model, decoder_layers, load_config, reference_model
+from harness.model_parts import decoder_layers
+from harness.models import build_meta_model, load_config, reference_model
+from harness.pipeline_stage import stage_builder
 from parallel.activation_checkpointing import apply_activation_checkpointing
 from parallel.fsdp import apply_fsdp
 from parallel.mesh import ParallelDims
@@ -94,7 +96,7 @@ def _pipelined(rank: int, world_size: int, cases: list[Case], dp_shard: int) -> 
             materialize(stage, reference, "cpu")
 
         loss_fn = _GlobalTokenLoss()
-        plan = pipeline_model(build_meta_model(config), meshes.pp, schedule=schedule, n_microbatches=MICROBATCHES,
+        plan = pipeline_model(stage_builder(build_meta_model(config)), config.num_hidden_layers, meshes.pp, schedule=schedule, n_microbatches=MICROBATCHES,
                               stages_per_rank=None, layers_per_stage=layers_per_stage,
                               parallelize_fn=parallelize, device="cpu", loss_fn=loss_fn,
                               microbatch_shape=(BATCH // dp // MICROBATCHES, SEQ))

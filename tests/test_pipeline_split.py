@@ -9,7 +9,8 @@ import torch
 from harness.materialize import materialize
 from harness.models import build_meta_model, load_config, reference_model
 from parallel.pipeline import stage_ids_for_rank
-from parallel.pipeline_split import split_model, stage_module_names
+from harness.pipeline_stage import stage_builder
+from parallel.pipeline_split import stage_module_names
 
 E, N, H = "model.embed_tokens", "model.norm", "lm_head"
 
@@ -62,7 +63,8 @@ def test_stages_keep_canonical_names_and_chain_to_the_whole_model(preset):
     config = load_config(preset, None, {"num_hidden_layers": 5})
     reference = reference_model(config, seed=0)
     names = stage_module_names(5, 3, None)
-    stages = split_model(build_meta_model(config), names, [0, 1, 2])
+    build = stage_builder(build_meta_model(config))
+    stages = [build(stage_names) for stage_names in names]
     keys = [list(stage.state_dict()) for stage in stages]
     assert sorted(k for stage_keys in keys for k in stage_keys) == sorted(reference.state_dict())
     assert keys[0][0] == "model.embed_tokens.weight" and "lm_head.weight" in keys[2]
@@ -80,7 +82,8 @@ def test_stages_keep_canonical_names_and_chain_to_the_whole_model(preset):
 
 def test_stage_without_layers_has_no_rotary_embedding():
     config = load_config("llama", None)
-    stages = split_model(build_meta_model(config), stage_module_names(4, 2, [4, 0]), [0, 1])
+    build = stage_builder(build_meta_model(config))
+    stages = [build(stage_names) for stage_names in stage_module_names(4, 2, [4, 0])]
     assert stages[0].model.rotary_emb is not None and stages[1].model.rotary_emb is None
     assert sorted(stages[1].state_dict()) == ["lm_head.weight", "model.norm.weight"]
 
@@ -88,4 +91,4 @@ def test_stage_without_layers_has_no_rotary_embedding():
 def test_tied_embeddings_are_refused():
     config = load_config("llama", None, {"tie_word_embeddings": True})
     with pytest.raises(ValueError, match="tie_word_embeddings"):
-        split_model(build_meta_model(config), stage_module_names(4, 2, None), [0])
+        stage_builder(build_meta_model(config))

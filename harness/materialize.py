@@ -1,10 +1,23 @@
-"""Allocate a parallelized meta-device model and fill it from the reference weights."""
+"""Allocate a parallelized meta-device model and fill each rank's shards from a weight source.
+
+A source fills one module's direct tensors at a time, given for each the global shape and the
+region of it this rank holds (from the DTensor's mesh and placements), so nothing a rank
+allocates grows with the model beyond its own shards and one module's worth of buffer:
+- `SeededInit` (harness/init_weights.py): fresh weights for a seed;
+- `HFCheckpoint` (harness/hf_checkpoint.py): a local safetensors checkpoint, read sliced;
+- `InMemoryWeights`: copies out of a whole model already in memory (tests, small models).
+"""
 
 from __future__ import annotations
 
+from typing import Protocol
+
 import torch
 from torch import nn
-from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+from torch.distributed.tensor import DTensor
+from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+
+from harness.init_weights import Target
 
 # Wrappers that checkpointing and compile insert into module paths; state-dict keys omit them.
 _WRAPPER_PREFIXES = ("_checkpoint_wrapped_module.", "_orig_mod.", "_fsdp_wrapped_module.")
@@ -16,16 +29,42 @@ def canonical_name(name: str) -> str:
     return name
 
 
-def materialize(model: nn.Module, reference: nn.Module, device: torch.device | str) -> None:
-    """Every rank takes its shards of `reference`'s parameters; buffers are copied whole.
+class WeightSource(Protocol):
+    def fill(self, module_name: str, module: nn.Module, targets: dict[str, Target]) -> None: ...
 
-    Non-persistent buffers (rotary `inv_freq`) are not in the state dict and `to_empty` leaves
-    them uninitialised, so they are copied by name as well.
-    """
+
+class InMemoryWeights:
+    """The tensors of a whole model in memory, by canonical name."""
+
+    def __init__(self, model: nn.Module) -> None:
+        self.tensors = dict(model.named_parameters(remove_duplicate=False))
+        self.tensors.update(model.named_buffers(remove_duplicate=False))
+
+    def fill(self, module_name: str, module: nn.Module, targets: dict[str, Target]) -> None:
+        for target in targets.values():
+            target.local.copy_(self.tensors[target.name][target.region])
+
+
+def materialize(model: nn.Module, weights: WeightSource | nn.Module, device: torch.device | str) -> None:
+    """Allocates `model` on `device` and fills every rank's shards from `weights` (a whole model in
+    memory is taken as `InMemoryWeights`)."""
+    source = InMemoryWeights(weights) if isinstance(weights, nn.Module) else weights
     model.to_empty(device=device)
-    reference_buffers = dict(reference.named_buffers())
     with torch.no_grad():
-        for name, buffer in model.named_buffers():
-            buffer.copy_(reference_buffers[canonical_name(name)])
-    set_model_state_dict(model, reference.state_dict(),
-                         options=StateDictOptions(full_state_dict=True, strict=False))
+        for module_name, module in model.named_modules():
+            name = canonical_name(f"{module_name}.") if module_name else ""
+            targets = {attr: _target(name + attr, tensor, attr not in module._non_persistent_buffers_set)
+                       for attr, tensor in [*module._parameters.items(), *module._buffers.items()]
+                       if tensor is not None}
+            if targets:
+                source.fill(name.rstrip("."), module, targets)
+
+
+def _target(name: str, tensor: torch.Tensor, persistent: bool) -> Target:
+    if isinstance(tensor, DTensor):
+        shape, offset = compute_local_shape_and_global_offset(tensor.shape, tensor.device_mesh, tensor.placements)
+        region = tuple(slice(start, start + size) for start, size in zip(offset, shape))
+        local = tensor.to_local()
+        assert tuple(local.shape) == tuple(shape), f"{name}: local shard {tuple(local.shape)} != {tuple(shape)}"
+        return Target(name, local, tensor.shape, region, persistent)
+    return Target(name, tensor, tensor.shape, tuple(slice(None) for _ in tensor.shape), persistent)

@@ -1,8 +1,10 @@
 """Hugging Face causal LMs: built-in tiny presets, local configs, meta-device construction.
 
-Every layout starts from the same weights for a seed: the reference weights are what
-`AutoModelForCausalLM.from_config` initialises on CPU after `torch.manual_seed(seed)` (or the
-safetensors of a local model directory), and each rank copies its own shards out of them.
+Every layout starts from the same weights: those of a local checkpoint (`model.path` with
+safetensors), or fresh ones for a seed, initialised module by module with a generator that
+depends only on the seed and the module's name (harness/init_weights.py). Each rank fills its
+own shards from the source (harness/materialize.py); `reference_model` builds the same weights
+whole, in one process, for the tests to compare against.
 """
 
 from __future__ import annotations
@@ -13,6 +15,10 @@ from typing import Any
 import torch
 from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig
+
+from harness.hf_checkpoint import HFCheckpoint, has_weights
+from harness.init_weights import SeededInit
+from harness.materialize import WeightSource, materialize
 
 _TINY_ATTENTION = dict(hidden_size=64, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
                        num_hidden_layers=4, vocab_size=256, max_position_embeddings=2048,
@@ -53,14 +59,27 @@ def build_meta_model(config: PretrainedConfig) -> nn.Module:
         return AutoModelForCausalLM.from_config(config)
 
 
+def weight_source(model: nn.Module, seed: int, path: str | None = None) -> WeightSource:
+    """Where `model`'s (the full meta model's) weights come from: the safetensors of a local model
+    directory, else a fresh initialisation for `seed`."""
+    if path and not path.endswith(".json") and has_weights(path):
+        return HFCheckpoint(path, model)
+    return SeededInit(model, seed)
+
+
+def check_weights(path: str, config: PretrainedConfig) -> None:
+    """Raises ValueError (one line) when the checkpoint in `path`, if any, cannot fill a model of
+    `config`: unreadable files, missing tensors, wrong shapes or dtypes. Reads file headers only."""
+    if not path.endswith(".json") and has_weights(path):
+        HFCheckpoint(path, build_meta_model(config)).check()
+
+
 def reference_model(config: PretrainedConfig, seed: int, path: str | None = None) -> nn.Module:
-    """The single-process HF model every layout must reproduce (fp32, CPU)."""
-    if path and not path.endswith(".json") and _has_weights(path):
+    """The single-process HF model every layout must reproduce (fp32, CPU): transformers' own
+    `from_pretrained` for a local checkpoint, else the seed's fresh weights, built whole."""
+    if path and not path.endswith(".json") and has_weights(path):
         return AutoModelForCausalLM.from_pretrained(path, config=config, local_files_only=True,
                                                     dtype=torch.float32)
-    torch.manual_seed(seed)
-    return AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-
-
-def _has_weights(directory: str) -> bool:
-    return any(name.endswith((".safetensors", ".bin")) for name in os.listdir(directory))
+    model = build_meta_model(config)
+    materialize(model, SeededInit(model, seed), "cpu")
+    return model

@@ -1,0 +1,163 @@
+"""Sharded reads of a local Hugging Face safetensors checkpoint.
+
+Each rank reads only the slices of the tensors it owns (`safe_open(...).get_slice`), one tensor
+at a time, with the file opened per read so no mapping outlives it. Checkpoint names go through
+transformers' own conversion mapping (`transformers.conversion_mapping`), so a Hub checkpoint
+that stores MoE experts one tensor per expert (`mlp.experts.3.gate_proj.weight`) loads into
+transformers 5's fused layout (`mlp.experts.gate_up_proj [E, 2I, H]`) as `from_pretrained` would,
+and a checkpoint already in the fused layout loads as it is. A fused tensor built by stacking
+per-expert tensors reads only the experts in the rank's slice of the expert dimension.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections import defaultdict
+from dataclasses import dataclass
+
+import torch
+from safetensors import safe_open
+from torch import nn
+from transformers.conversion_mapping import get_model_conversion_mapping
+from transformers.core_model_loading import (MergeModulelist, WeightConverter, WeightRenaming, dot_natural_key,
+                                             rename_source_key)
+
+from harness.init_weights import SeededInit, Target
+
+INDEX_FILE = "model.safetensors.index.json"
+# Floating-point storage types a float parameter can be cast from; others (int8/fp8 quantized
+# weights and their scales) need a dequantizing loader.
+_FLOAT_DTYPES = ("F16", "BF16", "F32", "F64")
+
+
+@dataclass
+class _Entry:
+    file: str
+    shape: tuple[int, ...]
+    dtype: str
+
+
+def weight_files(directory: str) -> list[str]:
+    """The safetensors files of a model directory: those its index names, else every *.safetensors."""
+    index = os.path.join(directory, INDEX_FILE)
+    if os.path.isfile(index):
+        try:
+            with open(index) as f:
+                names = sorted(set(json.load(f)["weight_map"].values()))
+        except (OSError, ValueError, KeyError, AttributeError) as e:
+            raise ValueError(f"{INDEX_FILE}: unreadable ({e}); rewrite it or remove it") from None
+        missing = [n for n in names if not os.path.isfile(os.path.join(directory, n))]
+        if missing:
+            raise ValueError(f"{INDEX_FILE} names {missing[0]}, which does not exist; copy the missing shard files")
+    else:
+        names = sorted(n for n in os.listdir(directory) if n.endswith(".safetensors"))
+    return [os.path.join(directory, n) for n in names]
+
+
+def has_weights(directory: str) -> bool:
+    return os.path.isdir(directory) and any(n.endswith((".safetensors", ".bin")) for n in os.listdir(directory))
+
+
+class HFCheckpoint:
+    """The weights of `directory`, read by the state-dict names of `model` (the full model, meta is fine)."""
+
+    def __init__(self, directory: str, model: nn.Module) -> None:
+        if not any(n.endswith(".safetensors") for n in os.listdir(directory)):
+            raise ValueError("only .bin weights found; this loader reads safetensors: re-save the model with "
+                             "save_pretrained(..., safe_serialization=True)")
+        self.entries: dict[str, _Entry] = {}
+        for path in weight_files(directory):
+            try:
+                with safe_open(path, framework="pt") as f:
+                    for key in f.keys():
+                        view = f.get_slice(key)
+                        self.entries[key] = _Entry(path, tuple(view.get_shape()), view.get_dtype())
+            except Exception as e:  # safetensors raises its own error types for a damaged file
+                reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+                raise ValueError(f"{os.path.basename(path)}: unreadable or truncated safetensors file ({reason}); "
+                                 "copy it again") from None
+        transforms = get_model_conversion_mapping(model)
+        renamings = [t for t in transforms if isinstance(t, WeightRenaming)]
+        converters = [t for t in transforms if isinstance(t, WeightConverter)]
+        expected = model.state_dict()
+        self.plain: dict[str, str] = {}
+        # Fused targets: their converter and, per source pattern, checkpoint keys in natural order.
+        self.fused: dict[str, tuple[WeightConverter, dict[str, list[str]]]] = {}
+        for key in sorted(self.entries, key=dot_natural_key):
+            target, pattern = rename_source_key(key, renamings, converters, model.base_model_prefix, expected)
+            if pattern is None:
+                self.plain[target] = key
+                continue
+            converter = next(c for c in converters if pattern in c.source_patterns)
+            self.fused.setdefault(target, (converter, defaultdict(list)))[1][pattern].append(key)
+        # Tied parameters are stored once (HF drops `lm_head.weight` under tie_word_embeddings).
+        names_by_tensor = defaultdict(list)
+        for name, param in model.named_parameters(remove_duplicate=False):
+            names_by_tensor[id(param)].append(name)
+        self.aliases = {name: names for names in names_by_tensor.values() for name in names}
+        self.expected = {name: tuple(t.shape) for name, t in expected.items()}
+        self.buffer_init = SeededInit(model, seed=0)  # non-persistent buffers are computed, not random
+
+    def _source(self, name: str) -> str | None:
+        """The name under which the checkpoint has `name` (itself, or a tied alias)."""
+        for candidate in self.aliases.get(name, [name]):
+            if candidate in self.plain or candidate in self.fused:
+                return candidate
+        return None
+
+    def check(self) -> None:
+        """Raises ValueError (one line) for missing tensors, wrong shapes and dtypes it cannot load."""
+        bad_dtype = next((k for k, e in self.entries.items() if e.dtype not in _FLOAT_DTYPES), None)
+        if bad_dtype is not None:
+            raise ValueError(f"tensor {bad_dtype} is stored as {self.entries[bad_dtype].dtype}; only "
+                             f"{'/'.join(_FLOAT_DTYPES)} weights can be loaded (quantized checkpoints are not "
+                             "supported): use an unquantized checkpoint")
+        missing = [name for name in self.expected if self._source(name) is None]
+        if missing:
+            raise ValueError(f"checkpoint is missing {len(missing)} of the model's {len(self.expected)} tensors "
+                             f"(first: {missing[0]}); check that config.json belongs to these weights")
+        for name, shape in self.expected.items():
+            found = tuple(self._read(self._source(name), meta=True).shape)
+            if found != shape:
+                raise ValueError(f"tensor {name} has shape {list(found)} in the checkpoint but the config gives "
+                                 f"{list(shape)}; check that config.json (and model.overrides) match these weights")
+
+    def fill(self, module_name: str, module: nn.Module, targets: dict[str, Target]) -> None:
+        computed = {attr: t for attr, t in targets.items() if not t.persistent}
+        if computed:
+            self.buffer_init.fill(module_name, module, computed)
+        for target in targets.values():
+            if target.persistent and target.local.numel():
+                source = self._source(target.name)
+                assert source is not None, f"{target.name}: not in the checkpoint (check() should have said so)"
+                target.local.copy_(self._read(source, target.region))
+
+    def _read(self, name: str, region: tuple[slice, ...] | None = None, meta: bool = False) -> torch.Tensor:
+        """`region` of tensor `name` (all of it when None); `meta`: shape only, nothing read."""
+        if name in self.plain:
+            return self._read_key(self.plain[name], region, meta)
+        converter, keys_by_pattern = self.fused[name]
+        operations = converter.operations
+        rest = region
+        if region is not None and isinstance(operations[0], MergeModulelist):
+            # The merged dimension indexes the per-expert list: read only the experts in the region.
+            dim = operations[0].dim
+            keys_by_pattern = {p: keys[region[dim]] for p, keys in keys_by_pattern.items()}
+            rest = region[:dim] + (slice(None),) + region[dim + 1:]
+        tensors = {p: [self._read_key(k, None, meta) for k in keys_by_pattern[p]]
+                   for p in converter.source_patterns if p in keys_by_pattern}
+        for op in operations:
+            tensors = op.convert(tensors, source_patterns=converter.source_patterns,
+                                 target_patterns=converter.target_patterns, full_layer_name=name)
+        (value,) = tensors.values()
+        return value if rest is None else value[rest]
+
+    def _read_key(self, key: str, region: tuple[slice, ...] | None, meta: bool) -> torch.Tensor:
+        entry = self.entries[key]
+        if meta:
+            return torch.empty(entry.shape, device="meta")
+        with safe_open(entry.file, framework="pt") as f:
+            if region is None or not entry.shape:
+                return f.get_tensor(key)
+            return f.get_slice(key)[region]

@@ -1,0 +1,60 @@
+"""Fresh weights for a seed, the same on every layout, without ever building the whole model.
+
+Each module is initialised by the model's own `_init_weights` (so every family keeps its
+initialisation: normal projections, unit norms, zero router biases, rotary frequencies), on
+full-size temporaries of that module's tensors alone, under a generator seeded from the seed and
+the module's canonical name. A rank then keeps the parts of each temporary that it owns. The
+random stream of a module therefore does not depend on which ranks hold it, how it is sharded or
+which pipeline stage it sits in, and the largest buffer is one module's tensors.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+
+@dataclass
+class Target:
+    """A tensor to fill: `local` receives `full[region]` of the global tensor named `name`."""
+    name: str  # canonical state-dict name
+    local: torch.Tensor
+    global_shape: torch.Size
+    region: tuple[slice, ...]
+    persistent: bool  # False for buffers outside the state dict (rotary inv_freq)
+
+
+def module_seed(seed: int, module_name: str) -> int:
+    digest = hashlib.sha256(f"{seed}/{module_name}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") >> 1
+
+
+class SeededInit:
+    """HF's `_init_weights` of `model` (any instance of the family, meta is fine), per module."""
+
+    def __init__(self, model: nn.Module, seed: int) -> None:
+        self.init_module = model._init_weights
+        self.seed = seed
+
+    def fill(self, module_name: str, module: nn.Module, targets: dict[str, Target]) -> None:
+        """Initialises the module's tensors named in `targets` (its direct parameters and buffers)."""
+        originals = {}
+        for attr, target in targets.items():
+            store = module._parameters if attr in module._parameters else module._buffers
+            originals[attr] = store, store[attr]
+            # Zeros, not empty: a tensor the family's init leaves alone must still be the same everywhere.
+            full = torch.zeros(target.global_shape, dtype=target.local.dtype)
+            store[attr] = nn.Parameter(full, requires_grad=False) if store is module._parameters else full
+        try:
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(module_seed(self.seed, module_name))
+                self.init_module(module)
+            # Read back from the module: an init may assign a new tensor rather than fill in place.
+            for attr, target in targets.items():
+                target.local.copy_(getattr(module, attr)[target.region])
+        finally:
+            for attr, (store, original) in originals.items():
+                store[attr] = original

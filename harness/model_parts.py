@@ -8,8 +8,10 @@ teaching the harness a new family's layout is an edit here and nowhere else. `pa
 
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass
 
+import torch
 from torch import nn
 from transformers import PretrainedConfig
 
@@ -39,14 +41,35 @@ def expert_count(config: PretrainedConfig) -> int:
     return 0
 
 
+class SkipLayer(nn.Module):
+    """Stands in for a part a pipeline stage does not own: returns its input unchanged."""
+
+    def forward(self, hidden_states: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        return hidden_states
+
+
+class TupleSkipLayer(SkipLayer):
+    """For families whose forward reads a layer's output as `layer_outputs[0]`."""
+
+    def forward(self, hidden_states: torch.Tensor, *args, **kwargs) -> tuple[torch.Tensor]:
+        return (hidden_states,)
+
+
 def base_model(model: nn.Module) -> nn.Module:
     """The decoder stack under the LM head (`model.model` for most families)."""
     return model.get_decoder() if hasattr(model, "get_decoder") else model
 
 
 def decoder_layers(model: nn.Module) -> nn.ModuleList | nn.ModuleDict:
-    """The container of transformer blocks: the base model's layer list (a ModuleDict keyed by
-    the original index in a pipeline stage)."""
+    """The container of transformer blocks: the base model's layer list, or for a pipeline stage
+    the layers it owns in a ModuleDict keyed by their index in the whole model."""
+    layers = _layer_list(model)
+    if any(isinstance(layer, SkipLayer) for layer in layers):
+        return nn.ModuleDict({str(i): layer for i, layer in enumerate(layers) if not isinstance(layer, SkipLayer)})
+    return layers
+
+
+def _layer_list(model: nn.Module) -> nn.ModuleList:
     inner = base_model(model)
     layers = getattr(inner, "layers", None)
     if layers is None:
@@ -59,13 +82,45 @@ def decoder_layers(model: nn.Module) -> nn.ModuleList | nn.ModuleDict:
     return layers
 
 
-def final_norm(model: nn.Module) -> nn.Module | None:
+def skip_layer_for(model: nn.Module) -> type[SkipLayer]:
+    """The pass-through that matches what the family's forward expects back from a layer."""
+    source = inspect.getsource(type(base_model(model)).forward)
+    return TupleSkipLayer if "layer_outputs[0]" in source else SkipLayer
+
+
+def _final_norm_name(model: nn.Module) -> str | None:
     inner = base_model(model)
-    for name in _FINAL_NORM_NAMES:
-        module = getattr(inner, name, None)
-        if isinstance(module, nn.Module):
-            return module
-    return None
+    return next((name for name in _FINAL_NORM_NAMES if isinstance(getattr(inner, name, None), nn.Module)), None)
+
+
+def final_norm(model: nn.Module) -> nn.Module | None:
+    name = _final_norm_name(model)
+    norm = getattr(base_model(model), name) if name else None
+    return None if isinstance(norm, SkipLayer) else norm
+
+
+def replace_final_norm(model: nn.Module, replacement: nn.Module) -> None:
+    name = _final_norm_name(model)
+    assert name is not None, f"{type(model).__name__}: no final norm"
+    setattr(base_model(model), name, replacement)
+
+
+def remove_embeddings(model: nn.Module) -> None:
+    """Drops the token embeddings (a later pipeline stage receives hidden states instead)."""
+    inner, embedding = base_model(model), model.get_input_embeddings()
+    name = next(n for n, child in inner.named_children() if child is embedding)
+    setattr(inner, name, None)
+
+
+def check_pipeline_support(model: nn.Module) -> None:
+    """Raises ValueError (one line: what and the fix) for a model pipeline stages cannot carry."""
+    config = model.config
+    if getattr(config, "tie_word_embeddings", False):
+        raise ValueError("model.tie_word_embeddings=True: pipeline stages cannot share the embedding with "
+                         "lm_head; use a model with untied embeddings or parallel.pp=1")
+    if getattr(config, "hidden_size_per_layer_input", None):
+        raise ValueError(f"{config.model_type}: per-layer inputs are computed from the token ids, which only the "
+                         "first pipeline stage receives; use parallel.pp=1")
 
 
 def rotary_embedding(model: nn.Module) -> nn.Module | None:

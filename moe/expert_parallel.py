@@ -20,8 +20,9 @@ from torch.distributed.tensor import Shard, distribute_tensor
 from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS
 
 from moe.balance import record_load
-from moe.dispatch import Dispatcher, resolve_dispatcher
+from moe.dispatch import resolve_dispatcher
 from moe.experts import local_experts_forward
+from moe.routing import Dispatcher
 
 logger = logging.getLogger(__name__)
 
@@ -50,18 +51,10 @@ def _ep_experts_forward(self: nn.Module, hidden_states: torch.Tensor, top_k_inde
 ALL_EXPERTS_FUNCTIONS.register(EXPERTS_IMPLEMENTATION, _ep_experts_forward)
 
 
-def _moe_blocks(model: nn.Module) -> list[tuple[nn.Module, nn.Module | None]]:
-    """(experts, router) of every HF MoE block: a module with an `experts` child in the v5 layout."""
-    blocks = []
-    for module in model.modules():
-        experts = getattr(module, "experts", None)
-        if isinstance(experts, nn.Module) and all(hasattr(experts, p) for p in _EXPERT_PARAMS):
-            blocks.append((experts, getattr(module, "gate", None)))
-    return blocks
-
-
 def _check_supported(experts: nn.Module, ep: int) -> None:
     name = type(experts).__name__
+    if not all(isinstance(getattr(experts, p, None), torch.Tensor) for p in _EXPERT_PARAMS):
+        raise ValueError(f"{name}: expert parallel needs the HF v5 expert layout ({', '.join(_EXPERT_PARAMS)})")
     if not hasattr(experts, "has_gate"):
         raise ValueError(f"{name}: not an ExpertsInterface experts class (no @use_experts_implementation)")
     if not experts.has_gate or experts.has_bias or experts.is_transposed or experts.has_post_expert_norm:
@@ -72,18 +65,19 @@ def _check_supported(experts: nn.Module, ep: int) -> None:
                          "choose an ep size that divides the number of experts")
 
 
-def apply_expert_parallel(model: nn.Module, ep_mesh: DeviceMesh, dispatcher: str = "alltoall",
-                          strict: bool = False) -> list[nn.Module]:
-    """Shard every MoE block's experts over `ep_mesh` and route tokens with `dispatcher`.
+def apply_expert_parallel(blocks: list[tuple[nn.Module, nn.Module | None]], ep_mesh: DeviceMesh,
+                          dispatcher: str = "alltoall", strict: bool = False) -> list[nn.Module]:
+    """Shard the experts of every MoE block over `ep_mesh` and route tokens with `dispatcher`.
 
-    Returns the experts modules, for the caller to FSDP-shard over the experts' FSDP mesh.
+    `blocks`: (experts module, router module or None) per MoE block, as the caller's model
+    adapter finds them. Returns the experts modules, for the caller to FSDP-shard over the
+    experts' FSDP mesh.
     """
     if ep_mesh.ndim != 1:
         raise ValueError(f"ep_mesh must be 1-D, got a {ep_mesh.ndim}-D mesh")
     ep = ep_mesh.size()
-    blocks = _moe_blocks(model)
     if not blocks:
-        raise ValueError(f"{type(model).__name__}: no MoE experts found (expected `experts.gate_up_proj`)")
+        raise ValueError("expert parallel: the model has no MoE blocks")
     for experts, _ in blocks:
         _check_supported(experts, ep)
     chosen, reason = resolve_dispatcher(dispatcher, strict, ep_mesh.get_group())

@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.distributed.tensor import DTensor
 
-from moe.dispatch import Routed
+from moe.routing import Routed
 
 
 def _grouped_mm_works(x: torch.Tensor, weight: torch.Tensor) -> bool:

@@ -58,3 +58,7 @@ def _combine_backward(ctx, grad: torch.Tensor):
 
 ep_dispatch.register_autograd(_dispatch_backward, setup_context=_setup_context)
 ep_combine.register_autograd(_combine_backward, setup_context=_setup_context)
+
+# What selective activation checkpointing must save rather than replay in backward: the
+# callers hand these to parallel/activation_checkpointing.py.
+SAC_SAVE_OPS = (torch.ops.harness.ep_dispatch.default, torch.ops.harness.ep_combine.default)

@@ -2,9 +2,9 @@
 
 Selective AC follows TorchTitan: a per-op policy saves the expensive activations (attention,
 every other matmul, router top-k, communication collectives) and recomputes the cheap ones.
-Every op in the save set is resolved by dotted path at run time, so an op that nobody
-registered (DeepEP, this project's `torch.ops.harness.*` MoE ops) is simply absent: this
-module never imports `moe` or any optional backend, and importing it cannot fail.
+The save set names only PyTorch's own ops, each resolved by dotted path so an op this torch
+build lacks is simply absent; ops registered by other packages (the MoE dispatch and combine
+ops) are handed in by the caller as `extra_save_ops`, so this module imports no one else.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ import logging
 import os
 from collections import defaultdict
 from functools import partial
-from typing import Any, Callable, Iterable, MutableSequence
+from typing import Any, Callable, Collection, Iterable, MutableSequence
 
 import torch
 import torch.utils.checkpoint as torch_checkpoint
@@ -74,12 +74,6 @@ _SAVE_TORCH_OPS = (
     "_c10d_functional.reduce_scatter_tensor.default",
     "_c10d_functional_autograd.all_to_all_single.default",
     "_c10d_functional_autograd.reduce_scatter_tensor.default",
-    "harness.ep_dispatch.default",
-    "harness.ep_combine.default",
-    "deepep.dispatch.default",
-    "deepep.combine.default",
-    "hybridep.dispatch.default",
-    "hybridep.combine.default",
 )
 # `aten.topk` is deliberately not saved, although TorchTitan saves it for routing stability:
 # HF routers (Qwen3-MoE, Mixtral) normalise the top-k values in place (`/=`), and SAC rejects a
@@ -170,10 +164,14 @@ def _build_selective_ac_save_ops() -> frozenset:
     return _existing_ops(*_default_compute_intensive_ops(), *curated)
 
 
-def resolved_optional_ops() -> dict[str, bool]:
-    """For each optional save-set op, whether it resolves in this process (start-up summary)."""
+def resolved_optional_ops(extra_save_ops: Collection[Any] = ()) -> dict[str, bool]:
+    """For each save-set op, whether it resolves in this process (start-up summary).
+
+    `extra_save_ops`, handed in already resolved, are listed as found.
+    """
     found = {f"torch.ops.{path}": _resolve_op_path(path) is not None for path in _SAVE_TORCH_OPS}
     found.update({f"torch.{path}": _resolve_op_attr(torch, path) is not None for path in _SAVE_TORCH_ATTRS})
+    found.update({f"torch.ops.{op}": True for op in extra_save_ops})
     return found
 
 
@@ -183,9 +181,6 @@ _SELECTIVE_AC_MATMUL_OPS = _existing_ops(
     _resolve_torch_op("aten", "_grouped_mm"),
     _resolve_torch_op("aten", "_scaled_grouped_mm"),
 )
-# Rebuilt by `make_selective_checkpoint_context_fn`, so ops registered after import (e.g. by
-# `moe.ops`) are saved too; this import-time value reflects what was registered so far.
-_SELECTIVE_AC_MUST_SAVE_OPS = _build_selective_ac_save_ops()
 _SELECTIVE_AC_TO_COPY_OP = _resolve_torch_op("aten", "_to_copy")
 _SELECTIVE_AC_TRACE = os.environ.get("HARNESS_SELECTIVE_AC_TRACE", "0").lower() not in ("0", "", "false", "no", "off")
 _SELECTIVE_AC_TRACE_SEEN: set[str] = set()
@@ -224,16 +219,19 @@ def _register_sac_ignored_ops() -> None:
     ignored.update(_existing_ops(*(_resolve_op_path(path) for path in _SAC_IGNORED_TORCH_OPS)))
 
 
-def make_selective_checkpoint_context_fn() -> Callable[[], tuple]:
+def make_selective_checkpoint_context_fn(extra_save_ops: Collection[Any] = ()) -> Callable[[], tuple]:
     """Build a TorchTitan-style selective activation checkpointing context.
 
-    Returns the `context_fn` for non-reentrant checkpointing. Each checkpointed call gets fresh
-    matmul counters; forward and recompute keep separate counters (torch versions that query
-    the policy during recompute then agree with the forward even for an odd matmul count).
+    Returns the `context_fn` for non-reentrant checkpointing. `extra_save_ops`: ops other
+    packages register that must be saved too (e.g. `moe.ops.SAC_SAVE_OPS`). Each checkpointed
+    call gets fresh matmul counters; forward and recompute keep separate counters (torch
+    versions that query the policy during recompute then agree with the forward even for an
+    odd matmul count).
     """
-    global _SELECTIVE_AC_MUST_SAVE_OPS
     _register_sac_ignored_ops()
-    save_ops = _SELECTIVE_AC_MUST_SAVE_OPS = _build_selective_ac_save_ops()
+    # Built per call: torch registers some ops (e.g. varlen attention) only when their module
+    # is first imported.
+    save_ops = _build_selective_ac_save_ops() | frozenset(extra_save_ops)
     matmul_ops = _SELECTIVE_AC_MATMUL_OPS
 
     def context_fn() -> tuple:
@@ -302,8 +300,9 @@ def _wrap_selective(layer: nn.Module, context_fn: Callable[[], tuple]) -> nn.Mod
 
 
 def apply_selective_checkpointing_to_layers(model: nn.Module, layers: nn.ModuleList | nn.ModuleDict | list[nn.Module],
-                                            has_kv_sharing: bool, enable_compile: bool = False) -> None:
-    """Wrap whole transformer blocks with the selective-AC policy.
+                                            has_kv_sharing: bool, enable_compile: bool = False,
+                                            extra_save_ops: Collection[Any] = ()) -> None:
+    """Wrap whole transformer blocks with the selective-AC policy (saving `extra_save_ops` too).
 
     KV-shared models cannot checkpoint attention through the `DynamicCache`, so they fall back
     to sub-module checkpointing. `layers` is mutated in place so callers that keep it (e.g. for
@@ -315,7 +314,7 @@ def apply_selective_checkpointing_to_layers(model: nn.Module, layers: nn.ModuleL
         return
     if enable_compile:
         _disable_dynamo_lru_cache()
-    _wrap_layers(model, layers, partial(_wrap_selective, context_fn=make_selective_checkpoint_context_fn()))
+    _wrap_layers(model, layers, partial(_wrap_selective, context_fn=make_selective_checkpoint_context_fn(extra_save_ops)))
 
 
 def apply_submodule_checkpointing(layers: nn.ModuleList | nn.ModuleDict | list[nn.Module], has_kv_sharing: bool) -> None:
@@ -370,8 +369,10 @@ def is_selective_activation_checkpointing(activation_checkpointing: object) -> b
 
 
 def apply_activation_checkpointing(model: nn.Module, layers: nn.ModuleList | nn.ModuleDict | list[nn.Module],
-                                   mode: str) -> None:
+                                   mode: str, extra_save_ops: Collection[Any] = ()) -> None:
     """Apply one AC mode (none | full | selective | submodule) to `layers` of `model`, in place.
+
+    `extra_save_ops`: ops registered outside torch that selective AC saves too.
 
     Call before FSDP. KV-shared models get sub-module checkpointing without `self_attn` for
     every mode other than "none", since recomputing a whole block writes their cache twice.
@@ -382,7 +383,7 @@ def apply_activation_checkpointing(model: nn.Module, layers: nn.ModuleList | nn.
         return
     has_kv_sharing = detect_kv_sharing_and_maybe_disable_cache(model)
     if mode == "selective":
-        apply_selective_checkpointing_to_layers(model, layers, has_kv_sharing)
+        apply_selective_checkpointing_to_layers(model, layers, has_kv_sharing, extra_save_ops=extra_save_ops)
     elif mode == "submodule" or has_kv_sharing:
         apply_submodule_checkpointing(layers, has_kv_sharing)
     else:

@@ -14,9 +14,10 @@ from torch.distributed.tensor import DTensor
 
 from harness.loss import token_loss_sum
 from harness.materialize import materialize
-from harness.model_parts import decoder_layers
+from harness.model_parts import decoder_layers, moe_blocks
 from harness.models import build_meta_model, reference_model
 from moe.expert_parallel import apply_expert_parallel
+from moe.ops import SAC_SAVE_OPS
 from parallel.activation_checkpointing import apply_selective_checkpointing_to_layers
 
 SEED = 0
@@ -34,6 +35,11 @@ def reference_step(config, inputs: torch.Tensor, labels: torch.Tensor) -> tuple[
     return loss.item(), {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
 
 
+def ep_blocks(model: nn.Module) -> list[tuple[nn.Module, nn.Module | None]]:
+    """(experts, router) of every MoE block, as harness/parallelize.py hands them to EP."""
+    return [(block.experts, block.router) for block in moe_blocks(model)]
+
+
 def _recompute_everything(ctx, func, *args, **kwargs) -> CheckpointPolicy:
     return CheckpointPolicy.PREFER_RECOMPUTE
 
@@ -45,10 +51,10 @@ def ep_model(config, world: int, dispatcher: str = "alltoall", checkpointing: st
     """
     mesh = init_device_mesh("cpu", (world,), mesh_dim_names=("ep",))
     model = build_meta_model(config)
-    experts = apply_expert_parallel(model, mesh, dispatcher)
+    experts = apply_expert_parallel(ep_blocks(model), mesh, dispatcher)
     layers = decoder_layers(model)
     if checkpointing == "selective":
-        apply_selective_checkpointing_to_layers(model, layers, has_kv_sharing=False)
+        apply_selective_checkpointing_to_layers(model, layers, has_kv_sharing=False, extra_save_ops=SAC_SAVE_OPS)
     elif checkpointing == "recompute_all":
         context_fn = partial(create_selective_checkpoint_contexts, _recompute_everything)
         for index, layer in enumerate(layers):

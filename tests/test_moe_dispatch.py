@@ -15,8 +15,10 @@ import torch.distributed as dist
 from torch.distributed.device_mesh import init_device_mesh
 
 from harness.models import build_meta_model, load_config
-from moe.dispatch import AllToAllDispatcher, resolve_dispatcher
+from moe.alltoall import AllToAllDispatcher
+from moe.dispatch import resolve_dispatcher
 from moe.expert_parallel import apply_expert_parallel
+from tests.moe_common import ep_blocks
 from tests.multiproc import run_ranks
 
 
@@ -43,7 +45,7 @@ def _resolution(rank: int, world: int) -> dict:
     records = _Records()
     logging.getLogger("moe.dispatch").addHandler(records)
     model = build_meta_model(load_config("qwen3_moe", None))
-    experts = apply_expert_parallel(model, mesh, "deepep")
+    experts = apply_expert_parallel(ep_blocks(model), mesh, "deepep")
     deepep_lines = list(records.lines)
     records.lines.clear()
     hybrid, hybrid_reason = resolve_dispatcher("hybridep", False, group)
@@ -62,7 +64,7 @@ def _resolution(rank: int, world: int) -> dict:
         strict=_errors(lambda: resolve_dispatcher("deepep", True, group)),
         unknown=_errors(lambda: resolve_dispatcher("nccl", False, group)),
         indivisible=_errors(lambda: apply_expert_parallel(
-            build_meta_model(load_config("qwen3_moe", None, {"num_experts": 7})), mesh)),
+            ep_blocks(build_meta_model(load_config("qwen3_moe", None, {"num_experts": 7}))), mesh)),
     )
 
 

@@ -8,24 +8,17 @@ sends are exactly tokens x distinct destination ranks, never one row per routed 
 from __future__ import annotations
 
 import torch
-from torch import nn
 from torch.distributed.device_mesh import init_device_mesh
 from transformers.models.qwen3_moe.modeling_qwen3_moe import Qwen3MoeExperts
 
 from harness.models import load_config
 from moe.expert_parallel import apply_expert_parallel
-from moe.traffic import TrafficLog
+from tests.bench.traffic import TrafficLog
 from tests.multiproc import run_ranks
 
 WORLD = 4
 TOKENS_PER_RANK = (5, 3, 6, 4)
 NUM_EXPERTS = 8  # 2 per rank at EP=4
-
-
-class _Block(nn.Module):
-    def __init__(self, experts: nn.Module) -> None:
-        super().__init__()
-        self.experts = experts
 
 
 def _experts(config) -> Qwen3MoeExperts:
@@ -84,21 +77,21 @@ def _check_case(rank: int, world: int, case: str) -> dict:
     ref_out = reference(hidden, ids, weights)
     ref_out.square().sum().backward()
 
-    block = _Block(_experts(config))
-    apply_expert_parallel(block, init_device_mesh("cpu", (world,), mesh_dim_names=("ep",)))
+    experts = _experts(config)
+    apply_expert_parallel([(experts, None)], init_device_mesh("cpu", (world,), mesh_dim_names=("ep",)))
     my_hidden, my_ids, my_weights = (t.clone() for t in per_rank[rank])
     my_hidden.requires_grad_()
     my_weights.requires_grad_()
     log = TrafficLog(rank)
     with log:
-        out = block.experts(my_hidden, my_ids, my_weights)
+        out = experts(my_hidden, my_ids, my_weights)
     out.square().sum().backward()
 
     start = sum(h.shape[0] for h, _, _ in per_rank[:rank])
     mine = slice(start, start + my_hidden.shape[0])
     diffs = [_max_diff(out, ref_out[mine]), _max_diff(my_hidden.grad, hidden.grad[mine]),
              _max_diff(my_weights.grad, weights.grad[mine])]
-    diffs += [_max_diff(getattr(block.experts, name).grad.full_tensor(), getattr(reference, name).grad)
+    diffs += [_max_diff(getattr(experts, name).grad.full_tensor(), getattr(reference, name).grad)
               for name in ("gate_up_proj", "down_proj")]
     row_bytes = config.hidden_size * 4
     return dict(diffs=diffs, sent=log.hidden_bytes("ep_dispatch", config.hidden_size),

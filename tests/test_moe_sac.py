@@ -14,12 +14,14 @@ from functools import partial
 import torch
 import torch.distributed as dist
 from torch.distributed.tensor import DTensor
-from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
+from torch.utils.checkpoint import (CheckpointPolicy, SelectiveCheckpointContext, checkpoint,
+                                     create_selective_checkpoint_contexts)
 
 from harness.loss import token_loss_sum
 from harness.models import load_config
-from moe.traffic import TrafficLog
+from moe.ops import SAC_SAVE_OPS
 from parallel.activation_checkpointing import make_selective_checkpoint_context_fn
+from tests.bench.traffic import TrafficLog
 from tests.moe_common import batch, canonical, ep_model
 from tests.multiproc import run_ranks
 
@@ -135,10 +137,10 @@ def test_in_place_all_to_all_under_sac_is_the_wrong_gradient_trap() -> None:
         assert not result["autograd_function"], "control: the in-place autograd.Function should go wrong"
 
 
-def test_project_policy_saves_the_ops_by_name() -> None:
-    import moe.ops  # noqa: F401
-    context_fn = make_selective_checkpoint_context_fn()
-    from parallel import activation_checkpointing as ac
-    assert torch.ops.harness.ep_dispatch.default in ac._SELECTIVE_AC_MUST_SAVE_OPS
-    assert torch.ops.harness.ep_combine.default in ac._SELECTIVE_AC_MUST_SAVE_OPS
-    assert callable(context_fn)
+def test_project_policy_saves_the_ops_moe_exports() -> None:
+    caching_mode, _ = make_selective_checkpoint_context_fn(SAC_SAVE_OPS)()
+    forward = SelectiveCheckpointContext(is_recompute=False)
+    for name in OPS:
+        op = getattr(torch.ops.harness, name).default
+        assert op in SAC_SAVE_OPS
+        assert caching_mode.policy_fn(forward, op) is CheckpointPolicy.MUST_SAVE, name

@@ -34,10 +34,22 @@ class ModelConfig:
 
 @dataclass
 class DataConfig:
-    source: str = "stdlib"  # the Python standard library's sources, or a local .txt / .jsonl file
+    # 'stdlib' (this Python's standard-library sources), a local .txt / .jsonl / .parquet file, a folder
+    # of them, or a folder saved by datasets' save_to_disk
+    source: str = "stdlib"
     tokenizer: str | None = None  # local HF tokenizer directory; None = bytes (vocab 256)
-    text_field: str = "text"  # the field of each .jsonl record holding the text
+    text_field: str = "text"  # the field of each .jsonl record / .parquet or dataset column holding the text
     max_bytes: int = 4_000_000  # how much of the built-in corpus to read
+    cache_dir: str = "runs/data"  # where prepared token shards are cached, one folder per fingerprint
+    workers: int | None = None  # tokenizer processes for prepare; None = the CPU count (at most 8)
+    document_mask: bool = False  # attention and positions restart at each document of a packed sequence
+
+
+@dataclass
+class EvalConfig:
+    every: int = 0  # steps between validation passes; 0 = never (the whole corpus trains)
+    steps: int = 4  # global batches of held-out sequences per validation pass
+    held_out: float = 0.05  # fraction of the corpus's sequences held out for validation when every > 0
 
 
 @dataclass
@@ -104,6 +116,7 @@ class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     ac: ACConfig = field(default_factory=ACConfig)
     moe: MoEConfig = field(default_factory=MoEConfig)

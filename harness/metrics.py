@@ -61,7 +61,8 @@ class MetricsLog:
     def _plain_line(row: dict[str, Any]) -> str:
         return (f"step {row['step']:>5} | loss {row['loss']:.4f} | grad_norm {row['grad_norm']:.3f} | "
                 f"lr {row['lr']:.2e} | {row['tokens_per_s']:,.0f} tok/s | {row['step_time_s'] * 1000:.0f} ms | "
-                f"mfu {row['mfu']:.1%}")
+                f"mfu {row['mfu']:.1%}"
+                + (f" | val_loss {row['val_loss']:.4f} | val_ppl {row['val_ppl']:.2f}" if "val_loss" in row else ""))
 
     def close(self) -> None:
         if self.file is not None:

@@ -1,7 +1,7 @@
 """Plot a run's metrics: `python -m harness.plot METRICS.jsonl [--out PNG]`.
 
-Panels: loss vs step, tokens/s vs step, and, when the rows carry them, the per-expert token
-shares of the last step (bars) and the expert load max/mean over steps. Needs matplotlib (the
+Panels: loss vs step (and the validation loss where rows have it), tokens/s vs step, and, when
+the rows carry them, the per-expert token shares of the last step (bars) and the expert load max/mean over steps. Needs matplotlib (the
 `plot` extra); without it, prints how to install it and exits 2. Imports nothing heavy, so it
 runs where torch is not installed.
 """
@@ -60,7 +60,11 @@ def plot(rows: list[dict[str, Any]], out: str) -> None:
     panels = 2 + bool(with_shares) + bool(with_ratio)
     fig, axes = plt.subplots(panels, 1, figsize=(7, 2.6 * panels))
     loss_ax, speed_ax, *expert_axes = axes
-    loss_ax.plot(steps, [r["loss"] for r in rows])
+    loss_ax.plot(steps, [r["loss"] for r in rows], label="train")
+    evaluated = [r for r in rows if r.get("val_loss") is not None]
+    if evaluated:
+        loss_ax.plot([r["step"] for r in evaluated], [r["val_loss"] for r in evaluated], "o-", label="validation")
+        loss_ax.legend()
     loss_ax.set(xlabel="step", ylabel="loss", title="loss")
     speed_ax.plot(steps, [r["tokens_per_s"] for r in rows])
     speed_ax.set(xlabel="step", ylabel="tokens/s", title="throughput")

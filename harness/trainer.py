@@ -16,6 +16,8 @@ from torch import nn
 from harness.checkpoint import PreemptionRequest, complete_checkpoints, is_due, load_checkpoint, resume_path, save_checkpoint
 from harness.config import Config
 from harness.data import BatchSampler, load_tokens
+from harness.data.splits import samplers
+from harness.evaluate import evaluate
 from harness.flops import flops_per_token, peak_flops_per_rank
 from harness.loss import count_tokens, token_loss_sum
 from harness.memory import peak_mib, state_mib
@@ -67,6 +69,7 @@ class Run:
     expert_modules: list[nn.Module]  # experts under expert parallel, for aux-loss-free balancing
     expert_load: ExpertLoadMeter | None
     step: int = 0
+    eval_sampler: BatchSampler | None = None  # the held-out split, when eval.every > 0
 
 
 def device_for_rank() -> torch.device:
@@ -108,7 +111,7 @@ def build_run(cfg: Config, dims: ParallelDims) -> Run:
     optimizer = torch.optim.AdamW(params, lr=t.lr, betas=(0.9, 0.95), weight_decay=t.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, partial(lr_factor, cfg=t))
     tokens = load_tokens(cfg.data)
-    sampler = BatchSampler(tokens, t.seq_len, t.global_batch_size, t.seed)
+    sampler, eval_sampler = samplers(tokens, cfg)
     experts = [block.experts for module in modules for block in moe_blocks(module)]
     expert_modules = experts if dims.ep > 1 else []
     dispatcher = expert_modules[0]._expert_parallel.dispatcher_reason if expert_modules else None
@@ -121,14 +124,15 @@ def build_run(cfg: Config, dims: ParallelDims) -> Run:
                peak_flops_per_rank=peak_flops_per_rank(cfg.logging.peak_tflops,
                                                        int(os.environ.get("LOCAL_WORLD_SIZE", "1"))),
                expert_modules=expert_modules,
-               expert_load=ExpertLoadMeter(experts) if experts else None)
+               expert_load=ExpertLoadMeter(experts) if experts else None, eval_sampler=eval_sampler)
 
 
 def _forward_backward(model: nn.Module, loss_fn: GlobalTokenLoss, aux_terms: int, inputs: torch.Tensor,
-                      labels: torch.Tensor) -> torch.Tensor:
+                      labels: torch.Tensor, **position_ids: torch.Tensor) -> torch.Tensor:
     """Backward of the token loss plus, when the model returns one, HF's router aux loss averaged
-    over the step's `aux_terms` microbatch forwards (all ranks); returns the token loss alone."""
-    outputs = model(input_ids=inputs)
+    over the step's `aux_terms` microbatch forwards (all ranks); returns the token loss alone.
+    `position_ids` (data.document_mask) restart at each document: HF masks attention across them."""
+    outputs = model(input_ids=inputs, **position_ids)
     loss = loss_fn(outputs.logits, labels)
     total = loss + aux_loss_term(outputs, model.config, aux_terms) if aux_terms else loss
     total.backward()
@@ -147,8 +151,10 @@ def train_step(run: Run) -> dict:
     run.loss_fn.global_tokens = tokens
     loss = torch.zeros((), device=device)
     micro = cfg.train.micro_batch_size
+    positions = run.sampler.position_ids(run.step, dp_rank, dp_size).to(device) if cfg.data.document_mask else None
     for start in range(0, inputs.shape[0], micro):
-        micro_loss = run.forward_backward(inputs[start:start + micro], labels[start:start + micro])
+        extra = {"position_ids": positions[start:start + micro]} if positions is not None else {}
+        micro_loss = run.forward_backward(inputs[start:start + micro], labels[start:start + micro], **extra)
         if micro_loss is not None:
             loss += micro_loss
     params = run.optimizer.param_groups[0]["params"]  # every parameter of this rank's modules
@@ -188,6 +194,9 @@ def train(cfg: Config, dims: ParallelDims, preemption: PreemptionRequest | None 
     try:
         while run.step < cfg.train.steps:
             row = train_step(run)
+            if cfg.eval.every and (run.step % cfg.eval.every == 0 or run.step == cfg.train.steps):
+                row.update(evaluate(run.modules[0], run.eval_sampler, cfg.eval.steps, cfg.train.micro_batch_size,
+                                    cfg.data.document_mask, run.dp_group, device_for_rank()))
             log.log(row)
             rows.append(row)
             stop = preemption is not None and preemption.agreed(device_for_rank())

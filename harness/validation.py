@@ -12,6 +12,7 @@ from transformers import PretrainedConfig
 
 from harness.checkpoint import check_checkpoint, resume_path
 from harness.config import AC_MODES, DISPATCHERS, MODEL_PRESETS, Config, ConfigError
+from harness.data_checks import check_corpus, check_data_config
 from harness.model_parts import expert_count
 from harness.models import load_config as load_model_config
 from parallel.mesh import ParallelDims
@@ -38,7 +39,7 @@ def validate(cfg: Config, world_size: int) -> ParallelDims:
         raise ConfigError(str(e)) from None
     _check_batch(cfg, dims)
     model_config = _check_model(cfg)
-    _check_data(cfg, model_config)
+    check_data_config(cfg, model_config, dims)
     _check_experts(cfg, model_config, dims)
     if dims.pp > 1:
         try:
@@ -50,6 +51,7 @@ def validate(cfg: Config, world_size: int) -> ParallelDims:
     if cfg.moe.dispatcher not in DISPATCHERS:
         raise ConfigError(f"moe.dispatcher={cfg.moe.dispatcher!r}: must be one of {', '.join(DISPATCHERS)}")
     _check_checkpoint(cfg)
+    check_corpus(cfg)  # last: it may tokenize the whole source
     return dims
 
 
@@ -107,21 +109,6 @@ def _check_model(cfg: Config) -> PretrainedConfig:
         raise ConfigError(f"train.seq_len={cfg.train.seq_len}: longer than the model's "
                           f"max_position_embeddings={model_config.max_position_embeddings}")
     return model_config
-
-
-def _check_data(cfg: Config, model_config: PretrainedConfig) -> None:
-    d = cfg.data
-    if d.source != "stdlib":
-        if not os.path.isfile(d.source):
-            raise ConfigError(f"data.source={d.source}: no such file; use 'stdlib' or a local .txt/.jsonl file")
-        if not d.source.endswith((".txt", ".jsonl")):
-            raise ConfigError(f"data.source={d.source}: expected a .txt or .jsonl file")
-    if d.tokenizer is not None and not os.path.isdir(d.tokenizer):
-        raise ConfigError(f"data.tokenizer={d.tokenizer}: no such directory; give a local HF tokenizer "
-                          "directory, or leave it unset for bytes")
-    if d.tokenizer is None and model_config.vocab_size < 256:
-        raise ConfigError(f"data.tokenizer: unset means bytes (256 ids) but the model's vocab_size is "
-                          f"{model_config.vocab_size}; set a tokenizer or a vocab_size >= 256")
 
 
 def _check_experts(cfg: Config, model_config: PretrainedConfig, dims: ParallelDims) -> None:

@@ -1,0 +1,44 @@
+"""Data: sources tokenized once into memory-mapped shards (`python -m harness.data prepare`),
+read by each rank one window at a time.
+
+Modules: sources (documents from files, folders, saved datasets, the built-in corpus),
+tokenizer (bytes or a local HF tokenizer), prepare (shards + document index, cached by
+fingerprint), corpus (the memory-mapped reader), order (a table-free seeded permutation),
+sampler (which windows each step and rank read), splits (train / held-out windows).
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch.distributed as dist
+
+from harness.config import DataConfig
+from harness.data.corpus import TokenCorpus
+from harness.data.prepare import is_prepared, prepare_corpus, prepared_path
+from harness.data.sampler import BatchSampler, window_count
+from harness.data.sources import DataError
+
+__all__ = ["BatchSampler", "DataError", "TokenCorpus", "load_tokens", "prepare_data", "window_count"]
+
+
+def prepare_data(cfg: DataConfig, progress: bool = True) -> str:
+    """The prepared corpus's folder, tokenizing the source when its fingerprint is not cached."""
+    return prepare_corpus(cfg.source, cfg.tokenizer, cfg.text_field, cfg.max_bytes, cfg.cache_dir,
+                   workers=cfg.workers or min(8, os.cpu_count() or 1), progress=progress)
+
+
+def cached_path(cfg: DataConfig) -> str | None:
+    """The prepared corpus's folder when it is already cached, else None (nothing is tokenized)."""
+    path = prepared_path(cfg.cache_dir, cfg.source, cfg.tokenizer, cfg.text_field, cfg.max_bytes)
+    return path if is_prepared(path) else None
+
+
+def load_tokens(cfg: DataConfig) -> TokenCorpus:
+    """The corpus's token stream, memory-mapped. Under torch.distributed, local rank 0 of each
+    node prepares it when it is not cached while the other ranks wait."""
+    if dist.is_available() and dist.is_initialized():
+        if int(os.environ.get("LOCAL_RANK", "0")) == 0:
+            prepare_data(cfg, progress=dist.get_rank() == 0)
+        dist.barrier()
+    return TokenCorpus(prepare_data(cfg, progress=False))

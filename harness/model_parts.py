@@ -17,8 +17,9 @@ from transformers import PretrainedConfig
 
 # Routed-expert counts, by the config field each family uses.
 _EXPERT_COUNT_FIELDS = ("num_experts", "num_local_experts", "n_routed_experts", "moe_num_experts")
-# Final norm of the base model, by family naming (Llama-style first).
-_FINAL_NORM_NAMES = ("norm", "final_layernorm", "norm_f", "ln_f")
+# Final norm of the base model, by family naming (Llama-style first; LFM2 calls its final norm
+# `embedding_norm`).
+_FINAL_NORM_NAMES = ("norm", "final_layernorm", "norm_f", "ln_f", "embedding_norm")
 # The module that turns a block's input into its top-k routing: `gate` (Qwen, Mixtral,
 # DeepSeek) or `router` (GPT-OSS, Llama 4).
 _ROUTER_NAMES = ("gate", "router")
@@ -42,7 +43,16 @@ def expert_count(config: PretrainedConfig) -> int:
 
 
 class SkipLayer(nn.Module):
-    """Stands in for a part a pipeline stage does not own: returns its input unchanged."""
+    """Stands in for a part a pipeline stage does not own: returns its input unchanged.
+
+    It carries the replaced layer's plain attributes (`attention_type`, `block_type`, ...), which
+    some families' forwards read from every layer to choose masks or caches."""
+
+    def __init__(self, replaced: nn.Module | None = None) -> None:
+        super().__init__()
+        for key, value in vars(replaced or nn.Module()).items():
+            if not key.startswith("_") and isinstance(value, (str, int, float, bool)):
+                setattr(self, key, value)
 
     def forward(self, hidden_states: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         return hidden_states

@@ -73,7 +73,7 @@ def _prune(causal_lm: nn.Module, module_names: list[str]) -> _StageRole:
     kept = [i for i in range(len(layers)) if layer_name(i) in owned]
     for i in range(len(layers)):
         if i not in kept:
-            layers[i] = skip()
+            layers[i] = skip(layers[i])
     if FINAL_NORM not in owned:
         model_parts.replace_final_norm(causal_lm, model_parts.SkipLayer())
     if EMBEDDINGS not in owned:

@@ -5,11 +5,12 @@ from __future__ import annotations
 
 import pytest
 import torch
+from transformers import AutoConfig, AutoModelForCausalLM
 
 from harness.materialize import materialize
 from harness.models import build_meta_model, load_config, reference_model
-from parallel.pipeline import stage_ids_for_rank
 from harness.pipeline_stage import stage_builder
+from parallel.pipeline import stage_ids_for_rank
 from parallel.pipeline_split import stage_module_names
 
 E, N, H = "model.embed_tokens", "model.norm", "lm_head"
@@ -91,3 +92,45 @@ def test_tied_embeddings_are_refused():
     config = load_config("llama", None, {"tie_word_embeddings": True})
     with pytest.raises(ValueError, match="tie_word_embeddings"):
         stage_builder(build_meta_model(config))
+
+
+# Tiny configs whose family-specific pieces are away from their neutral values, so a stage that
+# dropped one (a logit scale, a soft-cap, an embedding multiplier, a per-layer-type rotary or
+# mask, a non-attention mixer) would not reproduce the whole model.
+_TINY = dict(hidden_size=64, num_attention_heads=4, num_key_value_heads=2, head_dim=16, num_hidden_layers=4,
+             vocab_size=256, intermediate_size=96, max_position_embeddings=256, tie_word_embeddings=False,
+             pad_token_id=0, bos_token_id=1, eos_token_id=2)
+FAMILIES = {
+    "cohere": dict(logit_scale=0.25),
+    "cohere2": dict(logit_scale=0.25, sliding_window=8),
+    "granite": dict(embedding_multiplier=3.0, logits_scaling=2.5, residual_multiplier=0.7, attention_multiplier=0.3),
+    "gemma2": dict(final_logit_softcapping=5.0, attn_logit_softcapping=3.0, sliding_window=8),
+    "gemma3_text": dict(final_logit_softcapping=5.0, sliding_window=8, sliding_window_pattern=2),
+    "olmo3": dict(sliding_window=8),
+    "qwen3_next": dict(linear_num_value_heads=4, linear_num_key_heads=2, linear_key_head_dim=16,
+                       linear_value_head_dim=16, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32,
+                       shared_expert_intermediate_size=32),
+    "lfm2": dict(),
+    "nemotron_h": dict(hybrid_override_pattern="M*M*", mamba_num_heads=4, mamba_head_dim=16, ssm_state_size=8,
+                       n_groups=1),
+    "granitemoehybrid": dict(embedding_multiplier=3.0, logits_scaling=2.5, num_local_experts=4,
+                             num_experts_per_tok=2),
+}
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_stages_of_every_family_chain_to_the_whole_model(family):
+    config = AutoConfig.for_model(family, **{**_TINY, **FAMILIES[family]})
+    config.use_cache = False
+    torch.manual_seed(0)
+    reference = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    build = stage_builder(build_meta_model(config))
+    stages = [build(names) for names in stage_module_names(config.num_hidden_layers, 3, [1, 2, 1])]
+    for stage in stages:
+        materialize(stage, reference, "cpu")
+    inputs = torch.randint(0, config.vocab_size, (2, 16), generator=torch.Generator().manual_seed(0))
+    hidden = inputs
+    with torch.no_grad():
+        for stage in stages:
+            hidden = stage(hidden)
+        torch.testing.assert_close(hidden, reference(input_ids=inputs).logits, atol=0, rtol=0)

@@ -6,10 +6,12 @@ checkpoint is written into `step_0000040.tmp` and rank 0 renames it once every r
 finished, so a folder named `step_XXXXXXX` is always complete: a crash mid-save leaves only a
 `.tmp` folder, which resume ignores and the next save removes.
 
-Model and optimizer go through `get_state_dict` / `set_state_dict` with canonical parameter
-names (wrappers stripped, pipeline stages named as in the whole model) and DTensor shards, so a
-checkpoint saved by one layout (FSDP, HSDP, pipeline stages, expert parallel) loads into any
-other. The data position is the step: the sampler derives every batch from it.
+What is saved is a mapping of DCP `Stateful` objects (`training_state`): the model parts, the
+optimizer, the LR scheduler and a `TrainState`. Model and optimizer go through DCP's
+`get_*_state_dict` / `set_*_state_dict` with canonical parameter names (wrappers stripped,
+pipeline stages named as in the whole model) and DTensor shards, so a checkpoint saved by one
+layout (FSDP, HSDP, pipeline stages, expert parallel) loads into any other. The data position
+is the step: the sampler derives every batch from it.
 """
 
 from __future__ import annotations
@@ -18,20 +20,21 @@ import logging
 import os
 import re
 import shutil
-import signal
-from typing import TYPE_CHECKING, Any
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch import nn
 from torch.distributed.checkpoint import FileSystemReader
-from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
+from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
+                                                     get_optimizer_state_dict, set_model_state_dict,
+                                                     set_optimizer_state_dict)
+from torch.distributed.checkpoint.stateful import Stateful
 
 from harness.config import CheckpointConfig
-
-if TYPE_CHECKING:  # the trainer imports this module
-    from harness.trainer import Run
 
 logger = logging.getLogger(__name__)
 
@@ -88,7 +91,7 @@ def is_due(cfg: CheckpointConfig, step: int, total_steps: int) -> bool:
     """Every `every` steps and at the end of training, when a directory is set."""
     if cfg.dir is None:
         return False
-    return step == total_steps or (cfg.every > 0 and step % cfg.every == 0)
+    return step == total_steps or (cfg.every is not None and step % cfg.every == 0)
 
 
 def as_one_module(modules: list[nn.Module]) -> nn.Module:
@@ -131,10 +134,50 @@ def _holds_state(module: nn.Module) -> bool:
     return any(_direct_state(m) for m in module.modules())
 
 
-def _app_state(run: Run) -> dict[str, Any]:
-    model_state, optim_state = get_state_dict(as_one_module(run.modules), run.optimizer, options=_OPTIONS)
-    return {"model": model_state, "optimizer": optim_state, "scheduler": run.scheduler.state_dict(),
-            "step": run.step}
+@dataclass
+class TrainState:
+    """The loop's own position: the number of optimizer steps taken (the data position too)."""
+    step: int = 0
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"step": self.step}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.step = int(state["step"])
+
+
+class ModelState:
+    """The model, or this rank's pipeline stages as one tree, as DCP shards."""
+
+    def __init__(self, root: nn.Module) -> None:
+        self.root = root
+
+    def state_dict(self) -> dict[str, Any]:
+        return get_model_state_dict(self.root, options=_OPTIONS)
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        set_model_state_dict(self.root, state, options=_OPTIONS)
+
+
+class OptimizerState:
+    """The optimizer's state under the parameters' canonical names."""
+
+    def __init__(self, root: nn.Module, optimizer: torch.optim.Optimizer) -> None:
+        self.root, self.optimizer = root, optimizer
+
+    def state_dict(self) -> dict[str, Any]:
+        return get_optimizer_state_dict(self.root, self.optimizer, options=_OPTIONS)
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        set_optimizer_state_dict(self.root, self.optimizer, state, options=_OPTIONS)
+
+
+def training_state(modules: list[nn.Module], optimizer: torch.optim.Optimizer,
+                   scheduler: torch.optim.lr_scheduler.LRScheduler, train_state: TrainState) -> dict[str, Stateful]:
+    """What a checkpoint holds, as the `Stateful` objects `dcp.save` / `dcp.load` expect."""
+    root = as_one_module(modules)
+    return {"model": ModelState(root), "optimizer": OptimizerState(root, optimizer), "scheduler": scheduler,
+            "train": train_state}
 
 
 def _rng_state() -> dict[str, Any]:
@@ -148,17 +191,21 @@ def _rng_file(path: str, rank: int) -> str:
     return os.path.join(path, f"rng_{rank:05d}.pt")
 
 
-def save_checkpoint(run: Run, root: str) -> str:
-    """Writes `root/step_XXXXXXX` for `run.step` on every rank (a collective); returns its path."""
+def save_checkpoint(state: Mapping[str, Stateful], root: str, step: int, keep: int,
+                    files: Mapping[str, str]) -> str:
+    """Writes `root/step_XXXXXXX` on every rank (a collective): `state` through DCP, each rank's
+    RNG, and `files` (name -> text, written by rank 0). Keeps the newest `keep`; returns the path."""
     rank = dist.get_rank()
-    final = os.path.join(root, checkpoint_name(run.step))
+    final = os.path.join(root, checkpoint_name(step))
     tmp = final + _TMP_SUFFIX
     if rank == 0:
         shutil.rmtree(tmp, ignore_errors=True)  # a save of this step that crashed before
         os.makedirs(tmp)
-        run.modules[0].config.save_pretrained(tmp)
+        for name, text in files.items():
+            with open(os.path.join(tmp, name), "w") as f:
+                f.write(text)
     dist.barrier()
-    dcp.save(_app_state(run), checkpoint_id=tmp)
+    dcp.save(dict(state), checkpoint_id=tmp)
     torch.save(_rng_state(), _rng_file(tmp, rank))
     dist.barrier()
     if rank == 0:
@@ -166,7 +213,7 @@ def save_checkpoint(run: Run, root: str) -> str:
             os.rename(final, final + _OLD_SUFFIX)
         os.rename(tmp, final)
         shutil.rmtree(final + _OLD_SUFFIX, ignore_errors=True)
-        _prune(root, run.cfg.checkpoint.keep)
+        _prune(root, keep)
     dist.barrier()  # nobody resumes or exports a folder that is still being renamed
     logger.info("checkpoint: saved %s", final)
     return final
@@ -181,14 +228,10 @@ def _prune(root: str, keep: int) -> None:
             shutil.rmtree(os.path.join(root, name), ignore_errors=True)
 
 
-def load_checkpoint(run: Run, path: str) -> None:
-    """Restores model, optimizer, LR schedule, step and (same world size only) RNG from `path`."""
-    state = _app_state(run)
-    dcp.load(state, checkpoint_id=path)
-    set_state_dict(as_one_module(run.modules), run.optimizer, model_state_dict=state["model"],
-                   optim_state_dict=state["optimizer"], options=_OPTIONS)
-    run.scheduler.load_state_dict(state["scheduler"])
-    run.step = int(state["step"])
+def load_checkpoint(state: Mapping[str, Stateful], path: str) -> None:
+    """Restores every object of `state` from `path`, and this rank's RNG when the world size is
+    the one that saved it."""
+    dcp.load(dict(state), checkpoint_id=path)
     rng_file = _rng_file(path, dist.get_rank())
     saved_world = sum(1 for name in os.listdir(path) if name.startswith("rng_"))
     if saved_world == dist.get_world_size() and os.path.isfile(rng_file):
@@ -201,26 +244,3 @@ def load_checkpoint(run: Run, path: str) -> None:
         # optimizer, schedule and data position are restored all the same.
         logger.info("checkpoint: saved by %d ranks, running on %d; RNG states start fresh",
                     saved_world, dist.get_world_size())
-    logger.info("checkpoint: resumed from %s at step %d", path, run.step)
-
-
-class PreemptionRequest:
-    """SIGUSR1 (SLURM's warning before the time limit or preemption) asks for a checkpoint and a
-    clean exit.
-
-    The handler only sets a flag; the loop asks `agreed()` at each step boundary, which takes
-    the maximum over all ranks, so every rank stops after the same step even when the signal
-    reached them at different times.
-    """
-
-    def __init__(self) -> None:
-        self.requested = False
-        signal.signal(signal.SIGUSR1, self._handle)
-
-    def _handle(self, signum: int, frame: object) -> None:
-        self.requested = True
-
-    def agreed(self, device: torch.device) -> bool:
-        flag = torch.tensor([1.0 if self.requested else 0.0], device=device)
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        return bool(flag.item())

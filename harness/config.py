@@ -12,13 +12,24 @@ import os
 import types
 import typing
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 import yaml
 
-AC_MODES = ("none", "full", "selective", "submodule")
-MODEL_PRESETS = ("llama", "qwen3_moe", "mixtral", "deepseek_v3")
-DISPATCHERS = ("alltoall", "deepep", "hybridep")
+from parallel.pipeline import ScheduleName
+
+# The closed sets of values a recipe may name. parallel/ and moe/ keep their own tables of what
+# they implement (they never import harness); tests/test_config_validation.py checks they agree.
+AcMode = Literal["none", "full", "selective", "submodule"]
+ModelPreset = Literal["llama", "qwen3_moe", "mixtral", "deepseek_v3"]
+DispatcherName = Literal["alltoall", "deepep", "hybridep"]
+
+
+def option(default: Any = None, help: str = "", *, factory: Any = None) -> Any:
+    """A recipe field with its help text, shown by `python -m launch --help`."""
+    if factory is not None:
+        return field(default_factory=factory, metadata={"help": help})
+    return field(default=default, metadata={"help": help})
 
 
 class ConfigError(ValueError):
@@ -27,88 +38,87 @@ class ConfigError(ValueError):
 
 @dataclass
 class ModelConfig:
-    preset: str = "llama"
-    path: str | None = None  # local HF model directory or config.json; takes precedence over preset
-    overrides: dict[str, Any] = field(default_factory=dict)  # HF config fields, e.g. num_hidden_layers
+    preset: ModelPreset = option("llama", "tiny built-in HF config")
+    path: str | None = option(None, "local HF model directory or config.json; takes precedence over preset")
+    overrides: dict[str, Any] = option(help="HF config fields, e.g. {num_hidden_layers: 4}", factory=dict)
 
 
 @dataclass
 class DataConfig:
-    # 'stdlib' (this Python's standard-library sources), a local .txt / .jsonl / .parquet file, a folder
-    # of them, or a folder saved by datasets' save_to_disk
-    source: str = "stdlib"
-    tokenizer: str | None = None  # local HF tokenizer directory; None = bytes (vocab 256)
-    text_field: str = "text"  # the field of each .jsonl record / .parquet or dataset column holding the text
-    max_bytes: int = 4_000_000  # how much of the built-in corpus to read
-    cache_dir: str = "runs/data"  # where prepared token shards are cached, one folder per fingerprint
-    workers: int | None = None  # tokenizer processes for prepare; None = the CPU count (at most 8)
-    document_mask: bool = False  # attention and positions restart at each document of a packed sequence
+    source: str = option("stdlib", "'stdlib' (this Python's standard-library sources), a local .txt / .jsonl / "
+                                    ".parquet file, a folder of them, or a folder saved by datasets' save_to_disk")
+    tokenizer: str | None = option(None, "local HF tokenizer directory; null = bytes (vocab 256)")
+    text_field: str = option("text", "the field of each .jsonl record / .parquet or dataset column holding the text")
+    max_bytes: int = option(4_000_000, "how much of the built-in corpus to read")
+    cache_dir: str = option("runs/data", "where prepared token shards are cached, one folder per fingerprint")
+    workers: int | None = option(None, "tokenizer processes for prepare; null = the CPU count (at most 8)")
+    document_mask: bool = option(False, "attention and positions restart at each document of a packed sequence")
 
 
 @dataclass
 class EvalConfig:
-    every: int = 0  # steps between validation passes; 0 = never (the whole corpus trains)
-    steps: int = 4  # global batches of held-out sequences per validation pass
-    held_out: float = 0.05  # fraction of the corpus's sequences held out for validation when every > 0
+    every: int = option(0, "steps between validation passes; 0 = never (the whole corpus trains)")
+    steps: int = option(4, "global batches of held-out sequences per validation pass")
+    held_out: float = option(0.05, "fraction of the corpus's sequences held out for validation when every > 0")
 
 
 @dataclass
 class TrainConfig:
-    steps: int = 100
-    seed: int = 0
-    global_batch_size: int = 8  # sequences per optimizer step over all data-parallel ranks
-    micro_batch_size: int = 2  # sequences per forward on one data-parallel rank
-    seq_len: int = 128
-    lr: float = 3e-3
-    min_lr_ratio: float = 0.1
-    warmup_steps: int = 10
-    weight_decay: float = 0.0
-    max_grad_norm: float = 1.0  # 0 disables clipping
-    metrics_file: str | None = "runs/metrics.jsonl"
+    steps: int = option(100, "optimizer steps of the whole run (a resumed run continues to it)")
+    seed: int = option(0, "seed of the initial weights and of the data order")
+    global_batch_size: int = option(8, "sequences per optimizer step over all data-parallel ranks")
+    micro_batch_size: int = option(2, "sequences per forward on one data-parallel rank")
+    seq_len: int = option(128, "tokens per sequence")
+    lr: float = option(3e-3, "peak learning rate (AdamW)")
+    min_lr_ratio: float = option(0.1, "the cosine decay ends at lr * min_lr_ratio")
+    warmup_steps: int = option(10, "linear warmup steps")
+    weight_decay: float = option(0.0, "AdamW weight decay")
+    max_grad_norm: float = option(1.0, "gradient clipping norm; 0 disables clipping")
+    metrics_file: str | None = option("runs/metrics.jsonl", "JSONL metrics, one row per step; null = none")
 
 
 @dataclass
 class ParallelConfig:
-    pp: int = 1
-    dp_replicate: int = 1
-    dp_shard: int = -1  # -1 fills the world
-    cp: int = 1
-    tp: int = 1
-    ep: int = 1
-    pp_schedule: str = "1F1B"
-    pp_microbatches: int | None = None  # per micro batch; None = pp
-    pp_stages_per_rank: int | None = None  # None = what the schedule needs (1 or 2)
-    pp_layers_per_stage: list[int] | None = None
-    reshard_after_forward: bool | None = None  # None = True, or False under pipeline parallel
+    pp: int = option(1, "pipeline stages (ranks)")
+    dp_replicate: int = option(1, "data-parallel replicas (HSDP when dp_shard > 1 too)")
+    dp_shard: int = option(-1, "FSDP shards; -1 fills the world")
+    cp: int = option(1, "context parallel (reserved: must be 1)")
+    tp: int = option(1, "tensor parallel (reserved: must be 1)")
+    ep: int = option(1, "expert-parallel ranks, borrowed from dp_shard")
+    pp_schedule: ScheduleName = option("1F1B", "pipeline schedule")
+    pp_microbatches: int | None = option(None, "microbatches per micro batch under pipeline parallel; null = pp")
+    pp_stages_per_rank: int | None = option(None, "pipeline stages per rank; null = what the schedule needs (1 or 2)")
+    pp_layers_per_stage: list[int] | None = option(None, "decoder layers of each stage, e.g. [3, 1]; null = even")
+    reshard_after_forward: bool | None = option(None, "FSDP reshard after forward; null = true, false under pp")
 
 
 @dataclass
 class ACConfig:
-    mode: str | bool = "none"  # none | full | selective | submodule; true = full, false = none
+    mode: bool | AcMode = option("none", "activation checkpointing; true = full, false = none")
 
 
 @dataclass
 class MoEConfig:
-    dispatcher: str = "alltoall"
-    dispatcher_strict: bool = False  # fail instead of falling back when the dispatcher is unavailable
-    # Aux-loss-free balancing (DeepSeek-V3 routers): bias += rate * sign(mean load - load) per step.
-    bias_update_rate: float = 0.0
+    dispatcher: DispatcherName = option("alltoall", "expert-parallel token dispatcher")
+    dispatcher_strict: bool = option(False, "fail instead of falling back when the dispatcher is unavailable")
+    bias_update_rate: float = option(0.0, "aux-loss-free balancing (deepseek_v3, ep > 1): "
+                                          "bias += rate * sign(mean load - load) per step; 0 = off")
 
 
 @dataclass
 class CheckpointConfig:
-    dir: str | None = None
-    every: int = 0  # steps between checkpoints; 0 = only at the end when dir is set
-    keep: int = 2
-    resume_from: str | None = None
+    dir: str | None = option(None, "where step_XXXXXXX checkpoints go; null = no checkpoints")
+    every: int | None = option(None, "steps between checkpoints; null = only at the end")
+    keep: int = option(2, "how many of the newest checkpoints to keep")
+    resume_from: str | None = option(None, "start from this checkpoint instead of the newest in dir")
 
 
 @dataclass
 class LoggingConfig:
-    log_every: int = 10  # plain log lines when stdout is not a terminal
-    progress: bool = True
-    tensorboard_dir: str | None = None  # also write scalars for TensorBoard (needs `pip install tensorboard`)
-    peak_tflops: float | None = None  # per-rank peak for MFU; None = the GPU's known peak, or a CPU estimate
+    log_every: int = option(10, "steps between log lines when stdout is not a terminal")
+    progress: bool = option(True, "a live progress bar on a terminal")
+    tensorboard_dir: str | None = option(None, "also write scalars for TensorBoard (pip install tensorboard)")
+    peak_tflops: float | None = option(None, "per-rank peak for MFU; null = the GPU's known peak, or a CPU estimate")
 
 
 @dataclass
@@ -199,6 +209,8 @@ def _coerce(value: Any, hint: Any, name: str) -> Any:
         if not isinstance(value, dict):
             raise ConfigError(f"{name}: expected a mapping, got {value!r}")
         return dict(value)
+    if origin is Literal:
+        return _choice(value, args, name)
     if hint is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
     if hint is float and isinstance(value, str):
@@ -211,3 +223,12 @@ def _coerce(value: Any, hint: Any, name: str) -> Any:
     if hint is Any or (isinstance(value, hint) and not (hint is int and isinstance(value, bool))):
         return value
     raise ConfigError(f"{name}: expected {hint.__name__}, got {value!r}")
+
+
+def _choice(value: Any, choices: tuple[str, ...], name: str) -> str:
+    """One of a closed set of names, matched regardless of case (`Selective`, `1f1b`)."""
+    if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+        for choice in choices:
+            if str(value).lower() == choice.lower():
+                return choice
+    raise ConfigError(f"{name}={value!r}: must be one of {', '.join(choices)}")

@@ -10,8 +10,8 @@ from transformers import PretrainedConfig
 
 from harness import model_parts
 from harness.config import Config
+from harness.plan import Plan
 from parallel.activation_checkpointing import resolved_optional_ops
-from parallel.mesh import ParallelDims
 
 
 def _kernels(device_type: str) -> str:
@@ -24,14 +24,14 @@ def _kernels(device_type: str) -> str:
     return f"grouped GEMM: {grouped}; attention: sdpa ({sdpa})"
 
 
-def startup_summary(cfg: Config, dims: ParallelDims, model_config: PretrainedConfig, model_class: str,
+def startup_summary(cfg: Config, plan: Plan, model_config: PretrainedConfig, model_class: str,
                     parameters: int, modules: list[nn.Module], corpus_tokens: int,
                     dispatcher: str | None) -> list[str]:
     """Collective: every rank calls it (stage contents are gathered); rank 0 gets the lines."""
     stages = [model_parts.describe(m) for m in modules]
     per_rank: list = [None] * dist.get_world_size()
     dist.all_gather_object(per_rank, stages)
-    t, p = cfg.train, cfg.parallel
+    t, p, dims = cfg.train, cfg.parallel, plan.dims
     device_type = "cuda" if torch.cuda.is_available() else "cpu"
     lines = [
         f"model: {model_class} ({cfg.model.path or 'preset ' + cfg.model.preset}), {parameters:,} parameters, "
@@ -42,12 +42,16 @@ def startup_summary(cfg: Config, dims: ParallelDims, model_config: PretrainedCon
         if len(groups[0]) > 1:
             lines.append(f"  {view} groups: {' '.join(str(g) for g in groups)}")
     if dims.pp > 1:
-        lines.append(f"pipeline: {p.pp_schedule}, {p.pp_microbatches or dims.pp} microbatches per micro batch")
+        lines.append(f"pipeline: {p.pp_schedule}, {plan.pp_microbatches} microbatches per micro batch")
         lines += [f"  rank {rank}: " + " | ".join(s) for rank, s in enumerate(per_rank)
                   if rank in dims.rank_groups()["pp"][0]]
-    lines.append(f"activation checkpointing: {cfg.ac.mode}")
-    if cfg.ac.mode == "selective":
-        found = {name.removeprefix("torch.ops.").removesuffix(".default"): ok for name, ok in resolved_optional_ops().items()}
+    lines.append(f"activation checkpointing: {plan.ac_mode}")
+    if plan.ac_mode == "selective":
+        from moe.ops import SAC_SAVE_OPS as moe_save_ops  # what harness/parallelize.py hands the AC module under EP
+
+        extra = moe_save_ops if dispatcher is not None else ()
+        found = {name.removeprefix("torch.ops.").removesuffix(".default"): ok
+                 for name, ok in resolved_optional_ops(extra).items()}
         # aten matmuls and attention always resolve; the collectives and backends are what varies.
         optional = {name: ok for name, ok in found.items() if not name.startswith("aten.")}
         lines.append("  saved when seen: " + (", ".join(n for n, ok in optional.items() if ok) or "none"))
@@ -55,8 +59,7 @@ def startup_summary(cfg: Config, dims: ParallelDims, model_config: PretrainedCon
     if dispatcher is not None:
         lines.append(f"moe: ep={dims.ep}, dispatcher {dispatcher}")
     lines.append(f"kernels: {_kernels(device_type)}")
-    accumulation = t.global_batch_size // (t.micro_batch_size * dims.dp)
     source = "Python standard library sources (bytes)" if cfg.data.source == "stdlib" else cfg.data.source
     lines.append(f"data: {source}, {corpus_tokens:,} tokens; {t.global_batch_size} x {t.seq_len} = "
-                 f"{t.global_batch_size * t.seq_len:,} tokens per step, gradient accumulation {accumulation}")
+                 f"{t.global_batch_size * t.seq_len:,} tokens per step, gradient accumulation {plan.grad_accumulation}")
     return lines

@@ -6,14 +6,15 @@ import logging
 import os
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import partial
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
-from harness.checkpoint import PreemptionRequest, complete_checkpoints, is_due, load_checkpoint, resume_path, save_checkpoint
+from harness.checkpoint import (TrainState, complete_checkpoints, is_due, load_checkpoint, resume_path,
+                                save_checkpoint, training_state)
 from harness.config import Config
 from harness.data import BatchSampler, load_tokens
 from harness.data.splits import samplers
@@ -23,15 +24,16 @@ from harness.loss import count_tokens, token_loss_sum
 from harness.memory import peak_mib, state_mib
 from harness.metrics import MetricsLog, report_outputs
 from harness.model_parts import decoder_layers, moe_blocks
-from harness.models import build_meta_model, load_config as load_model_config, reference_model
+from harness.models import build_meta_model, load_config as load_model_config, weight_source
 from harness.parallelize import parallelize
+from harness.plan import Plan
+from harness.preemption import PreemptionRequest
 from harness.schedule import lr_factor
 from harness.summary import startup_summary
 from moe.balance import aux_loss_term, update_expert_bias
 from moe.load_meter import ExpertLoadMeter
 from parallel.fsdp import mixed_precision_policy
 from parallel.grad_clip import clip_grad_norm_
-from parallel.mesh import ParallelDims
 
 logger = logging.getLogger(__name__)
 
@@ -54,7 +56,7 @@ class GlobalTokenLoss:
 class Run:
     """What the loop needs, built once; checkpointing saves and restores its state."""
     cfg: Config
-    dims: ParallelDims
+    plan: Plan
     modules: list[nn.Module]  # the model, or this rank's pipeline stages
     optimizer: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.LambdaLR
@@ -68,8 +70,15 @@ class Run:
     peak_flops_per_rank: float
     expert_modules: list[nn.Module]  # experts under expert parallel, for aux-loss-free balancing
     expert_load: ExpertLoadMeter | None
-    step: int = 0
+    state: TrainState = field(default_factory=TrainState)
     eval_sampler: BatchSampler | None = None  # the held-out split, when eval.every > 0
+
+    @property
+    def step(self) -> int:
+        return self.state.step
+
+    def checkpoint_state(self) -> dict:
+        return training_state(self.modules, self.optimizer, self.scheduler, self.state)
 
 
 def device_for_rank() -> torch.device:
@@ -78,13 +87,15 @@ def device_for_rank() -> torch.device:
     return torch.device("cpu")
 
 
-def build_run(cfg: Config, dims: ParallelDims) -> Run:
-    device = device_for_rank()
+def build_run(cfg: Config, plan: Plan) -> Run:
+    device, dims = device_for_rank(), plan.dims
     meshes = dims.build_meshes(device.type)
     model_config = load_model_config(cfg.model.preset, cfg.model.path, cfg.model.overrides)
-    reference = reference_model(model_config, cfg.train.seed, cfg.model.path)
     model = build_meta_model(model_config)
-    parallelize_fn = partial(parallelize, cfg=cfg, dims=dims, meshes=meshes, reference=reference, device=device)
+    model_class, parameters = type(model).__name__, sum(p.numel() for p in model.parameters())
+    model_flops = flops_per_token(model, model_config, cfg.train.seq_len)
+    weights = weight_source(model, cfg.train.seed, cfg.model.path)
+    parallelize_fn = partial(parallelize, cfg=cfg, plan=plan, meshes=meshes, weights=weights, device=device)
     loss_fn = GlobalTokenLoss()
     t = cfg.train
     if dims.pp > 1:
@@ -92,21 +103,19 @@ def build_run(cfg: Config, dims: ParallelDims) -> Run:
         from parallel.pipeline import pipeline_model
 
         p = cfg.parallel
-        plan = pipeline_model(stage_builder(model), len(decoder_layers(model)), meshes.pp, schedule=p.pp_schedule, n_microbatches=p.pp_microbatches or dims.pp,
-                              stages_per_rank=p.pp_stages_per_rank, layers_per_stage=p.pp_layers_per_stage,
-                              parallelize_fn=parallelize_fn, device=device, loss_fn=loss_fn,
-                              microbatch_shape=(t.micro_batch_size // (p.pp_microbatches or dims.pp), t.seq_len),
-                              activation_dtype=mixed_precision_policy(device.type).param_dtype or torch.float32)
-        modules, forward_backward = list(plan.stage_modules), plan.step
+        pipeline = pipeline_model(stage_builder(model), len(decoder_layers(model)), meshes.pp,
+                                  schedule=p.pp_schedule, n_microbatches=plan.pp_microbatches,
+                                  stages_per_rank=plan.pp_stages_per_rank, layers_per_stage=p.pp_layers_per_stage,
+                                  parallelize_fn=parallelize_fn, device=device, loss_fn=loss_fn,
+                                  microbatch_shape=(plan.pipeline_microbatch_size, t.seq_len),
+                                  activation_dtype=mixed_precision_policy(device.type).param_dtype or torch.float32)
+        modules, forward_backward = list(pipeline.stage_modules), pipeline.step
     else:
         parallelize_fn(model)
         aux_terms = cfg.train.global_batch_size // cfg.train.micro_batch_size
         modules = [model]
         forward_backward = partial(_forward_backward, model, loss_fn,
                                    aux_terms if getattr(model_config, "output_router_logits", False) else 0)
-    model_class, parameters = type(reference).__name__, sum(p.numel() for p in reference.parameters())
-    model_flops = flops_per_token(reference, model_config, cfg.train.seq_len)
-    del reference
     params = [p for m in modules for p in m.parameters()]
     optimizer = torch.optim.AdamW(params, lr=t.lr, betas=(0.9, 0.95), weight_decay=t.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, partial(lr_factor, cfg=t))
@@ -115,10 +124,10 @@ def build_run(cfg: Config, dims: ParallelDims) -> Run:
     experts = [block.experts for module in modules for block in moe_blocks(module)]
     expert_modules = experts if dims.ep > 1 else []
     dispatcher = expert_modules[0]._expert_parallel.dispatcher_reason if expert_modules else None
-    summary = startup_summary(cfg, dims, model_config, model_class, parameters, modules, len(tokens), dispatcher)
+    summary = startup_summary(cfg, plan, model_config, model_class, parameters, modules, len(tokens), dispatcher)
     if dist.get_rank() == 0:
         logger.info("\n".join(summary))
-    return Run(cfg=cfg, dims=dims, modules=modules, optimizer=optimizer, scheduler=scheduler, sampler=sampler,
+    return Run(cfg=cfg, plan=plan, modules=modules, optimizer=optimizer, scheduler=scheduler, sampler=sampler,
                loss_fn=loss_fn, forward_backward=forward_backward, dp_group=meshes.dp.get_group(),
                pp_group=meshes.pp.get_group() if dims.pp > 1 else None, flops_per_token=model_flops,
                peak_flops_per_rank=peak_flops_per_rank(cfg.logging.peak_tflops,
@@ -169,7 +178,7 @@ def train_step(run: Run) -> dict:
     run.optimizer.zero_grad(set_to_none=True)
     # Ranks without the last pipeline stage contribute zero, so a world sum is the dp sum.
     dist.all_reduce(loss)
-    run.step += 1
+    run.state.step += 1
     elapsed = time.perf_counter() - started
     tokens_per_s = tokens.item() / elapsed
     mfu = tokens_per_s / dist.get_world_size() * run.flops_per_token / run.peak_flops_per_rank
@@ -178,13 +187,25 @@ def train_step(run: Run) -> dict:
             **memory, "peak_mib": peak_mib(device), **load}
 
 
-def train(cfg: Config, dims: ParallelDims, preemption: PreemptionRequest | None = None) -> list[dict]:
+def checkpoint_run(run: Run, root: str) -> str:
+    """A checkpoint of `run` at its current step under `root` (a collective); returns its path."""
+    files = {"config.json": run.modules[0].config.to_json_string()}  # what export rebuilds the model from
+    return save_checkpoint(run.checkpoint_state(), root, run.step, run.cfg.checkpoint.keep, files)
+
+
+def resume_run(run: Run, path: str) -> None:
+    """Restores model, optimizer, LR schedule, step and (same world size only) RNG from `path`."""
+    load_checkpoint(run.checkpoint_state(), path)
+    logger.info("checkpoint: resumed from %s at step %d", path, run.step)
+
+
+def train(cfg: Config, plan: Plan, preemption: PreemptionRequest | None = None) -> list[dict]:
     """Trains up to cfg.train.steps, resuming from the newest checkpoint; returns the metrics rows
     of this invocation (on every rank). When `preemption` is signalled, checkpoints and stops."""
-    run = build_run(cfg, dims)
+    run = build_run(cfg, plan)
     start = resume_path(cfg.checkpoint)
     if start is not None:
-        load_checkpoint(run, start)
+        resume_run(run, start)
         if run.step >= cfg.train.steps and dist.get_rank() == 0:
             logger.info(f"{start} already reached train.steps={cfg.train.steps}: nothing to train "
                         f"(raise train.steps, or delete {cfg.checkpoint.dir} to start over)")
@@ -201,7 +222,7 @@ def train(cfg: Config, dims: ParallelDims, preemption: PreemptionRequest | None 
             rows.append(row)
             stop = preemption is not None and preemption.agreed(device_for_rank())
             if is_due(cfg.checkpoint, run.step, cfg.train.steps) or (stop and cfg.checkpoint.dir is not None):
-                save_checkpoint(run, cfg.checkpoint.dir)
+                checkpoint_run(run, cfg.checkpoint.dir)
             if stop:
                 logger.info("preemption signal: stopped after step %d", run.step)
                 break

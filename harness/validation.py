@@ -11,26 +11,19 @@ import os
 from transformers import PretrainedConfig
 
 from harness.checkpoint import check_checkpoint, resume_path
-from harness.config import AC_MODES, DISPATCHERS, MODEL_PRESETS, Config, ConfigError
+from harness.config import AcMode, Config, ConfigError
 from harness.data_checks import check_corpus, check_data_config
 from harness.model_parts import expert_count
-from harness.models import load_config as load_model_config
+from harness.models import check_weights, load_config as load_model_config
+from harness.plan import Plan
 from parallel.mesh import ParallelDims
 from parallel.pipeline import validate_pipeline
 
 
-def normalize_ac_mode(mode: str | bool) -> str:
-    if isinstance(mode, bool):
-        return "full" if mode else "none"
-    if mode.lower() not in AC_MODES:
-        raise ConfigError(f"ac.mode={mode!r}: must be one of {', '.join(AC_MODES)} (or true/false)")
-    return mode.lower()
-
-
-def validate(cfg: Config, world_size: int) -> ParallelDims:
-    """Checks the whole config for a world of `world_size` ranks; returns the resolved dims."""
+def validate(cfg: Config, world_size: int) -> Plan:
+    """Checks the whole config for a world of `world_size` ranks; returns the resolved plan.
+    Reads the config only: what the user wrote stays as written."""
     _check_positive(cfg)
-    cfg.ac.mode = normalize_ac_mode(cfg.ac.mode)
     p = cfg.parallel
     try:
         dims = ParallelDims(pp=p.pp, dp_replicate=p.dp_replicate, dp_shard=p.dp_shard, cp=p.cp, tp=p.tp,
@@ -41,18 +34,30 @@ def validate(cfg: Config, world_size: int) -> ParallelDims:
     model_config = _check_model(cfg)
     check_data_config(cfg, model_config, dims)
     _check_experts(cfg, model_config, dims)
+    pp_microbatches, stages_per_rank = 1, 1
     if dims.pp > 1:
+        pp_microbatches = dims.pp if p.pp_microbatches is None else p.pp_microbatches
         try:
-            validate_pipeline(num_layers=model_config.num_hidden_layers, pp=dims.pp, schedule=p.pp_schedule,
-                              stages_per_rank=p.pp_stages_per_rank, n_microbatches=p.pp_microbatches or dims.pp,
-                              layers_per_stage=p.pp_layers_per_stage, local_batch_size=cfg.train.micro_batch_size)
+            stages_per_rank = validate_pipeline(
+                num_layers=model_config.num_hidden_layers, pp=dims.pp, schedule=p.pp_schedule,
+                stages_per_rank=p.pp_stages_per_rank, n_microbatches=pp_microbatches,
+                layers_per_stage=p.pp_layers_per_stage, local_batch_size=cfg.train.micro_batch_size)
         except ValueError as e:
             raise ConfigError(str(e)) from None
-    if cfg.moe.dispatcher not in DISPATCHERS:
-        raise ConfigError(f"moe.dispatcher={cfg.moe.dispatcher!r}: must be one of {', '.join(DISPATCHERS)}")
     _check_checkpoint(cfg)
     check_corpus(cfg)  # last: it may tokenize the whole source
-    return dims
+    # Under pipeline parallel a stage runs several microbatches back to back; resharding after
+    # each forward would all-gather the same weights again for every one of them.
+    reshard = p.reshard_after_forward if p.reshard_after_forward is not None else dims.pp == 1
+    return Plan(dims=dims, ac_mode=_ac_mode(cfg.ac.mode), micro_batch_size=cfg.train.micro_batch_size,
+                grad_accumulation=cfg.train.global_batch_size // (cfg.train.micro_batch_size * dims.dp),
+                pp_microbatches=pp_microbatches, pp_stages_per_rank=stages_per_rank, reshard_after_forward=reshard)
+
+
+def _ac_mode(mode: AcMode | bool) -> AcMode:
+    if isinstance(mode, bool):
+        return "full" if mode else "none"
+    return mode
 
 
 def _check_positive(cfg: Config) -> None:
@@ -63,10 +68,16 @@ def _check_positive(cfg: Config) -> None:
         if value <= 0:
             raise ConfigError(f"{section}.{name}={value}: must be > 0")
     for section, name in [("train", "lr"), ("train", "warmup_steps"), ("train", "weight_decay"),
-                          ("train", "max_grad_norm"), ("train", "min_lr_ratio"), ("checkpoint", "every")]:
+                          ("train", "max_grad_norm"), ("train", "min_lr_ratio")]:
         value = getattr(getattr(cfg, section), name)
         if value < 0:
             raise ConfigError(f"{section}.{name}={value}: must be >= 0")
+    # Optional counts: null asks for the default; 0 or less never does.
+    for section, name in [("parallel", "pp_microbatches"), ("parallel", "pp_stages_per_rank"),
+                          ("checkpoint", "every")]:
+        value = getattr(getattr(cfg, section), name)
+        if value is not None and value <= 0:
+            raise ConfigError(f"{section}.{name}={value}: must be > 0, or null for the default")
     if cfg.logging.peak_tflops is not None and cfg.logging.peak_tflops <= 0:
         raise ConfigError(f"logging.peak_tflops={cfg.logging.peak_tflops}: must be > 0 (or unset for auto)")
     if cfg.logging.tensorboard_dir is not None and importlib.util.find_spec("tensorboard") is None:
@@ -94,9 +105,6 @@ def _check_model(cfg: Config) -> PretrainedConfig:
                               "directory or its config.json")
         if os.path.isdir(m.path) and not os.path.isfile(os.path.join(m.path, "config.json")):
             raise ConfigError(f"model.path={m.path}: no config.json in that directory")
-    elif m.preset not in MODEL_PRESETS:
-        raise ConfigError(f"model.preset={m.preset!r}: unknown; choose one of {', '.join(MODEL_PRESETS)} "
-                          "or set model.path")
     try:
         model_config = load_model_config(m.preset, m.path)
     except (OSError, ValueError, KeyError) as e:
@@ -108,6 +116,11 @@ def _check_model(cfg: Config) -> PretrainedConfig:
     if cfg.train.seq_len > getattr(model_config, "max_position_embeddings", cfg.train.seq_len):
         raise ConfigError(f"train.seq_len={cfg.train.seq_len}: longer than the model's "
                           f"max_position_embeddings={model_config.max_position_embeddings}")
+    if m.path is not None:
+        try:
+            check_weights(m.path, model_config)
+        except ValueError as e:
+            raise ConfigError(f"model.path={m.path}: {e}") from None
     return model_config
 
 

@@ -16,6 +16,7 @@ import torch
 from harness.config import Config, ConfigError, load_config
 from harness.validation import validate
 from launch import slurm
+from launch.recipe_help import recipe_help
 
 DEFAULT_RECIPE = str(resources.files("launch") / "recipes" / "default.yaml")
 
@@ -79,6 +80,9 @@ def world_size(cfg: Config, torchrun: list[str]) -> int:
 
 
 def main(argv: list[str]) -> int:
+    if "--help" in argv or "-h" in argv:
+        print(recipe_help())
+        return 0
     try:
         recipe, overrides, torchrun = split_args(argv)
         cfg = load_config(recipe or DEFAULT_RECIPE, overrides)
@@ -86,14 +90,14 @@ def main(argv: list[str]) -> int:
         if not worker and slurm.in_multinode_step(os.environ) and not slurm.names_rendezvous(torchrun):
             torchrun = slurm.torchrun_args(os.environ) + torchrun
         size = int(os.environ["WORLD_SIZE"]) if worker else world_size(cfg, torchrun)
-        dims = validate(cfg, size)
+        plan = validate(cfg, size)
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     if worker:
         from launch.worker import run_worker
 
-        run_worker(cfg, dims)
+        run_worker(cfg, plan)
         return 0
     from launch.spawn import spawn_workers
 

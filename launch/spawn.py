@@ -21,7 +21,7 @@ def spawn_workers(config_args: list[str], torchrun: list[str], nproc_per_node: i
         # One node: rendezvous on a free localhost port, so two jobs on one box never collide.
         args.append("--standalone")
     # torchrun does not handle SIGUSR1 (its default action would kill the agent and orphan the
-    # workers); pass it on to the workers, which checkpoint and exit (see harness.checkpoint).
+    # workers); pass it on to the workers, which checkpoint and exit (see harness.preemption).
     signal.signal(signal.SIGUSR1, _forward_to_workers)
     try:
         torchrun_module.main([*args, "--module", "launch", *config_args])

@@ -9,13 +9,13 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
-from harness.checkpoint import PreemptionRequest
 from harness.config import Config
+from harness.plan import Plan
+from harness.preemption import PreemptionRequest
 from harness.trainer import train
-from parallel.mesh import ParallelDims
 
 
-def run_worker(cfg: Config, dims: ParallelDims) -> None:
+def run_worker(cfg: Config, plan: Plan) -> None:
     local_world = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
     if torch.cuda.is_available():
         torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
@@ -31,7 +31,7 @@ def run_worker(cfg: Config, dims: ParallelDims) -> None:
     preemption = PreemptionRequest()
     _init_process_group(backend, timedelta(minutes=10))
     try:
-        train(cfg, dims, preemption)
+        train(cfg, plan, preemption)
         # gloo was seen aborting at teardown ("terminate called without an active exception")
         # when ranks destroy the group while others still talk.
         dist.barrier()

@@ -6,12 +6,12 @@ import pytest
 import torch
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
-from harness.checkpoint import complete_checkpoints, load_checkpoint, save_checkpoint
+from harness.checkpoint import complete_checkpoints
 from harness.config import Config
-from harness.trainer import Run, build_run, train_step
+from harness.trainer import Run, build_run, checkpoint_run, resume_run, train_step
 from harness.validation import validate
-from multiproc import run_ranks
-from reference import tiny_config
+from tests.multiproc import run_ranks
+from tests.reference import tiny_config
 
 
 def _full_params(run: Run) -> dict[str, torch.Tensor]:
@@ -30,10 +30,10 @@ def train_segment(rank: int, world_size: int, cfg: Config, steps: int, load: str
     `then` more steps. Returns every loss, and the parameters as they were after `steps`."""
     run = build_run(cfg, validate(cfg, world_size))
     if load is not None:
-        load_checkpoint(run, load)
+        resume_run(run, load)
     losses = [train_step(run)["loss"] for _ in range(steps)]
     if save is not None:
-        save_checkpoint(run, save)
+        checkpoint_run(run, save)
     params = _full_params(run)
     losses += [train_step(run)["loss"] for _ in range(then)]
     return losses, params
@@ -42,7 +42,7 @@ def train_segment(rank: int, world_size: int, cfg: Config, steps: int, load: str
 def load_then_step(rank: int, world_size: int, cfg: Config, path: str) -> tuple[dict[str, torch.Tensor], float]:
     """The parameters right after loading `path`, and the loss of the step that follows."""
     run = build_run(cfg, validate(cfg, world_size))
-    load_checkpoint(run, path)
+    resume_run(run, path)
     params = _full_params(run)
     return params, train_step(run)["loss"]
 

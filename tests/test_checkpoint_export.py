@@ -1,18 +1,20 @@
-"""Export: a checkpoint of a sharded run becomes an HF folder that plain transformers loads and
-that gives the trained model's logits (expert-parallel MoE: experts are DTensors over ep x efsdp)."""
+"""Export: a checkpoint of a sharded run becomes an HF folder (sharded safetensors + index) that
+plain transformers loads and that gives the trained model's logits (expert-parallel MoE: experts
+are DTensors over ep x efsdp), and that the harness loads back with `model.path`."""
 
 from __future__ import annotations
+
+import json
 
 import torch
 from transformers import AutoModelForCausalLM
 
-from harness.checkpoint import save_checkpoint
 from harness.config import Config
 from harness.export import export, main as export_main
-from harness.trainer import build_run, train_step
+from harness.trainer import build_run, checkpoint_run, train_step
 from harness.validation import validate
-from multiproc import run_ranks
-from reference import tiny_config
+from tests.multiproc import run_ranks
+from tests.reference import reference_run, tiny_config
 
 
 def _batch(cfg: Config) -> torch.Tensor:
@@ -24,22 +26,40 @@ def train_and_save(rank: int, world_size: int, cfg: Config, root: str) -> torch.
     run = build_run(cfg, validate(cfg, world_size))
     for _ in range(2):
         train_step(run)
-    save_checkpoint(run, root)
+    checkpoint_run(run, root)
     with torch.no_grad():
         return run.modules[0](input_ids=_batch(cfg)).logits
 
 
-def test_export_of_expert_parallel_run_loads_in_transformers(tmp_path):
+def load_and_step(rank: int, world_size: int, cfg: Config) -> tuple[torch.Tensor, float]:
+    """The logits of a run loaded from `model.path` on the fixed batch, and its first loss."""
+    run = build_run(cfg, validate(cfg, world_size))
+    with torch.no_grad():
+        logits = run.modules[0](input_ids=_batch(cfg)).logits
+    return logits, train_step(run)["loss"]
+
+
+def test_streaming_export_round_trips_through_transformers_and_model_path(tmp_path):
     cfg = tiny_config("--model.preset=qwen3_moe", "--parallel.dp_shard=2", "--parallel.ep=2")
     root, out = str(tmp_path / "ckpt"), tmp_path / "hf"
     trained = run_ranks(train_and_save, 2, cfg, root)[0]
-    export(root, str(out))
-    assert {"config.json", "model.safetensors"} <= {p.name for p in out.iterdir()}
+    export(root, str(out), max_shard_bytes=100_000)
+    with open(out / "model.safetensors.index.json") as f:
+        weight_map = json.load(f)["weight_map"]
+    files = {p.name for p in out.iterdir() if p.suffix == ".safetensors"}
+    assert len(files) > 1 and set(weight_map.values()) == files
+    # The Hub layout save_pretrained writes: one tensor per expert.
+    assert "model.layers.0.mlp.experts.7.up_proj.weight" in weight_map
     model = AutoModelForCausalLM.from_pretrained(out, local_files_only=True)
     assert model.config.model_type == "qwen3_moe"
     with torch.no_grad():
-        logits = model(input_ids=_batch(cfg)).logits
+        torch.testing.assert_close(model(input_ids=_batch(cfg)).logits, trained, atol=1e-5, rtol=0)
+    # Loaded back by the harness in another layout (experts FSDP-sharded, no EP): same logits,
+    # and the same first loss as the one-process run from transformers' own load.
+    again = tiny_config(f"--model.path={out}", "--parallel.dp_shard=2", "--train.steps=1")
+    logits, loss = run_ranks(load_and_step, 2, again)[0]
     torch.testing.assert_close(logits, trained, atol=1e-5, rtol=0)
+    assert abs(loss - reference_run(again)[0][0]) < 1e-5
 
 
 def test_export_refuses_a_non_empty_output_and_a_missing_checkpoint(tmp_path, capsys):

@@ -4,10 +4,11 @@ import importlib.util
 import os
 import subprocess
 import sys
+import typing
 
 import pytest
 
-from harness.config import ConfigError, load_config
+from harness.config import AcMode, ConfigError, DispatcherName, ParallelConfig, load_config
 from harness.validation import validate
 
 CASES = [
@@ -49,6 +50,12 @@ CASES = [
     (["--moe.bias_update_rate=0.01"], 1, "moe.bias_update_rate"),
     (["--parallel.pp=2", "--parallel.dp_shard=1", "--parallel.pp_schedule=OneFOneB"], 2, "parallel.pp_schedule"),
     (["--parallel.pp_layers_per_stage=2"], 1, "parallel.pp_layers_per_stage: expected a list"),
+    (["--parallel.pp=2", "--parallel.dp_shard=1", "--parallel.pp_microbatches=0"], 2,
+     "parallel.pp_microbatches=0: must be > 0, or null"),
+    (["--parallel.pp=2", "--parallel.dp_shard=1", "--parallel.pp_stages_per_rank=-1"], 2,
+     "parallel.pp_stages_per_rank=-1"),
+    (["--checkpoint.dir=ck", "--checkpoint.every=0"], 1, "checkpoint.every=0"),
+    (["--checkpoint.keep=0"], 1, "checkpoint.keep=0"),
 ]
 
 
@@ -87,9 +94,7 @@ def test_true_false_and_case_select_ac_modes():
 
 
 def validate_mode(text: str) -> str:
-    cfg = load_config(None, [f"--ac.mode={text}"])
-    validate(cfg, 1)
-    return cfg.ac.mode
+    return validate(load_config(None, [f"--ac.mode={text}"]), 1).ac_mode
 
 
 def test_launcher_exits_2_with_one_line_before_starting_processes(tmp_path):
@@ -105,3 +110,30 @@ def test_launcher_exits_2_with_one_line_before_starting_processes(tmp_path):
 def test_tensorboard_dir_without_tensorboard_says_how_to_install():
     with pytest.raises(ConfigError, match="logging.tensorboard_dir=tb: tensorboard is not installed; pip install"):
         validate(load_config(None, ["--logging.tensorboard_dir=tb"]), 1)
+
+
+def test_recipe_choices_match_what_the_packages_implement():
+    from moe.dispatch import DISPATCHERS
+    from parallel.activation_checkpointing import AC_MODES
+    from parallel.pipeline import SCHEDULES
+
+    assert typing.get_args(AcMode) == AC_MODES
+    assert typing.get_args(DispatcherName) == DISPATCHERS
+    assert typing.get_args(typing.get_type_hints(ParallelConfig)["pp_schedule"]) == SCHEDULES
+
+
+def test_validation_leaves_the_recipe_as_written():
+    cfg = load_config(None, ["--ac.mode=true", "--parallel.pp=2", "--parallel.dp_shard=1"])
+    before = cfg.to_dict()
+    plan = validate(cfg, 2)
+    assert cfg.to_dict() == before
+    assert (plan.ac_mode, plan.pp_microbatches, plan.pp_stages_per_rank, plan.reshard_after_forward) == ("full", 2, 1, False)
+
+
+def test_launch_help_lists_recipe_fields():
+    result = subprocess.run([sys.executable, "-m", "launch", "--help"], capture_output=True, text=True, timeout=120,
+                            env={**os.environ, "PYTHONPATH": os.getcwd()})
+    assert result.returncode == 0
+    assert "--parallel.pp_schedule  (GPipe | 1F1B |" in result.stdout
+    assert "activation checkpointing; true = full, false = none" in result.stdout
+    assert "torchrun" in result.stdout and "usage: torchrun" not in result.stdout

@@ -1,0 +1,33 @@
+"""The resolved layout of a run: what validation decided, read by everything after it.
+
+The recipe says what the user asked for (`pp_microbatches: null`, `ac.mode: true`); the plan
+says what runs (4 microbatches, "full") on one world size. Validation builds it once; the
+trainer, the pipeline set-up and the start-up summary read it and never re-derive a default.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from harness.config import AcMode
+from parallel.mesh import ParallelDims
+
+
+@dataclass(frozen=True)
+class Plan:
+    dims: ParallelDims  # pp x dp_replicate x dp_shard (ep borrowed from dp_shard) for this world
+    ac_mode: AcMode
+    micro_batch_size: int  # sequences per forward on one data-parallel rank
+    grad_accumulation: int  # micro batches per optimizer step on each data-parallel rank
+    pp_microbatches: int  # pieces each micro batch is split into under pipeline parallel (1 without)
+    pp_stages_per_rank: int  # pipeline stages each rank holds (1 without pipeline parallel)
+    reshard_after_forward: bool  # FSDP2: free gathered parameters after each forward
+
+    @property
+    def world_size(self) -> int:
+        return self.dims.world_size
+
+    @property
+    def pipeline_microbatch_size(self) -> int:
+        """Sequences in one pipeline microbatch."""
+        return self.micro_batch_size // self.pp_microbatches

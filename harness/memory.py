@@ -10,20 +10,25 @@ from torch.distributed.tensor import DTensor
 MiB = 2**20
 
 
-def _local_bytes(tensor: torch.Tensor | None) -> int:
+def local_bytes(tensor: torch.Tensor | None) -> int:
+    """Bytes this rank holds of `tensor`: its local shard for a DTensor, 0 for None."""
     if tensor is None:
         return 0
     local = tensor.to_local() if isinstance(tensor, DTensor) else tensor
     return local.numel() * local.element_size()
 
 
+def state_bytes(params: list[torch.nn.Parameter], optimizer: torch.optim.Optimizer) -> dict[str, int]:
+    """This rank's shards of parameters, gradients and optimizer state (scalars such as Adam's step left out)."""
+    return {"param": sum(local_bytes(p) for p in params),
+            "grad": sum(local_bytes(p.grad) for p in params),
+            "optimizer": sum(local_bytes(v) for state in optimizer.state.values() for v in state.values()
+                             if isinstance(v, torch.Tensor) and v.ndim > 0)}
+
+
 def state_mib(params: list[torch.nn.Parameter], optimizer: torch.optim.Optimizer) -> dict[str, float]:
-    """This rank's shards of parameters, gradients and optimizer state, in MiB."""
-    optimizer_bytes = sum(_local_bytes(v) for state in optimizer.state.values() for v in state.values()
-                          if isinstance(v, torch.Tensor) and v.ndim > 0)
-    return {"param_mib": sum(_local_bytes(p) for p in params) / MiB,
-            "grad_mib": sum(_local_bytes(p.grad) for p in params) / MiB,
-            "optimizer_mib": optimizer_bytes / MiB}
+    """`state_bytes` in MiB, named as the metrics rows name them (param_mib, grad_mib, optimizer_mib)."""
+    return {f"{key}_mib": count / MiB for key, count in state_bytes(params, optimizer).items()}
 
 
 def peak_mib(device: torch.device) -> float:

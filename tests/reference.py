@@ -7,12 +7,42 @@ clip_grad_norm_), sharing only the data order, the weights and the LR formula wi
 from __future__ import annotations
 
 import torch
+from torch import nn
 
-from harness.config import Config
+from harness.config import Config, load_config
 from harness.data import BatchSampler, load_tokens
 from harness.loss import count_tokens, token_loss_sum
 from harness.models import load_config as load_model_config, reference_model
 from harness.schedule import lr_factor
+
+
+def reference_optimizer(model: nn.Module, cfg: Config) -> torch.optim.AdamW:
+    t = cfg.train
+    return torch.optim.AdamW(model.parameters(), lr=t.lr, betas=(0.9, 0.95), weight_decay=t.weight_decay)
+
+
+def reference_step(model: nn.Module, optimizer: torch.optim.Optimizer, inputs: torch.Tensor, labels: torch.Tensor,
+                   max_grad_norm: float | None = None, chunk: int | None = None) -> tuple[float, float]:
+    """One optimizer step on the whole batch: its mean token loss and the gradient norm before clipping.
+
+    `chunk` splits the batch into forwards of that many rows; HF's router aux loss, when the model
+    returns one, is added per chunk (it is not linear in the batch, so it needs the trainer's split).
+    """
+    rows = inputs.shape[0]
+    chunk = chunk or rows
+    with_aux = getattr(model.config, "output_router_logits", False)
+    loss = torch.zeros(())
+    for start in range(0, rows, chunk):
+        outputs = model(input_ids=inputs[start:start + chunk])
+        token_loss = token_loss_sum(outputs.logits, labels[start:start + chunk]) / count_tokens(labels)
+        aux = outputs.aux_loss * model.config.router_aux_loss_coef * chunk / rows if with_aux else 0.0
+        (token_loss + aux).backward()
+        loss += token_loss.detach()
+    # Adam and clipping hide a wrong gradient scale from losses and parameters; the norm shows it.
+    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_grad_norm or float("inf")).item()
+    optimizer.step()
+    optimizer.zero_grad()
+    return loss.item(), grad_norm
 
 
 def reference_run(cfg: Config) -> tuple[list[float], list[float], dict[str, torch.Tensor]]:
@@ -21,32 +51,19 @@ def reference_run(cfg: Config) -> tuple[list[float], list[float], dict[str, torc
     t = cfg.train
     model = reference_model(load_model_config(cfg.model.preset, cfg.model.path, cfg.model.overrides), t.seed,
                             cfg.model.path)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=t.lr, betas=(0.9, 0.95), weight_decay=t.weight_decay)
+    optimizer = reference_optimizer(model, cfg)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, t))
     sampler = BatchSampler(load_tokens(cfg.data), t.seq_len, t.global_batch_size, t.seed)
     loads = _count_expert_loads(model)
-    # HF's router aux loss is not linear in the batch: with it, run the trainer's microbatches.
-    with_aux = getattr(model.config, "output_router_logits", False)
-    chunk = t.micro_batch_size if with_aux else t.global_batch_size
+    chunk = t.micro_batch_size if getattr(model.config, "output_router_logits", False) else None
     losses, grad_norms = [], []
     for step in range(t.steps):
-        inputs, labels = sampler.global_batch(step)
-        loss = torch.zeros(())
-        for start in range(0, t.global_batch_size, chunk):
-            outputs = model(input_ids=inputs[start:start + chunk])
-            token_loss = token_loss_sum(outputs.logits, labels[start:start + chunk]) / count_tokens(labels)
-            aux = outputs.aux_loss * model.config.router_aux_loss_coef * chunk / t.global_batch_size \
-                if with_aux else 0.0
-            (token_loss + aux).backward()
-            loss += token_loss.detach()
-        # Adam and clipping hide a wrong gradient scale from losses and parameters; the norm shows it.
-        grad_norms.append(torch.nn.utils.clip_grad_norm_(model.parameters(), t.max_grad_norm or float("inf")).item())
-        optimizer.step()
+        loss, grad_norm = reference_step(model, optimizer, *sampler.global_batch(step), t.max_grad_norm, chunk)
         scheduler.step()
-        optimizer.zero_grad()
         if cfg.moe.bias_update_rate:
             _update_biases(model, loads, cfg.moe.bias_update_rate)
-        losses.append(loss.item())
+        losses.append(loss)
+        grad_norms.append(grad_norm)
     return losses, grad_norms, {k: v.detach().clone() for k, v in model.state_dict().items()}
 
 
@@ -74,8 +91,6 @@ def _update_biases(model: torch.nn.Module, loads: dict, rate: float) -> None:
 
 def tiny_config(*overrides: str) -> Config:
     """A few fast steps on a small slice of the built-in corpus."""
-    from harness.config import load_config
-
     base = ["--train.steps=3", "--train.global_batch_size=8", "--train.micro_batch_size=2",
             "--train.seq_len=32", "--train.lr=1e-2", "--train.warmup_steps=1", "--train.metrics_file=null",
             "--data.max_bytes=200000", "--logging.progress=false"]

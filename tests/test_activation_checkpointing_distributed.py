@@ -8,13 +8,13 @@ import torch.distributed._functional_collectives as funcol
 from torch import nn
 from torch.distributed.fsdp import fully_shard
 
-from ac_helpers import OpRecorder, inner
 from harness.loss import token_loss_sum
 from harness.materialize import canonical_name, materialize
 from harness.model_parts import decoder_layers
 from harness.models import build_meta_model, load_config, reference_model
-from multiproc import run_ranks
 from parallel.activation_checkpointing import apply_activation_checkpointing
+from tests.ac_helpers import OpRecorder, inner
+from tests.multiproc import run_ranks
 
 MODES = ("none", "full", "selective", "submodule")
 

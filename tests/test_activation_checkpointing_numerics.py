@@ -6,11 +6,11 @@ import pytest
 import torch
 from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import CheckpointWrapper
 
-from ac_helpers import StackModel, assert_bitwise, inner, lm_loss_and_grads
 from harness.materialize import canonical_name
 from harness.model_parts import decoder_layers
 from harness.models import load_config, reference_model
 from parallel.activation_checkpointing import SELECTIVE_AC_WRAPPER_FLAG, apply_activation_checkpointing
+from tests.ac_helpers import StackModel, assert_bitwise, inner, lm_loss_and_grads
 
 MODES = ("full", "selective", "submodule")
 
@@ -81,7 +81,7 @@ def test_qwen3_moe_bitwise(mode: str) -> None:
 def test_ac_report_measures_every_mode(tmp_path) -> None:
     import json
 
-    from harness import ac_report
+    from tests.bench import ac_report
 
     out = tmp_path / "ac.json"
     ac_report.main(["--hidden", "64", "--layers", "2", "--seq", "64", "--batch", "2", "--steps", "1", "--out", str(out)])

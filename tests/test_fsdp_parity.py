@@ -2,9 +2,9 @@
 
 import pytest
 
-from layout_run import assert_matches_reference, train_layout
-from multiproc import run_ranks
-from reference import reference_run, tiny_config
+from tests.layout_run import assert_matches_reference, train_layout
+from tests.multiproc import run_ranks
+from tests.reference import reference_run, tiny_config
 
 
 @pytest.mark.parametrize("world_size, layout", [

@@ -3,8 +3,8 @@
 import pytest
 import torch.distributed as dist
 
-from multiproc import run_ranks
 from parallel.mesh import ParallelDims
+from tests.multiproc import run_ranks
 
 LAYOUTS = [dict(dp_shard=4), dict(pp=2, dp_shard=2, ep=2), dict(dp_replicate=2, dp_shard=2, ep=2),
            dict(dp_shard=4, ep=2)]

@@ -23,6 +23,7 @@ from parallel.fsdp import apply_fsdp
 from parallel.mesh import ParallelDims
 from parallel.pipeline import SCHEDULES, pipeline_model
 from tests.multiproc import run_ranks
+from tests.reference import reference_step
 
 SEED, STEPS, BATCH, SEQ, MICROBATCHES, LR = 0, 2, 8, 16, 4, 1e-2
 # Adam turns ~1e-7 gradient noise (a different summation order) into ~1e-5 parameter noise at lr 1e-2.
@@ -62,19 +63,13 @@ def _grad_norm(params: list[torch.Tensor]) -> float:
 
 
 def _reference(preset: str) -> tuple[list[float], list[float], dict[str, torch.Tensor]]:
-    """Losses and gradient norms per step (Adam hides a wrong gradient scale; the norm shows it)."""
+    """Losses and gradient norms per step, and the final parameters, of the one-process run."""
     config = load_config(preset, None)
     model = reference_model(config, SEED)
     optimizer = torch.optim.AdamW(model.parameters(), lr=LR)
-    losses, norms = [], []
-    for inputs, labels in _batches(config.vocab_size):
-        loss = token_loss_sum(model(input_ids=inputs).logits, labels) / count_tokens(labels)
-        loss.backward()
-        norms.append(torch.nn.utils.get_total_norm([p.grad for p in model.parameters()]).item())
-        optimizer.step()
-        optimizer.zero_grad()
-        losses.append(loss.item())
-    return losses, norms, {k: v.detach().clone() for k, v in model.state_dict().items()}
+    steps = [reference_step(model, optimizer, inputs, labels) for inputs, labels in _batches(config.vocab_size)]
+    params = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    return [loss for loss, _ in steps], [norm for _, norm in steps], params
 
 
 def _pipelined(rank: int, world_size: int, cases: list[Case], dp_shard: int) -> list:

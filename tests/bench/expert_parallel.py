@@ -1,4 +1,4 @@
-"""Expert-parallel benchmark on CPU gloo ranks: `python -m tests.bench_moe [out.json]`.
+"""Expert-parallel benchmark on CPU gloo ranks: `python -m tests.bench.expert_parallel [out.json]`.
 
 qwen3_moe preset, each rank trains on its own batch (forward + backward per step). Per EP
 size it reports the step time, tokens/s against ep=1 (the same code on one rank), the share
@@ -18,7 +18,7 @@ import torch
 
 from harness.loss import token_loss_sum
 from harness.models import load_config
-from moe.traffic import TrafficLog
+from tests.bench.traffic import TrafficLog
 from tests.moe_common import ep_model
 from tests.multiproc import run_ranks
 
@@ -94,4 +94,4 @@ def main(out_path: str) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1] if len(sys.argv) > 1 else "runs/bench_moe.json")
+    main(sys.argv[1] if len(sys.argv) > 1 else "runs/bench_expert_parallel.json")

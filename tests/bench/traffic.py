@@ -1,6 +1,6 @@
 """Observe expert-parallel traffic: every harness.ep_dispatch / ep_combine call and the
 rows it sends, seen from a TorchDispatchMode (so a call served from an activation-checkpoint
-cache, which never runs, is not counted)."""
+cache, which never runs, is not counted). Used by the expert-parallel benchmark and the MoE tests."""
 
 from __future__ import annotations
 

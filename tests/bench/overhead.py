@@ -1,14 +1,18 @@
-"""Harness benchmarks on CPU gloo ranks: `python -m harness.bench [--steps N] [--out runs/bench.json]`.
+"""Harness overhead, FSDP2 memory and data-parallel throughput on CPU gloo ranks.
+
+    python -m tests.bench.overhead [--steps N] [--out runs/bench_overhead.json]
 
 Three tables, on the llama preset widened to hidden 128 (0.66M parameters), seq 128, global
 batch 8, one forward per step on each rank, one CPU thread per rank:
 
 - overhead: the harness's step (`build_run` + `train_step` on a 1-rank group: FSDP2 hooks, the
-  token and loss all-reduces, gradient clipping, the LR schedule) against a plain loop on the
-  same HF model and batches (forward, backward, AdamW step). Both run in one process, taking
-  turns step by step, so load from other processes hits both alike.
+  token and loss all-reduces, the metrics) against the one-process reference step of the tests
+  (`tests.reference.reference_step`: forward, backward, clipping, AdamW) on the same HF model and
+  batches, LR schedule included. Both run in one process, taking turns step by step, so load
+  from other processes hits both alike.
 - memory: the bytes each rank holds of parameters, gradients and AdamW moments (the local
-  shards, `to_local()`) at dp_shard = 1, 2, 4, against the single-process total / N.
+  shards, counted by `harness.memory.state_bytes`) at dp_shard = 1, 2, 4, against the
+  single-process total / N.
 - throughput: tokens/s of dp_shard=2 against one process on the same global batch, with each
   rank's CPU seconds per step: far below the step time, the rank was waiting for a core or a peer.
 
@@ -20,28 +24,28 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import pickle
 import statistics
 import tempfile
 import time
-from datetime import timedelta
-from typing import Any, Callable
+from typing import Any
 
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
-from torch.distributed.tensor import DTensor
 
 from harness.config import Config, load_config
 from harness.data import BatchSampler, load_tokens
-from harness.loss import count_tokens, token_loss_sum
+from harness.memory import state_bytes
 from harness.models import load_config as load_model_config, reference_model
+from harness.schedule import lr_factor
 from harness.trainer import Run, build_run, train_step
 from harness.validation import validate
+from tests.multiproc import run_ranks
+from tests.reference import reference_optimizer, reference_step
 
 GLOBAL_BATCH = 8
 MEMORY_SHARDS = (1, 2, 4)
 THROUGHPUT_SHARDS = (1, 2)
+STATE = ("param", "grad", "optimizer")
 
 
 def bench_config(dp_shard: int, steps: int) -> Config:
@@ -54,20 +58,6 @@ def bench_config(dp_shard: int, steps: int) -> Config:
         "--data.max_bytes=400000", "--logging.progress=false", f"--parallel.dp_shard={dp_shard}"])
 
 
-def _local_bytes(tensor: torch.Tensor) -> int:
-    local = tensor.to_local() if isinstance(tensor, DTensor) else tensor
-    return local.numel() * local.element_size()
-
-
-def shard_bytes(run: Run) -> dict[str, int]:
-    """Bytes of this rank's parameter, gradient and AdamW exp_avg/exp_avg_sq shards."""
-    params = [p for m in run.modules for p in m.parameters()]
-    states = [run.optimizer.state[p] for p in params if p in run.optimizer.state]
-    return dict(params=sum(_local_bytes(p) for p in params),
-                grads=sum(_local_bytes(p.grad) for p in params if p.grad is not None),
-                optimizer=sum(_local_bytes(s[key]) for s in states for key in ("exp_avg", "exp_avg_sq")))
-
-
 def _fill_gradients(run: Run) -> None:
     """One forward/backward without a step: train_step frees gradients, the memory count needs them."""
     group = run.dp_group
@@ -77,7 +67,7 @@ def _fill_gradients(run: Run) -> None:
 
 
 def layout_rank(rank: int, world: int, steps: int) -> dict[str, Any]:
-    """On one rank of a dp_shard=`world` run: step times of `steps` steps, then its shard bytes."""
+    """On one rank of a dp_shard=`world` run: step times of `steps` steps, then its state bytes."""
     cfg = bench_config(world, steps)
     run = build_run(cfg, validate(cfg, world))
     rows, cpu_s = [], []
@@ -87,32 +77,9 @@ def layout_rank(rank: int, world: int, steps: int) -> dict[str, Any]:
         rows.append(train_step(run))
         cpu_s.append(time.process_time() - start)
     _fill_gradients(run)
-    return dict(step_s=[r["step_time_s"] for r in rows], cpu_s=cpu_s, tokens=rows[-1]["tokens"], **shard_bytes(run))
-
-
-def _rank_entry(rank: int, world: int, store: str, results: str, fn: Callable, args: tuple) -> None:
-    # One thread per rank: N ranks then use N cores, as N GPUs would be N devices.
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", store=dist.FileStore(store, world), rank=rank, world_size=world,
-                            timeout=timedelta(seconds=300))
-    try:
-        value = fn(rank, world, *args)
-        with open(os.path.join(results, f"{rank}.pkl"), "wb") as f:
-            pickle.dump(value, f)
-        dist.barrier()  # gloo was seen aborting at teardown while a peer was still in a collective
-    finally:
-        dist.destroy_process_group()
-
-
-def spawn_ranks(fn: Callable, world: int, *args: Any) -> list[Any]:
-    """`fn(rank, world, *args)` on `world` gloo ranks in fresh processes; their results by rank."""
-    with tempfile.TemporaryDirectory() as tmp:
-        mp.spawn(_rank_entry, args=(world, os.path.join(tmp, "store"), tmp, fn, args), nprocs=world)
-        results = []
-        for rank in range(world):
-            with open(os.path.join(tmp, f"{rank}.pkl"), "rb") as f:
-                results.append(pickle.load(f))
-    return results
+    params = [p for m in run.modules for p in m.parameters()]
+    return dict(step_s=[r["step_time_s"] for r in rows], cpu_s=cpu_s, tokens=rows[-1]["tokens"],
+                **state_bytes(params, run.optimizer))
 
 
 def _median_of_slowest(per_rank: list[list[float]]) -> float:
@@ -121,62 +88,61 @@ def _median_of_slowest(per_rank: list[list[float]]) -> float:
 
 
 def layout(world: int, steps: int) -> dict[str, Any]:
-    """Per-rank shard bytes (max and min over ranks) and tokens/s of a dp_shard=`world` run."""
-    ranks = spawn_ranks(layout_rank, world, steps)
+    """Per-rank state bytes (max and min over ranks) and tokens/s of a dp_shard=`world` run."""
+    ranks = run_ranks(layout_rank, world, steps)
     row: dict[str, Any] = dict(dp_shard=world, step_s=None, cpu_s=None, tokens_per_s=None)
     if steps > 1:
         row["step_s"] = _median_of_slowest([r["step_s"] for r in ranks])
         row["cpu_s"] = _median_of_slowest([r["cpu_s"] for r in ranks])
         row["tokens_per_s"] = ranks[0]["tokens"] / row["step_s"]
-    for key in ("params", "grads", "optimizer"):
+    for key in STATE:
         row[f"{key}_bytes_max"] = max(r[key] for r in ranks)
         row[f"{key}_bytes_min"] = min(r[key] for r in ranks)
     return row
 
 
 def overhead(steps: int) -> dict[str, Any]:
-    """Median step time of the harness on a 1-rank group against a plain loop, in this process."""
+    """Median step time of the harness on a 1-rank group against the reference step, in this process."""
     torch.set_num_threads(1)
     cfg = bench_config(1, steps)
+    t = cfg.train
     with tempfile.TemporaryDirectory() as tmp:
         dist.init_process_group("gloo", store=dist.FileStore(os.path.join(tmp, "store"), 1), rank=0, world_size=1)
         try:
             run = build_run(cfg, validate(cfg, 1))
-            t = cfg.train
             model = reference_model(load_model_config(cfg.model.preset, cfg.model.path, cfg.model.overrides), t.seed)
-            optimizer = torch.optim.AdamW(model.parameters(), lr=t.lr, betas=(0.9, 0.95), weight_decay=t.weight_decay)
+            optimizer = reference_optimizer(model, cfg)
+            scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, t))
             sampler = BatchSampler(load_tokens(cfg.data), t.seq_len, t.global_batch_size, t.seed)
-            plain, harness = [], []
+            reference, harness = [], []
             for step in range(steps):
                 start = time.perf_counter()
-                inputs, labels = sampler.global_batch(step)
-                loss = token_loss_sum(model(input_ids=inputs).logits, labels) / count_tokens(labels)
-                loss.backward()
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
-                plain.append(time.perf_counter() - start)
+                reference_step(model, optimizer, *sampler.global_batch(step), t.max_grad_norm)
+                scheduler.step()
+                reference.append(time.perf_counter() - start)
                 start = time.perf_counter()
                 train_step(run)
                 harness.append(time.perf_counter() - start)
         finally:
             dist.destroy_process_group()
-    plain_s, harness_s = statistics.median(plain[1:]), statistics.median(harness[1:])
-    return dict(plain_ms=plain_s * 1e3, harness_ms=harness_s * 1e3, overhead_pct=100 * (harness_s / plain_s - 1))
+    reference_s, harness_s = statistics.median(reference[1:]), statistics.median(harness[1:])
+    return dict(reference_ms=reference_s * 1e3, harness_ms=harness_s * 1e3,
+                overhead_pct=100 * (harness_s / reference_s - 1))
 
 
 def format_tables(over: dict[str, Any], layouts: list[dict[str, Any]]) -> str:
     lines = ["step time, 1 process (median ms)",
-             f"{'plain loop':>12} {'harness':>9} {'overhead':>9}",
-             f"{over['plain_ms']:>12.1f} {over['harness_ms']:>9.1f} {over['overhead_pct']:>8.1f}%",
+             f"{'reference':>12} {'harness':>9} {'overhead':>9}",
+             f"{over['reference_ms']:>12.1f} {over['harness_ms']:>9.1f} {over['overhead_pct']:>8.1f}%",
              "",
              "bytes per rank (max over ranks) vs single-process total / N",
              f"{'dp_shard':>8} {'params':>10} {'grads':>10} {'adamw':>10} {'sum':>10} {'total/N':>10} {'x total/N':>9}"]
     base = layouts[0]
-    total = sum(base[f"{k}_bytes_max"] for k in ("params", "grads", "optimizer"))
+    total = sum(base[f"{k}_bytes_max"] for k in STATE)
     for r in layouts:
-        per_rank = sum(r[f"{k}_bytes_max"] for k in ("params", "grads", "optimizer"))
+        per_rank = sum(r[f"{k}_bytes_max"] for k in STATE)
         n = r["dp_shard"]
-        lines.append(f"{n:>8} {r['params_bytes_max']:>10,} {r['grads_bytes_max']:>10,} "
+        lines.append(f"{n:>8} {r['param_bytes_max']:>10,} {r['grad_bytes_max']:>10,} "
                      f"{r['optimizer_bytes_max']:>10,} {per_rank:>10,} {total // n:>10,} {per_rank * n / total:>9.3f}")
     lines += ["", "throughput, same global batch",
               f"{'dp_shard':>8} {'step ms':>9} {'cpu ms':>8} {'tokens/s':>10} {'x 1 proc':>9}"]
@@ -190,7 +156,7 @@ def format_tables(over: dict[str, Any], layouts: list[dict[str, Any]]) -> str:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=10, help="steps per timed run, the first one warm-up")
-    parser.add_argument("--out", default=os.path.join("runs", "bench.json"))
+    parser.add_argument("--out", default=os.path.join("runs", "bench_overhead.json"))
     args = parser.parse_args(argv)
     if args.steps < 2:
         parser.error("--steps must be at least 2: the first step is warm-up")

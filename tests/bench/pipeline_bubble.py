@@ -1,4 +1,4 @@
-"""Pipeline bubble on CPU gloo ranks: `python -m tests.bench_pipeline [out.json]`.
+"""Pipeline bubble on CPU gloo ranks: `python -m tests.bench.pipeline_bubble [out.json]`.
 
 For 1F1B and Interleaved1F1B at pp 2 and 4 with 4 and 8 microbatches, each rank times its
 schedule steps and, inside them, its compute: every forward and backward of a microbatch chunk
@@ -70,8 +70,8 @@ def _measure(rank: int, world: int, schedule: str, m: int) -> dict:
     def loss_fn(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         return token_loss_sum(logits, labels) / tokens
 
-    plan = pipeline_model(stage_builder(build_meta_model(config)), config.num_hidden_layers, meshes.pp, schedule=schedule, n_microbatches=m,
-                          stages_per_rank=None, layers_per_stage=None,
+    plan = pipeline_model(stage_builder(build_meta_model(config)), config.num_hidden_layers, meshes.pp,
+                          schedule=schedule, n_microbatches=m, stages_per_rank=None, layers_per_stage=None,
                           parallelize_fn=lambda stage: materialize(stage, reference, "cpu"),
                           device="cpu", loss_fn=loss_fn, microbatch_shape=(MICROBATCH_ROWS, SEQ))
     gen = torch.Generator().manual_seed(0)
@@ -116,4 +116,4 @@ def main(out_path: str) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1] if len(sys.argv) > 1 else "runs/bench_pipeline.json")
+    main(sys.argv[1] if len(sys.argv) > 1 else "runs/bench_pipeline_bubble.json")

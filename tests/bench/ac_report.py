@@ -1,6 +1,6 @@
 """Activation memory and step time of each activation-checkpointing mode on one HF model.
 
-    python -m harness.ac_report [--preset llama] [--hidden 512 --layers 4 --seq 512 --batch 8]
+    python -m tests.bench.ac_report [--preset llama] [--hidden 512 --layers 4 --seq 512 --batch 8]
 
 Memory is measured at the tensor level with PyTorch's `MemTracker` (not process RSS, which the
 CPU allocator's caching makes meaningless): "activations" is everything tracked at the peak
@@ -21,11 +21,11 @@ import torch
 from torch.distributed._tools.mem_tracker import MemTracker, _MemRefType
 
 from harness.loss import token_loss_sum
+from harness.memory import MiB
 from harness.model_parts import decoder_layers
 from harness.models import PRESETS, load_config, reference_model
 from parallel.activation_checkpointing import AC_MODES, apply_activation_checkpointing
 
-_MIB = 2 ** 20
 # MemTracker categories that are model state rather than activations.
 _STATE_CATEGORIES = (_MemRefType.PARAM, _MemRefType.GRAD, _MemRefType.BUFFER, _MemRefType.OPT)
 
@@ -75,7 +75,7 @@ def measure(preset: str, hidden: int, layers: int, seq: int, batch: int, steps: 
             start = time.perf_counter()
             _step(model, input_ids)
             times[mode].append(time.perf_counter() - start)
-    rows = [dict(mode=mode, activation_mib=_peak_activation_bytes(model, input_ids) / _MIB,
+    rows = [dict(mode=mode, activation_mib=_peak_activation_bytes(model, input_ids) / MiB,
                  step_s=statistics.median(times[mode]), loss=losses[mode]) for mode, model in models.items()]
     base = rows[0]
     for row in rows:
@@ -100,7 +100,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--seq", type=int, default=128)
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--steps", type=int, default=3, help="timed steps per mode (median reported)")
-    parser.add_argument("--out", default=os.path.join("runs", "ac_report.json"))
+    parser.add_argument("--out", default=os.path.join("runs", "bench_ac_report.json"))
     args = parser.parse_args(argv)
     base_hidden = PRESETS[args.preset]["hidden_size"]
     if args.hidden % base_hidden or args.hidden < base_hidden:

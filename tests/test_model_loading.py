@@ -1,0 +1,124 @@
+"""Weights without a full copy: every rank fills only its shards, from a fresh seeded init or
+from a local safetensors checkpoint read in slices, and every layout gets exactly the weights
+of the one-process reference (HF's `from_pretrained` for a checkpoint)."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+import torch
+from safetensors.torch import save_file
+from torch.distributed.tensor import DTensor
+
+from harness.config import ConfigError
+from harness.materialize import canonical_name
+from harness.models import load_config, reference_model
+from harness.trainer import build_run
+from harness.validation import validate
+from tests.multiproc import run_ranks
+from tests.reference import tiny_config
+
+WORLD = 4
+# Expert parallel with experts FSDP-sharded over the rest (efsdp=2), and pipeline x FSDP x EP.
+FSDP_EP = ["--parallel.dp_shard=4", "--parallel.ep=2"]
+PP_FSDP_EP = ["--parallel.pp=2", "--parallel.dp_shard=2", "--parallel.ep=2"]
+
+
+def _rank_weights(cfg) -> dict[str, torch.Tensor]:
+    """The full tensors of this rank's model or pipeline stages, by canonical name."""
+    run = build_run(cfg, validate(cfg, WORLD))
+    weights = {}
+    for module in run.modules:
+        for name, tensor in [*module.named_parameters(), *module.named_buffers()]:
+            full = tensor.full_tensor() if isinstance(tensor, DTensor) else tensor
+            weights[canonical_name(name)] = full.detach().clone()
+    return weights
+
+
+def _compare_layouts(rank: int, world_size: int, cases: list[tuple[str, list[str]]]) -> list[list[str]]:
+    """Per case, the names this rank checked bitwise against the reference."""
+    checked = []
+    for preset, flags in cases:
+        cfg = tiny_config(f"--model.preset={preset}" if not preset.startswith("/") else f"--model.path={preset}",
+                          *flags)
+        path = cfg.model.path
+        expected = reference_model(load_config(cfg.model.preset, path, cfg.model.overrides), cfg.train.seed, path)
+        reference = {**dict(expected.named_parameters()), **dict(expected.named_buffers())}
+        weights = _rank_weights(cfg)
+        for name, tensor in weights.items():
+            assert torch.equal(tensor, reference[name]), f"{preset} {flags}: {name} differs from the reference"
+        checked.append(sorted(weights))
+    return checked
+
+
+def _assert_all_checked(per_rank: list[list[list[str]]], cases: list[tuple[str, list[str]]]) -> None:
+    for i, (preset, flags) in enumerate(cases):
+        path = preset if preset.startswith("/") else None
+        model = reference_model(load_config(None if path else preset, path), 0, path)
+        every = {*dict(model.named_parameters()), *dict(model.named_buffers())}
+        assert set().union(*(checked[i] for checked in per_rank)) == every, (preset, flags)
+
+
+def test_fresh_init_is_the_reference_on_every_layout():
+    cases = [("qwen3_moe", FSDP_EP), ("deepseek_v3", PP_FSDP_EP), ("llama", ["--parallel.dp_shard=4"])]
+    _assert_all_checked(run_ranks(_compare_layouts, WORLD, cases), cases)
+
+
+def _write_checkpoints(root) -> dict[str, str]:
+    """Hub layout (save_pretrained: experts one tensor each), sharded with an index; and the
+    fused transformers-5 layout in one file."""
+    dirs = {}
+    for preset in ("qwen3_moe", "mixtral", "deepseek_v3"):
+        model = reference_model(load_config(preset, None), seed=11)
+        dirs[preset] = str(root / f"{preset}_hub")
+        model.save_pretrained(dirs[preset], max_shard_size="100KB")
+    fused = reference_model(load_config("qwen3_moe", None), seed=12)
+    dirs["fused"] = str(root / "qwen3_moe_fused")
+    fused.config.save_pretrained(dirs["fused"])
+    save_file({k: v.contiguous() for k, v in fused.state_dict().items()}, os.path.join(dirs["fused"], "model.safetensors"))
+    return dirs
+
+
+def test_sharded_load_is_from_pretrained_for_both_expert_layouts(tmp_path):
+    dirs = _write_checkpoints(tmp_path)
+    with open(os.path.join(dirs["qwen3_moe"], "model.safetensors.index.json")) as f:
+        assert len(set(json.load(f)["weight_map"].values())) > 1
+    cases = [(dirs["qwen3_moe"], FSDP_EP), (dirs["qwen3_moe"], PP_FSDP_EP), (dirs["fused"], ["--parallel.dp_shard=4",
+             "--parallel.ep=4"]), (dirs["mixtral"], FSDP_EP), (dirs["deepseek_v3"], PP_FSDP_EP)]
+    _assert_all_checked(run_ranks(_compare_layouts, WORLD, cases), cases)
+
+
+def _bad_checkpoint(root, damage: str) -> str:
+    model = reference_model(load_config("qwen3_moe", None), seed=0)
+    state = {k: v.contiguous() for k, v in model.state_dict().items()}
+    if damage == "missing":
+        del state["model.layers.1.self_attn.o_proj.weight"]
+    if damage == "dtype":
+        state["model.norm.weight"] = state["model.norm.weight"].to(torch.int8)
+    path = root / damage
+    model.config.save_pretrained(path)
+    save_file(state, path / "model.safetensors")
+    if damage == "truncated":
+        data = (path / "model.safetensors").read_bytes()
+        (path / "model.safetensors").write_bytes(data[:len(data) - 1000])
+    if damage == "bin only":
+        os.rename(path / "model.safetensors", path / "pytorch_model.bin")
+    return str(path)
+
+
+@pytest.mark.parametrize("damage, flags, expected", [
+    ("missing", [], "missing 1 of the model's 47 tensors (first: model.layers.1.self_attn.o_proj.weight)"),
+    ("dtype", [], "tensor model.norm.weight is stored as I8"),
+    ("truncated", [], "model.safetensors: unreadable or truncated safetensors file"),
+    ("bin only", [], "only .bin weights found"),
+    ("none", ["--model.overrides.moe_intermediate_size=16"], "has shape [8, 64, 64] in the checkpoint but the config "
+                                                             "gives [8, 32, 64]"),
+])
+def test_bad_checkpoint_is_one_line_before_training(tmp_path, damage, flags, expected):
+    path = _bad_checkpoint(tmp_path, damage)
+    with pytest.raises(ConfigError) as error:
+        validate(tiny_config(f"--model.path={path}", *flags), 1)
+    message = str(error.value)
+    assert message.startswith(f"model.path={path}: ") and expected in message and "\n" not in message

@@ -37,6 +37,12 @@ class ConfigError(ValueError):
 
 
 @dataclass
+class RunConfig:
+    name: str | None = option(None, "the run's name; null = the recipe file's name, or the model's without a recipe")
+    dir: str | None = option(None, "the run's folder (metrics, plot, checkpoints, recipe.yaml); null = runs/<name>")
+
+
+@dataclass
 class ModelConfig:
     preset: ModelPreset = option("llama", "tiny built-in HF config")
     path: str | None = option(None, "local HF model directory or config.json; takes precedence over preset")
@@ -74,7 +80,8 @@ class TrainConfig:
     warmup_steps: int = option(10, "linear warmup steps")
     weight_decay: float = option(0.0, "AdamW weight decay")
     max_grad_norm: float = option(1.0, "gradient clipping norm; 0 disables clipping")
-    metrics_file: str | None = option("runs/metrics.jsonl", "JSONL metrics, one row per step; null = none")
+    metrics_file: str | None = option(None, "JSONL metrics, one row per step; null = <run folder>/metrics.jsonl")
+    compile: bool = option(False, "torch.compile each transformer block (inductor; on CPU it needs a C++ compiler)")
 
 
 @dataclass
@@ -107,10 +114,12 @@ class MoEConfig:
 
 @dataclass
 class CheckpointConfig:
-    dir: str | None = option(None, "where step_XXXXXXX checkpoints go; null = no checkpoints")
+    dir: str | None = option(None, "where step_XXXXXXX checkpoints go; null = <run folder>/checkpoints")
     every: int | None = option(None, "steps between checkpoints; null = only at the end")
     keep: int = option(2, "how many of the newest checkpoints to keep")
     resume_from: str | None = option(None, "start from this checkpoint instead of the newest in dir")
+    load_weights_only: bool = option(False, "take only the model weights from resume_from (fine-tuning another "
+                                            "run's weights: fresh optimizer, schedule and step)")
 
 
 @dataclass
@@ -123,6 +132,7 @@ class LoggingConfig:
 
 @dataclass
 class Config:
+    run: RunConfig = field(default_factory=RunConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
@@ -153,7 +163,20 @@ def load_config(recipe: str | None, overrides: list[str] = ()) -> Config:
             raise ConfigError(f"--config {recipe}: the top level must be a mapping of sections")
     for item in overrides:
         _apply_override(raw, item)
-    return _build(Config, raw, "")
+    cfg = _build(Config, raw, "")
+    if cfg.run.name is None:
+        cfg.run.name = _default_run_name(recipe, cfg.model)
+    return cfg
+
+
+def _default_run_name(recipe: str | None, model: ModelConfig) -> str:
+    """`default` for default.yaml; without a recipe the model's folder name or preset."""
+    if recipe is not None:
+        return os.path.splitext(os.path.basename(recipe))[0]
+    if model.path is not None:
+        path = os.path.normpath(model.path)
+        return os.path.basename(os.path.dirname(path) if os.path.isfile(path) else path)
+    return model.preset
 
 
 def _apply_override(raw: dict[str, Any], item: str) -> None:

@@ -1,5 +1,5 @@
 """The fixed order in which a model (or one pipeline stage of it) is parallelized:
-expert parallel -> activation checkpointing -> FSDP2 -> weights.
+expert parallel -> activation checkpointing -> compile -> FSDP2 -> weights.
 
 Runs on the meta-device model, so no rank ever holds more than its shards of the weights
 (plus one module's worth while filling them).
@@ -15,6 +15,7 @@ from harness.materialize import WeightSource, materialize
 from harness.plan import Plan
 from harness.model_parts import decoder_layers, expert_count, moe_blocks
 from parallel.activation_checkpointing import apply_activation_checkpointing
+from parallel.compile import compile_layers, compile_unavailable_reason
 from parallel.fsdp import apply_fsdp
 from parallel.mesh import ParallelMeshes
 
@@ -33,7 +34,11 @@ def parallelize(module: nn.Module, *, cfg: Config, plan: Plan, meshes: ParallelM
                                                strict=cfg.moe.dispatcher_strict)
     # Like TorchTitan's DeepSeek-V3 parallelize: the MoE package names its own communication
     # ops, which selective AC saves on top of torch's.
-    apply_activation_checkpointing(module, layers, plan.ac_mode, extra_save_ops=moe_save_ops)
+    compile_blocks = cfg.train.compile and compile_unavailable_reason(device.type) is None
+    apply_activation_checkpointing(module, layers, plan.ac_mode, extra_save_ops=moe_save_ops,
+                                   enable_compile=compile_blocks)
+    if compile_blocks:
+        compile_layers(module, layers)
     block_list = list(layers.values()) if isinstance(layers, nn.ModuleDict) else list(layers)
     # One data-parallel rank has nothing to shard or reduce; on CPU FSDP would only add DTensor
     # overhead, but on CUDA it is what runs the layers in bf16 (its mixed-precision policy).

@@ -12,6 +12,7 @@ from harness import model_parts
 from harness.config import Config
 from harness.plan import Plan
 from parallel.activation_checkpointing import resolved_optional_ops
+from parallel.compile import compile_unavailable_reason
 
 
 def _kernels(device_type: str) -> str:
@@ -22,6 +23,13 @@ def _kernels(device_type: str) -> str:
     else:
         sdpa = "cpu flash-attention kernel"
     return f"grouped GEMM: {grouped}; attention: sdpa ({sdpa})"
+
+
+def _compile_line(requested: bool, device_type: str) -> str:
+    if not requested:
+        return "off (train.compile=false)"
+    reason = compile_unavailable_reason(device_type)
+    return f"off: {reason}" if reason else "each transformer block (inductor)"
 
 
 def startup_summary(cfg: Config, plan: Plan, model_config: PretrainedConfig, model_class: str,
@@ -59,6 +67,7 @@ def startup_summary(cfg: Config, plan: Plan, model_config: PretrainedConfig, mod
     if dispatcher is not None:
         lines.append(f"moe: ep={dims.ep}, dispatcher {dispatcher}")
     lines.append(f"kernels: {_kernels(device_type)}")
+    lines.append(f"compile: {_compile_line(cfg.train.compile, device_type)}")
     source = "Python standard library sources (bytes)" if cfg.data.source == "stdlib" else cfg.data.source
     lines.append(f"data: {source}, {corpus_tokens:,} tokens; {t.global_batch_size} x {t.seq_len} = "
                  f"{t.global_batch_size * t.seq_len:,} tokens per step, gradient accumulation {plan.grad_accumulation}")

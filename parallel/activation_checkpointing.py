@@ -369,10 +369,11 @@ def is_selective_activation_checkpointing(activation_checkpointing: object) -> b
 
 
 def apply_activation_checkpointing(model: nn.Module, layers: nn.ModuleList | nn.ModuleDict | list[nn.Module],
-                                   mode: str, extra_save_ops: Collection[Any] = ()) -> None:
+                                   mode: str, extra_save_ops: Collection[Any] = (), enable_compile: bool = False) -> None:
     """Apply one AC mode (none | full | selective | submodule) to `layers` of `model`, in place.
 
-    `extra_save_ops`: ops registered outside torch that selective AC saves too.
+    `extra_save_ops`: ops registered outside torch that selective AC saves too; `enable_compile`:
+    the blocks will be compiled next.
 
     Call before FSDP. KV-shared models get sub-module checkpointing without `self_attn` for
     every mode other than "none", since recomputing a whole block writes their cache twice.
@@ -383,7 +384,8 @@ def apply_activation_checkpointing(model: nn.Module, layers: nn.ModuleList | nn.
         return
     has_kv_sharing = detect_kv_sharing_and_maybe_disable_cache(model)
     if mode == "selective":
-        apply_selective_checkpointing_to_layers(model, layers, has_kv_sharing, extra_save_ops=extra_save_ops)
+        apply_selective_checkpointing_to_layers(model, layers, has_kv_sharing, enable_compile=enable_compile,
+                                                extra_save_ops=extra_save_ops)
     elif mode == "submodule" or has_kv_sharing:
         apply_submodule_checkpointing(layers, has_kv_sharing)
     else:

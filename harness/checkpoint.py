@@ -59,12 +59,34 @@ def complete_checkpoints(root: str) -> list[tuple[int, str]]:
     return sorted(found)
 
 
-def resume_path(cfg: CheckpointConfig) -> str | None:
-    """The checkpoint a run starts from: `resume_from`, else the newest complete one in `dir`."""
-    if cfg.resume_from is not None:
-        return cfg.resume_from
-    found = complete_checkpoints(cfg.dir) if cfg.dir else []
-    return found[-1][1] if found else None
+@dataclass(frozen=True)
+class StartPoint:
+    path: str
+    weights_only: bool  # take the model weights only: a fine-tune starting at step 0
+
+
+def start_point(cfg: CheckpointConfig, checkpoint_dir: str) -> StartPoint | None:
+    """The checkpoint a run starts from: `resume_from`, else the newest complete one in
+    `checkpoint_dir`. With `load_weights_only` the run's own newest checkpoint wins once there
+    is one, so a fine-tune that was interrupted resumes itself rather than starting over."""
+    found = complete_checkpoints(checkpoint_dir)
+    if cfg.resume_from is not None and not (cfg.load_weights_only and found):
+        return StartPoint(cfg.resume_from, cfg.load_weights_only)
+    return StartPoint(found[-1][1], False) if found else None
+
+
+def checkpoint_step(path: str) -> int | None:
+    """The step a checkpoint folder's name says it was saved at."""
+    match = _NAME.match(os.path.basename(os.path.normpath(path)))
+    return int(match.group(1)) if match else None
+
+
+def finished_line(path: str, reached: int | None, steps: int, checkpoint_dir: str) -> str | None:
+    """What to say when the checkpoint a run resumes (at step `reached`) already made `steps`."""
+    if reached is None or reached < steps:
+        return None
+    return (f"{path} already reached train.steps={steps}: nothing to train (raise train.steps, "
+            f"or delete {checkpoint_dir} to start over)")
 
 
 def check_checkpoint(path: str) -> None:
@@ -87,11 +109,9 @@ def check_checkpoint(path: str) -> None:
             raise ValueError(f"data file {name} is truncated ({os.path.getsize(file)} of {size} bytes)")
 
 
-def is_due(cfg: CheckpointConfig, step: int, total_steps: int) -> bool:
-    """Every `every` steps and at the end of training, when a directory is set."""
-    if cfg.dir is None:
-        return False
-    return step == total_steps or (cfg.every is not None and step % cfg.every == 0)
+def is_due(every: int | None, step: int, total_steps: int) -> bool:
+    """Every `every` steps and at the end of training."""
+    return step == total_steps or (every is not None and step % every == 0)
 
 
 def as_one_module(modules: list[nn.Module]) -> nn.Module:
@@ -226,6 +246,11 @@ def _prune(root: str, keep: int) -> None:
     for name in os.listdir(root):
         if name.startswith("step_") and name.endswith((_TMP_SUFFIX, _OLD_SUFFIX)):
             shutil.rmtree(os.path.join(root, name), ignore_errors=True)
+
+
+def load_weights(modules: list[nn.Module], path: str) -> None:
+    """Only the model weights of `path` (fine-tuning): optimizer, schedule, step and RNG start fresh."""
+    dcp.load({"model": ModelState(as_one_module(modules))}, checkpoint_id=path)
 
 
 def load_checkpoint(state: Mapping[str, Stateful], path: str) -> None:

@@ -76,21 +76,22 @@ def _rows_up_to(path: str, step: int) -> list[str]:
         return [line for line in f if line.strip() and json.loads(line)["step"] <= step]
 
 
-def report_outputs(metrics_file: str | None, checkpoint: str | None) -> list[str]:
+def report_outputs(metrics_file: str, checkpoint: str | None) -> list[str]:
     """Where a finished run left its metrics, plot and checkpoint (the plot is drawn here)."""
-    lines = []
-    if metrics_file:
-        lines.append(f"metrics: {metrics_file}")
-        from harness.plot import INSTALL_HINT, plot, read_rows
+    from harness.plot import INSTALL_HINT, MetricsError, plot, read_rows
 
+    lines = [f"metrics: {metrics_file}"]
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        lines.append(f"plot: skipped ({INSTALL_HINT}, or pip install -e '.[plot]')")
+    else:
+        png = os.path.splitext(metrics_file)[0] + ".png"
         try:
-            import matplotlib  # noqa: F401
-        except ImportError:
-            lines.append(f"plot: skipped ({INSTALL_HINT}, or pip install -e '.[plot]')")
-        else:
-            png = os.path.splitext(metrics_file)[0] + ".png"
             plot(read_rows(metrics_file), png)
             lines.append(f"plot: {png}")
+        except MetricsError as e:  # e.g. preempted before its first step: nothing to draw
+            lines.append(f"plot: skipped ({e})")
     if checkpoint:
         lines.append(f"checkpoint: {checkpoint}")
     return lines

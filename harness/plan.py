@@ -8,8 +8,10 @@ trainer, the pipeline set-up and the start-up summary read it and never re-deriv
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
-from harness.config import AcMode
+from harness.config import AcMode, Config
+from harness.run_folder import RunFolder
 from parallel.mesh import ParallelDims
 
 
@@ -22,6 +24,7 @@ class Plan:
     pp_microbatches: int  # pieces each micro batch is split into under pipeline parallel (1 without)
     pp_stages_per_rank: int  # pipeline stages each rank holds (1 without pipeline parallel)
     reshard_after_forward: bool  # FSDP2: free gathered parameters after each forward
+    folder: RunFolder  # where the run's metrics, plot, checkpoints and recipe copy go
 
     @property
     def world_size(self) -> int:
@@ -31,3 +34,17 @@ class Plan:
     def pipeline_microbatch_size(self) -> int:
         """Sequences in one pipeline microbatch."""
         return self.micro_batch_size // self.pp_microbatches
+
+
+def resolved_recipe(cfg: Config, plan: Plan) -> dict[str, Any]:
+    """The recipe with every default the plan resolved written out: running it again gives the
+    same run on the same world size."""
+    recipe = cfg.to_dict()
+    recipe["run"].update(name=plan.folder.name, dir=plan.folder.dir)
+    recipe["train"]["metrics_file"] = plan.folder.metrics_file
+    recipe["checkpoint"]["dir"] = plan.folder.checkpoint_dir
+    recipe["ac"]["mode"] = plan.ac_mode
+    recipe["parallel"].update(dp_shard=plan.dims.dp_shard, reshard_after_forward=plan.reshard_after_forward)
+    if plan.dims.pp > 1:
+        recipe["parallel"].update(pp_microbatches=plan.pp_microbatches, pp_stages_per_rank=plan.pp_stages_per_rank)
+    return recipe

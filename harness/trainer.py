@@ -13,8 +13,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from harness.checkpoint import (TrainState, complete_checkpoints, is_due, load_checkpoint, resume_path,
-                                save_checkpoint, training_state)
+from harness.checkpoint import (TrainState, complete_checkpoints, finished_line, is_due, load_checkpoint,
+                                load_weights, save_checkpoint, start_point, training_state)
 from harness.config import Config
 from harness.data import BatchSampler, load_tokens
 from harness.data.splits import samplers
@@ -26,8 +26,10 @@ from harness.metrics import MetricsLog, report_outputs
 from harness.model_parts import decoder_layers, moe_blocks
 from harness.models import build_meta_model, load_config as load_model_config, weight_source
 from harness.parallelize import parallelize
-from harness.plan import Plan
+from harness.plan import Plan, resolved_recipe
 from harness.preemption import PreemptionRequest
+from harness.run_folder import save_recipe
+from harness.run_identity import IDENTITY_FILE, identity_file_text, run_identity
 from harness.schedule import lr_factor
 from harness.summary import startup_summary
 from moe.balance import aux_loss_term, update_expert_bias
@@ -189,8 +191,11 @@ def train_step(run: Run) -> dict:
 
 def checkpoint_run(run: Run, root: str) -> str:
     """A checkpoint of `run` at its current step under `root` (a collective); returns its path."""
-    files = {"config.json": run.modules[0].config.to_json_string()}  # what export rebuilds the model from
-    return save_checkpoint(run.checkpoint_state(), root, run.step, run.cfg.checkpoint.keep, files)
+    cfg = run.cfg
+    identity = run_identity(cfg, load_model_config(cfg.model.preset, cfg.model.path, cfg.model.overrides))
+    files = {"config.json": run.modules[0].config.to_json_string(),  # what export rebuilds the model from
+             IDENTITY_FILE: identity_file_text(identity, resolved_recipe(cfg, run.plan))}
+    return save_checkpoint(run.checkpoint_state(), root, run.step, cfg.checkpoint.keep, files)
 
 
 def resume_run(run: Run, path: str) -> None:
@@ -202,14 +207,22 @@ def resume_run(run: Run, path: str) -> None:
 def train(cfg: Config, plan: Plan, preemption: PreemptionRequest | None = None) -> list[dict]:
     """Trains up to cfg.train.steps, resuming from the newest checkpoint; returns the metrics rows
     of this invocation (on every rank). When `preemption` is signalled, checkpoints and stops."""
+    folder = plan.folder
     run = build_run(cfg, plan)
-    start = resume_path(cfg.checkpoint)
-    if start is not None:
-        resume_run(run, start)
-        if run.step >= cfg.train.steps and dist.get_rank() == 0:
-            logger.info(f"{start} already reached train.steps={cfg.train.steps}: nothing to train "
-                        f"(raise train.steps, or delete {cfg.checkpoint.dir} to start over)")
-    log = MetricsLog(cfg.train.metrics_file, cfg.train.steps, cfg.logging.log_every, cfg.logging.progress,
+    start = start_point(cfg.checkpoint, folder.checkpoint_dir)
+    if start is not None and start.weights_only:
+        load_weights(run.modules, start.path)
+        logger.info("checkpoint: model weights from %s; optimizer, schedule and step start fresh", start.path)
+    elif start is not None:
+        resume_run(run, start.path)
+        if run.step >= cfg.train.steps:
+            # The launcher says so before starting workers; this is the torchrun-worker path.
+            if dist.get_rank() == 0:
+                logger.info(finished_line(start.path, run.step, cfg.train.steps, folder.checkpoint_dir))
+            return []
+    if dist.get_rank() == 0:
+        save_recipe(folder, resolved_recipe(cfg, plan))
+    log = MetricsLog(folder.metrics_file, cfg.train.steps, cfg.logging.log_every, cfg.logging.progress,
                      enabled=dist.get_rank() == 0, start_step=run.step, tensorboard_dir=cfg.logging.tensorboard_dir)
     rows = []
     try:
@@ -221,15 +234,15 @@ def train(cfg: Config, plan: Plan, preemption: PreemptionRequest | None = None) 
             log.log(row)
             rows.append(row)
             stop = preemption is not None and preemption.agreed(device_for_rank())
-            if is_due(cfg.checkpoint, run.step, cfg.train.steps) or (stop and cfg.checkpoint.dir is not None):
-                checkpoint_run(run, cfg.checkpoint.dir)
+            if is_due(cfg.checkpoint.every, run.step, cfg.train.steps) or stop:
+                checkpoint_run(run, folder.checkpoint_dir)
             if stop:
                 logger.info("preemption signal: stopped after step %d", run.step)
                 break
     finally:
         log.close()
     if dist.get_rank() == 0:
-        newest = complete_checkpoints(cfg.checkpoint.dir) if cfg.checkpoint.dir else []
-        for line in report_outputs(cfg.train.metrics_file, newest[-1][1] if newest else None):
+        newest = complete_checkpoints(folder.checkpoint_dir)
+        for line in report_outputs(folder.metrics_file, newest[-1][1] if newest else None):
             logger.info(line)
     return rows

@@ -10,12 +10,14 @@ import os
 
 from transformers import PretrainedConfig
 
-from harness.checkpoint import check_checkpoint, resume_path
+from harness.checkpoint import check_checkpoint, start_point
 from harness.config import AcMode, Config, ConfigError
 from harness.data_checks import check_corpus, check_data_config
 from harness.model_parts import expert_count
 from harness.models import check_weights, load_config as load_model_config
 from harness.plan import Plan
+from harness.run_folder import RunFolder, run_folder
+from harness.run_identity import first_difference, read_identity, run_identity
 from parallel.mesh import ParallelDims
 from parallel.pipeline import validate_pipeline
 
@@ -24,6 +26,7 @@ def validate(cfg: Config, world_size: int) -> Plan:
     """Checks the whole config for a world of `world_size` ranks; returns the resolved plan.
     Reads the config only: what the user wrote stays as written."""
     _check_positive(cfg)
+    folder = run_folder(cfg)
     p = cfg.parallel
     try:
         dims = ParallelDims(pp=p.pp, dp_replicate=p.dp_replicate, dp_shard=p.dp_shard, cp=p.cp, tp=p.tp,
@@ -44,14 +47,15 @@ def validate(cfg: Config, world_size: int) -> Plan:
                 layers_per_stage=p.pp_layers_per_stage, local_batch_size=cfg.train.micro_batch_size)
         except ValueError as e:
             raise ConfigError(str(e)) from None
-    _check_checkpoint(cfg)
+    _check_checkpoint(cfg, folder, model_config)
     check_corpus(cfg)  # last: it may tokenize the whole source
     # Under pipeline parallel a stage runs several microbatches back to back; resharding after
     # each forward would all-gather the same weights again for every one of them.
     reshard = p.reshard_after_forward if p.reshard_after_forward is not None else dims.pp == 1
     return Plan(dims=dims, ac_mode=_ac_mode(cfg.ac.mode), micro_batch_size=cfg.train.micro_batch_size,
                 grad_accumulation=cfg.train.global_batch_size // (cfg.train.micro_batch_size * dims.dp),
-                pp_microbatches=pp_microbatches, pp_stages_per_rank=stages_per_rank, reshard_after_forward=reshard)
+                pp_microbatches=pp_microbatches, pp_stages_per_rank=stages_per_rank, reshard_after_forward=reshard,
+                folder=folder)
 
 
 def _ac_mode(mode: AcMode | bool) -> AcMode:
@@ -142,23 +146,37 @@ def _check_experts(cfg: Config, model_config: PretrainedConfig, dims: ParallelDi
         raise ConfigError(f"parallel.ep={dims.ep}: must divide the model's {experts} experts")
 
 
-def _check_checkpoint(cfg: Config) -> None:
+def _check_checkpoint(cfg: Config, folder: RunFolder, model_config: PretrainedConfig) -> None:
     c = cfg.checkpoint
-    if c.dir is not None and os.path.exists(c.dir) and not os.path.isdir(c.dir):
-        raise ConfigError(f"checkpoint.dir={c.dir}: exists and is not a directory; choose another path")
+    if os.path.exists(folder.checkpoint_dir) and not os.path.isdir(folder.checkpoint_dir):
+        raise ConfigError(f"checkpoint.dir={folder.checkpoint_dir}: exists and is not a directory; choose another path")
     if c.resume_from is not None and not os.path.isdir(c.resume_from):
         raise ConfigError(f"checkpoint.resume_from={c.resume_from}: no such checkpoint directory")
-    if c.every and c.dir is None:
-        raise ConfigError("checkpoint.every is set but checkpoint.dir is not; set checkpoint.dir")
-    start = resume_path(c)
+    if c.load_weights_only and c.resume_from is None:
+        raise ConfigError("checkpoint.load_weights_only: set checkpoint.resume_from to the checkpoint whose "
+                          "weights to start from")
+    start = start_point(c, folder.checkpoint_dir)
     if start is None:
         return
-    if c.resume_from is not None:
+    if start.path == c.resume_from:
         where, fix = f"checkpoint.resume_from={c.resume_from}", "point checkpoint.resume_from at another checkpoint"
     else:
-        where, fix = f"checkpoint.dir={c.dir}", "delete it to resume from an older one, or set checkpoint.resume_from"
+        where, fix = (f"checkpoint.dir={folder.checkpoint_dir}",
+                      "delete it to resume from an older one, or set checkpoint.resume_from")
+    name = os.path.basename(os.path.normpath(start.path))
     try:
-        check_checkpoint(start)
+        check_checkpoint(start.path)
     except ValueError as e:
-        name = os.path.basename(os.path.normpath(start))
         raise ConfigError(f"{where}: checkpoint {name} is corrupt ({e}); {fix}") from None
+    # Another run's checkpoint: resuming it would continue someone else's model or data.
+    other_run = ("choose another --run.name, or start from its weights with "
+                 f"--checkpoint.resume_from={start.path} --checkpoint.load_weights_only=true")
+    saved = read_identity(start.path)
+    if saved is None:
+        raise ConfigError(f"{where}: checkpoint {name} does not record what it was trained as (no readable "
+                          f"run.json); {other_run}")
+    difference = first_difference(saved, run_identity(cfg, model_config), model_only=start.weights_only)
+    if difference is not None:
+        what = "model" if start.weights_only else "run"
+        raise ConfigError(f"{where}: checkpoint {name} is another {what} ({difference}); "
+                          + ("use a checkpoint of this model" if start.weights_only else other_run))

@@ -13,10 +13,13 @@ from importlib import resources
 
 import torch
 
+from harness.checkpoint import checkpoint_step, finished_line, start_point
 from harness.config import Config, ConfigError, load_config
+from harness.plan import Plan
 from harness.validation import validate
 from launch import slurm
 from launch.recipe_help import recipe_help
+from launch.torchrun_flags import check_torchrun_flag
 
 DEFAULT_RECIPE = str(resources.files("launch") / "recipes" / "default.yaml")
 
@@ -36,8 +39,15 @@ def split_args(argv: list[str]) -> tuple[str | None, list[str], list[str]]:
                 raise ConfigError("--config: missing the recipe path")
         elif arg.startswith("--") and "." in arg.split("=", 1)[0]:
             overrides.append(arg)
+        elif not arg.startswith("-"):
+            raise ConfigError(f"{arg}: unexpected argument; recipe overrides look like --section.field=value")
         else:
             torchrun.append(arg)
+            if check_torchrun_flag(arg):
+                if i + 1 == len(argv):
+                    raise ConfigError(f"{arg}: missing its value")
+                torchrun.append(argv[i + 1])
+                i += 1
         i += 1
     return recipe, overrides, torchrun
 
@@ -97,9 +107,21 @@ def main(argv: list[str]) -> int:
     if worker:
         from launch.worker import run_worker
 
-        run_worker(cfg, plan)
+        return run_worker(cfg, plan)
+    finished = nothing_to_train(cfg, plan)
+    if finished is not None:
+        print(finished)
         return 0
     from launch.spawn import spawn_workers
 
     config_args = (["--config", recipe] if recipe else []) + overrides
-    return spawn_workers(config_args, torchrun, size // node_count(torchrun))
+    return spawn_workers(config_args, torchrun, size // node_count(torchrun), plan.folder)
+
+
+def nothing_to_train(cfg: Config, plan: Plan) -> str | None:
+    """The line to print, without starting workers, when the run's checkpoint already reached
+    train.steps; None when there is training to do."""
+    start = start_point(cfg.checkpoint, plan.folder.checkpoint_dir)
+    if start is None or start.weights_only:
+        return None
+    return finished_line(start.path, checkpoint_step(start.path), cfg.train.steps, plan.folder.checkpoint_dir)

@@ -126,9 +126,6 @@ def main(argv: list[str]) -> int:
             raise ConfigError(f"{unknown[0]}: unknown flag; recipe overrides look like --section.field=value")
         cfg = load_config(args.config, overrides)
         validate(cfg, args.nodes * args.gpus_per_node)
-        if cfg.checkpoint.dir is None:
-            raise ConfigError("checkpoint.dir: unset; a SLURM job resumes after preemption from its "
-                              "checkpoints; set --checkpoint.dir=PATH")
         if args.out and os.path.isdir(args.out):
             raise ConfigError(f"--out {args.out}: is a directory; give a file path for the script")
     except ConfigError as e:

@@ -1,21 +1,47 @@
-"""What each torchrun worker does: process group, threads, train, clean teardown."""
+"""What each torchrun worker does: process group, threads, train, clean teardown.
+
+A worker that fails writes its traceback to the run folder (`logs/rank_XXXXX.log`) and its
+one-line message to torchrun's per-rank error file, then exits 1 without printing: the
+launcher reports the first failing rank in one line (launch/spawn.py), not one traceback per rank.
+"""
 
 from __future__ import annotations
 
 import logging
 import os
+import traceback
 from datetime import timedelta
 
 import torch
 import torch.distributed as dist
+from torch.distributed.elastic.multiprocessing.errors import ErrorHandler
 
 from harness.config import Config
 from harness.plan import Plan
 from harness.preemption import PreemptionRequest
+from harness.run_folder import RunFolder
 from harness.trainer import train
 
 
-def run_worker(cfg: Config, plan: Plan) -> None:
+def run_worker(cfg: Config, plan: Plan) -> int:
+    """Trains on this rank; returns the exit code (1 when training raised)."""
+    try:
+        _run(cfg, plan)
+    except Exception as e:
+        _record_failure(plan.folder, e)
+        return 1
+    return 0
+
+
+def _record_failure(folder: RunFolder, error: Exception) -> None:
+    log = folder.log_file(int(os.environ.get("RANK", "0")))
+    os.makedirs(os.path.dirname(log), exist_ok=True)
+    with open(log, "w") as f:
+        f.write(traceback.format_exc())
+    ErrorHandler().record_exception(error)  # no-op outside torchrun (no error file to write)
+
+
+def _run(cfg: Config, plan: Plan) -> None:
     local_world = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
     if torch.cuda.is_available():
         torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))

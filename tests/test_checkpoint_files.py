@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.distributed.checkpoint as dcp
 
-from harness.checkpoint import check_checkpoint, complete_checkpoints, is_due, resume_path
+from harness.checkpoint import StartPoint, check_checkpoint, complete_checkpoints, is_due, start_point
 from harness.config import CheckpointConfig, ConfigError, load_config
 from harness.validation import validate
 
@@ -27,17 +27,24 @@ def root(tmp_path):
 
 def test_only_renamed_folders_count_and_the_newest_is_resumed(root):
     assert [step for step, _ in complete_checkpoints(str(root))] == [2, 4]
-    assert resume_path(CheckpointConfig(dir=str(root))).endswith("step_0000004")
-    assert resume_path(CheckpointConfig(dir=str(root), resume_from=str(root / "step_0000002"))).endswith(
-        "step_0000002")
-    assert resume_path(CheckpointConfig(dir=str(root / "empty"))) is None
+    older, newest = str(root / "step_0000002"), str(root / "step_0000004")
+    assert start_point(CheckpointConfig(), str(root)) == StartPoint(newest, weights_only=False)
+    assert start_point(CheckpointConfig(resume_from=older), str(root)) == StartPoint(older, weights_only=False)
+    assert start_point(CheckpointConfig(), str(root / "empty")) is None
+
+
+def test_a_fine_tune_takes_weights_until_it_has_checkpoints_of_its_own(root, tmp_path_factory):
+    other = str(root / "step_0000002")
+    fine_tune = CheckpointConfig(resume_from=other, load_weights_only=True)
+    own = tmp_path_factory.mktemp("own")
+    assert start_point(fine_tune, str(own)) == StartPoint(other, weights_only=True)
+    _write(own / "step_0000001")
+    assert start_point(fine_tune, str(own)) == StartPoint(str(own / "step_0000001"), weights_only=False)
 
 
 def test_due_every_n_steps_and_at_the_end():
-    cfg = CheckpointConfig(dir="c", every=3)
-    assert [s for s in range(1, 11) if is_due(cfg, s, 10)] == [3, 6, 9, 10]
-    assert [s for s in range(1, 11) if is_due(CheckpointConfig(dir="c"), s, 10)] == [10]
-    assert not any(is_due(CheckpointConfig(), s, 10) for s in range(1, 11))
+    assert [s for s in range(1, 11) if is_due(3, s, 10)] == [3, 6, 9, 10]
+    assert [s for s in range(1, 11) if is_due(None, s, 10)] == [10]
 
 
 @pytest.mark.parametrize("damage, expected", [

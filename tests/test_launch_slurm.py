@@ -72,7 +72,6 @@ def test_sbatch_script(tmp_path, recipe):
 
 
 @pytest.mark.parametrize("args, expected", [
-    (["--nodes", "2", "--gpus-per-node", "2"], "checkpoint.dir: unset"),
     (["--nodes", "2", "--gpus-per-node", "3", "--checkpoint.dir=c"], "world size is 6"),
     (["--nodes", "2", "--gpus-per-node", "2", "--checkpoint.dir=c", "--partition", "x"], "--partition: unknown flag"),
 ])

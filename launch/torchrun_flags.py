@@ -1,0 +1,54 @@
+"""Which command-line flags belong to torchrun, read from torchrun's own argument parser, so a
+flag that is neither a recipe override nor torchrun's is refused in one line, not passed on to
+torchrun's usage text."""
+
+from __future__ import annotations
+
+import difflib
+import functools
+import typing
+
+from torch.distributed.run import get_args_parser
+
+from harness.config import Config, ConfigError
+
+# The launcher names the program torchrun runs (`--module launch`); these would replace it.
+_LAUNCHER_OWNED = {"-m", "--module", "--no-python", "--no_python", "--run-path", "--run_path"}
+
+
+@functools.cache
+def torchrun_options() -> dict[str, bool]:
+    """Every torchrun option string -> whether it takes a value."""
+    options = {}
+    for action in get_args_parser()._actions:  # argparse keeps no public list of options
+        for name in action.option_strings:
+            options[name] = action.nargs != 0
+    return options
+
+
+def check_torchrun_flag(arg: str) -> bool:
+    """Whether `arg` (a torchrun flag) takes the next argument as its value; ConfigError if it
+    is not a torchrun flag."""
+    key = arg.split("=", 1)[0]
+    options = torchrun_options()
+    if key in _LAUNCHER_OWNED:
+        raise ConfigError(f"{key}: the launcher runs its own module; drop this flag")
+    if key in options:
+        return options[key] and "=" not in arg
+    near = difflib.get_close_matches(key, [o for o in options if o.startswith("--")], n=1, cutoff=0.8)
+    guess = near[0].lstrip("-") if near else _recipe_guess(key.lstrip("-"))
+    if guess is not None:
+        raise ConfigError(f"{arg}: unknown flag; did you mean --{guess}{arg[len(key):]}?")
+    raise ConfigError(f"{arg}: unknown flag; recipe overrides look like --section.field=value and torchrun "
+                      "flags like --nproc-per-node=4 (python -m launch --help lists them)")
+
+
+def _recipe_guess(name: str) -> str | None:
+    """The recipe field a bare `--name` most likely meant (`--steps` -> `train.steps`)."""
+    fields = [f"{section}.{field}" for section, cls in typing.get_type_hints(Config).items()
+              for field in typing.get_type_hints(cls)]
+    exact = [f for f in fields if f.split(".")[1] == name]
+    close = exact or difflib.get_close_matches(name, [f.split(".")[1] for f in fields], n=1)
+    if not close:
+        return None
+    return close[0] if "." in close[0] else next(f for f in fields if f.split(".")[1] == close[0])

@@ -49,7 +49,13 @@ def materialize(model: nn.Module, weights: WeightSource | nn.Module, device: tor
     """Allocates `model` on `device` and fills every rank's shards from `weights` (a whole model in
     memory is taken as `InMemoryWeights`)."""
     source = InMemoryWeights(weights) if isinstance(weights, nn.Module) else weights
+    tied = _tied_parameters(model)
     model.to_empty(device=device)
+    # `to_empty` gives each module its own new tensor, so a parameter that two modules share
+    # (tied embeddings) would come out as two; point the other owners back at the first one.
+    for (first, first_name), others in tied:
+        for owner, name in others:
+            setattr(owner, name, first._parameters[first_name])
     with torch.no_grad():
         for module_name, module in model.named_modules():
             name = canonical_name(f"{module_name}.") if module_name else ""
@@ -58,6 +64,16 @@ def materialize(model: nn.Module, weights: WeightSource | nn.Module, device: tor
                        if tensor is not None}
             if targets:
                 source.fill(name.rstrip("."), module, targets)
+
+
+def _tied_parameters(model: nn.Module) -> list[tuple[tuple[nn.Module, str], list[tuple[nn.Module, str]]]]:
+    """(first owner, other owners) of every parameter held by more than one module."""
+    owners: dict[int, list[tuple[nn.Module, str]]] = {}
+    for module in model.modules():
+        for name, param in module._parameters.items():
+            if param is not None:
+                owners.setdefault(id(param), []).append((module, name))
+    return [(found[0], found[1:]) for found in owners.values() if len(found) > 1]
 
 
 def _target(name: str, tensor: torch.Tensor, persistent: bool) -> Target:

@@ -10,6 +10,8 @@ import sys
 import pytest
 
 STEPS = 4
+# First on the workers' path: DeepEP absent whatever this machine has, so the fallback shows.
+NO_DEEP_EP = os.path.join(os.path.dirname(__file__), "no_deep_ep")
 
 
 @pytest.fixture(scope="module")
@@ -19,7 +21,8 @@ def default_run(tmp_path_factory):
         [sys.executable, "-m", "launch", f"--train.steps={STEPS}", "--checkpoint.every=2",
          f"--checkpoint.dir={out / 'checkpoints'}", f"--train.metrics_file={out / 'metrics.jsonl'}",
          "--moe.dispatcher=deepep"],
-        capture_output=True, text=True, timeout=600, cwd=out, env={**os.environ, "PYTHONPATH": os.getcwd()})
+        capture_output=True, text=True, timeout=600, cwd=out,
+        env={**os.environ, "PYTHONPATH": os.pathsep.join([NO_DEEP_EP, os.getcwd()])})
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     return out, result.stdout + result.stderr
 

@@ -3,14 +3,16 @@
 The policy saves torch.ops.harness.ep_dispatch / ep_combine, so in backward the recompute
 takes their outputs from the cache: the collectives run once per microbatch in forward and
 are not replayed, and the gradients are bitwise those of the run without checkpointing.
-The control shows the trap this guards against: an autograd.Function around the in-place
-`dist.all_to_all_single`, saved by the same kind of policy, gives wrong gradients.
+The trap this guards against: an autograd.Function around the in-place
+`dist.all_to_all_single`, saved by the same kind of policy, gives wrong gradients (a torch
+bug, its test marked xfail so an upstream fix does not break the suite).
 """
 
 from __future__ import annotations
 
-from functools import partial
+from functools import cache, partial
 
+import pytest
 import torch
 import torch.distributed as dist
 from torch.distributed.tensor import DTensor
@@ -131,10 +133,22 @@ def _trap(rank: int, world: int) -> dict[str, bool]:
             for name, fn in (("autograd_function", _InPlaceAllToAll.apply), ("custom_op", _custom_op_all_to_all))}
 
 
-def test_in_place_all_to_all_under_sac_is_the_wrong_gradient_trap() -> None:
-    for result in run_ranks(_trap, 2):
+@cache
+def _trap_results() -> list[dict[str, bool]]:
+    """One spawn for the two tests below."""
+    return run_ranks(_trap, 2)
+
+
+def test_custom_op_all_to_all_under_sac_keeps_gradients() -> None:
+    for result in _trap_results():
         assert result["custom_op"], "our op must give the same gradients under selective AC"
-        assert not result["autograd_function"], "control: the in-place autograd.Function should go wrong"
+
+
+@pytest.mark.xfail(strict=False, reason="torch: an in-place op saved by selective AC is replayed from the cache "
+                   "without its write (https://github.com/pytorch/pytorch/issues/113737)")
+def test_in_place_all_to_all_under_sac_keeps_gradients() -> None:
+    for result in _trap_results():
+        assert result["autograd_function"], "the in-place autograd.Function gives other gradients under selective AC"
 
 
 def test_project_policy_saves_the_ops_moe_exports() -> None:

@@ -1,4 +1,4 @@
-"""Shared pieces of the MoE tests: the batch, the one-process reference, an EP model."""
+"""Shared pieces of the MoE tests: the batch, an EP model (the one-process reference is tests/reference.py)."""
 
 from __future__ import annotations
 
@@ -12,7 +12,6 @@ from torch import nn
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.tensor import DTensor
 
-from harness.loss import token_loss_sum
 from harness.materialize import materialize
 from harness.model_parts import decoder_layers, moe_blocks
 from harness.models import build_meta_model, reference_model
@@ -26,13 +25,6 @@ SEED = 0
 def batch(vocab: int, rows: int = 4, seq: int = 24) -> tuple[torch.Tensor, torch.Tensor]:
     tokens = torch.randint(0, vocab, (rows, seq + 1), generator=torch.Generator().manual_seed(1))
     return tokens[:, :-1], tokens[:, 1:]
-
-
-def reference_step(config, inputs: torch.Tensor, labels: torch.Tensor) -> tuple[float, dict[str, torch.Tensor]]:
-    model = reference_model(config, SEED)
-    loss = token_loss_sum(model(inputs).logits, labels) / labels.numel()
-    loss.backward()
-    return loss.item(), {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
 
 
 def ep_blocks(model: nn.Module) -> list[tuple[nn.Module, nn.Module | None]]:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import torch
 from torch import nn
+from transformers import PretrainedConfig
 
 from harness.config import Config, load_config
 from harness.data import BatchSampler, load_tokens
@@ -43,6 +44,15 @@ def reference_step(model: nn.Module, optimizer: torch.optim.Optimizer, inputs: t
     optimizer.step()
     optimizer.zero_grad()
     return loss.item(), grad_norm
+
+
+def reference_grads(config: PretrainedConfig, seed: int, inputs: torch.Tensor,
+                    labels: torch.Tensor) -> tuple[float, dict[str, torch.Tensor]]:
+    """One forward and backward of the HF model, no step: the mean token loss and every gradient by name."""
+    model = reference_model(config, seed)
+    loss = token_loss_sum(model(inputs).logits, labels) / labels.numel()
+    loss.backward()
+    return loss.item(), {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
 
 
 def reference_run(cfg: Config) -> tuple[list[float], list[float], dict[str, torch.Tensor]]:

@@ -12,8 +12,9 @@ import torch.distributed as dist
 
 from harness.loss import token_loss_sum
 from harness.models import load_config
-from tests.moe_common import batch, ep_model, full_grads, reference_step
+from tests.moe_common import SEED, batch, ep_model, full_grads
 from tests.multiproc import run_ranks
+from tests.reference import reference_grads
 
 PRESETS = ("qwen3_moe", "mixtral", "deepseek_v3")
 
@@ -23,7 +24,7 @@ def _compare_presets(rank: int, world: int) -> dict[str, tuple[float, float, flo
     for preset in PRESETS:
         config = load_config(preset, None)
         inputs, labels = batch(config.vocab_size)
-        ref_loss, ref_grads = reference_step(config, inputs, labels)
+        ref_loss, ref_grads = reference_grads(config, SEED, inputs, labels)
         model, _ = ep_model(config, world)
         mine = slice(rank, None, world)
         loss = token_loss_sum(model(inputs[mine]).logits, labels[mine]) / labels.numel()

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from harness.config import ConfigError, load_config
-from launch.cli import split_args, world_size
+from launch.cli import main, split_args, world_size
 
 
 def test_torchrun_flags_pass_through_and_dotted_flags_are_the_recipe():
@@ -37,3 +37,34 @@ def test_world_size_refuses(torchrun, mesh, expected):
     with pytest.raises(ConfigError, match=expected):
         world_size(load_config(None, mesh), torchrun)
 
+
+@pytest.mark.parametrize("argv, expected", [
+    (["--bogus"], "error: --bogus: unknown flag; recipe overrides look like --section.field=value and torchrun "
+                  "flags like --nproc-per-node=4 (python -m launch --help lists them)"),
+    (["--steps=3"], "error: --steps=3: unknown flag; did you mean --train.steps=3?"),
+    (["--nproc-per-nod", "2"], "error: --nproc-per-nod: unknown flag; did you mean --nproc-per-node?"),
+    (["train.steps=3"], "error: train.steps=3: unexpected argument; recipe overrides look like --section.field=value"),
+    (["--module", "x"], "error: --module: the launcher runs its own module; drop this flag"),
+    (["--nnodes"], "error: --nnodes: missing its value"),
+    (["--parallel.pp=2", "--parallel.dp_shard=2", "--parallel.pp_microbatches=0"],
+     "error: parallel.pp_microbatches=0: must be > 0, or null for the default"),
+    (["--checkpoint.every=-2"], "error: checkpoint.every=-2: must be > 0, or null for the default"),
+])
+def test_bad_flags_are_one_line_and_exit_2(argv, expected, capsys, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("LOCAL_RANK", raising=False)
+    assert main(argv) == 2
+    assert capsys.readouterr().err.strip().splitlines() == [expected]
+    assert not (tmp_path / "runs").exists()
+
+
+def test_help_lists_the_recipe_sections_and_fields(capsys):
+    assert main(["--help"]) == 0
+    text = capsys.readouterr().out
+    assert text.startswith("usage: python -m launch [torchrun flags]")
+    for expected in ["  run:", "    --run.name  (str | null, default null)",
+                     "    --parallel.pp_schedule  (GPipe | 1F1B | Interleaved1F1B",
+                     "    --ac.mode  (bool | none | full | selective | submodule, default none)",
+                     "        activation checkpointing; true = full, false = none",
+                     "    --checkpoint.load_weights_only  (bool, default false)"]:
+        assert expected in text, expected

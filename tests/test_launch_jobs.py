@@ -37,7 +37,8 @@ TIMEOUT = 600
 
 
 def _outputs(folder: Path) -> list[str]:
-    return [f"--checkpoint.dir={folder / 'ckpt'}", f"--train.metrics_file={folder / 'metrics.jsonl'}"]
+    return [f"--run.dir={folder}", f"--checkpoint.dir={folder / 'ckpt'}",
+            f"--train.metrics_file={folder / 'metrics.jsonl'}"]
 
 
 def _start(args: list[str], log: Path) -> subprocess.Popen:

@@ -9,7 +9,6 @@ import sys
 
 import numpy as np
 import pytest
-from data_helpers import corpus_folder, word_tokenizer, write_jsonl
 
 import harness.data.prepare as prepare_module
 from harness.config import ConfigError, load_config
@@ -18,6 +17,7 @@ from harness.data.prepare import prepare_corpus
 from harness.data.sources import stdlib_files
 from harness.data.tokenizer import token_dtype
 from harness.validation import validate
+from tests.data_helpers import corpus_folder, word_tokenizer, write_jsonl
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

@@ -8,8 +8,6 @@ import math
 import numpy as np
 import torch
 import torch.nn.functional as F
-from data_helpers import write_jsonl
-from multiproc import run_ranks
 
 from harness.config import load_config
 from harness.data import BatchSampler, TokenCorpus, load_tokens
@@ -19,6 +17,8 @@ from harness.loss import count_tokens, token_loss_sum
 from harness.models import load_config as load_model_config, reference_model
 from harness.trainer import train
 from harness.validation import validate
+from tests.data_helpers import write_jsonl
+from tests.multiproc import run_ranks
 
 
 def _token_losses(model, corpus: TokenCorpus, document_mask: bool) -> torch.Tensor:

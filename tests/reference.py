@@ -100,8 +100,9 @@ def _update_biases(model: torch.nn.Module, loads: dict, rate: float) -> None:
 
 
 def tiny_config(*overrides: str) -> Config:
-    """A few fast steps on a small slice of the built-in corpus."""
-    base = ["--train.steps=3", "--train.global_batch_size=8", "--train.micro_batch_size=2",
+    """A few fast steps on a small slice of the built-in corpus, in a run folder of its own (validation
+    reads the run folder's checkpoints; nothing here writes one)."""
+    base = ["--run.name=test_tiny", "--train.steps=3", "--train.global_batch_size=8", "--train.micro_batch_size=2",
             "--train.seq_len=32", "--train.lr=1e-2", "--train.warmup_steps=1", "--train.metrics_file=null",
             "--data.max_bytes=200000", "--logging.progress=false"]
     return load_config(None, [*base, *overrides])

@@ -51,8 +51,8 @@ STATE = ("param", "grad", "optimizer")
 def bench_config(dp_shard: int, steps: int) -> Config:
     """The benchmark recipe for `dp_shard` ranks: each rank runs its share of the batch in one forward."""
     return load_config(None, [
-        "--model.preset=llama", "--model.overrides.hidden_size=128", "--model.overrides.head_dim=32",
-        "--model.overrides.intermediate_size=256", f"--train.steps={steps}",
+        "--run.name=bench_overhead", "--model.preset=llama", "--model.overrides.hidden_size=128",
+        "--model.overrides.head_dim=32", "--model.overrides.intermediate_size=256", f"--train.steps={steps}",
         f"--train.global_batch_size={GLOBAL_BATCH}", f"--train.micro_batch_size={GLOBAL_BATCH // dp_shard}",
         "--train.seq_len=128", "--train.warmup_steps=1", "--train.metrics_file=null",
         "--data.max_bytes=400000", "--logging.progress=false", f"--parallel.dp_shard={dp_shard}"])

@@ -3,7 +3,8 @@
 Each rank joins one process group through a FileStore in a fresh temporary folder (no port
 to race for under pytest-xdist), runs `fn(rank, world_size, *args)`, and reports either its
 return value or its traceback. A barrier runs before the group is destroyed, since gloo was
-seen aborting at teardown without one.
+seen aborting at teardown without one ("terminate called without an active exception"; torch's
+own distributed tests do the same: https://github.com/pytorch/pytorch/pull/124961).
 """
 
 from __future__ import annotations

@@ -1,110 +1,169 @@
-"""DeepEP dispatcher (optional; built by `moe.dispatch.build_dispatcher`).
+"""DeepEP's normal (high-throughput) kernels as the `deepep::dispatch` / `deepep::combine` ops.
 
-It sends a token once per destination rank and keep the layout handle of the forward
-dispatch: the backward of dispatch is a combine with that handle, and vice versa.
+Being registered ops, they are what the selective-AC policy saves (moe.ops.SAC_SAVE_OPS), so a
+recompute takes their outputs from the cache instead of communicating again. The backward of
+dispatch is a combine along the dispatch's layout handle, and the backward of combine a cached
+dispatch along it. Every kernel runs on DeepEP's communication stream after the compute
+stream's work so far, and the compute stream waits for it before the outputs are used.
+
+The ops register whenever this module imports; the kernels need `deep_ep` (deepseek-ai/DeepEP)
+and CUDA, checked by `build`.
 """
 
 from __future__ import annotations
 
+import inspect
+from collections import Counter
 from typing import Any
 
 import torch
 import torch.distributed as dist
-from torch.utils._python_dispatch import _disable_current_modes
 
+from moe.deep_ep_runtime import (check_bf16, define_combine, ensure_buffer, fake_handle_id, get_buffer,
+                                 get_handle, hosts_of, load_deep_ep, release_handle, release_unless_backward,
+                                 store_handle)
 from moe.routing import Routed, dense_routing
 
-
-class _DeepEPDispatch(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, buffer, x, topk_ids, topk_weights, num_experts):
-        num_per_rank, num_per_rdma_rank, num_per_expert, in_rank, _ = buffer.get_dispatch_layout(topk_ids, num_experts)
-        recv_x, recv_ids, recv_weights, _, handle, _ = buffer.dispatch(
-            x, topk_idx=topk_ids, topk_weights=topk_weights, num_tokens_per_rank=num_per_rank,
-            num_tokens_per_rdma_rank=num_per_rdma_rank, is_token_in_rank=in_rank,
-            num_tokens_per_expert=num_per_expert)
-        ctx.buffer, ctx.handle = buffer, handle
-        ctx.mark_non_differentiable(recv_ids)
-        return recv_x, recv_ids, recv_weights, handle
-
-    @staticmethod
-    def backward(ctx, grad_x, grad_ids, grad_weights, grad_handle):
-        # The dispatch handle replays the same layout in reverse: no new layout exchange.
-        grad_in, grad_topk_weights, _ = ctx.buffer.combine(grad_x.contiguous(), ctx.handle,
-                                                           topk_weights=grad_weights.contiguous())
-        return None, grad_in, None, grad_topk_weights, None
+_BACKEND = "deepep"
+# Intranode kernels: all ranks of the group on one NVLink host, in groups of these sizes.
+_INTRANODE_EP_SIZES = (2, 4, 8)
+# Internode kernels: NVLink within a host (NUM_MAX_NVL_PEERS in DeepEP), RDMA between hosts.
+_RANKS_PER_HOST_INTERNODE = 8
 
 
-class _DeepEPCombine(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, buffer, y, handle):
-        combined, _, _ = buffer.combine(y, handle)
-        ctx.buffer, ctx.handle = buffer, handle
-        return combined
+def _wait(buffer: Any, kernel, *args, **kwargs) -> tuple:
+    """Runs `kernel` on the communication stream after the compute stream's queued work; the
+    compute stream then waits for it (the last returned value is upstream's EventOverlap)."""
+    out = kernel(*args, **kwargs, previous_event=buffer.capture(), async_finish=True, allocate_on_comm_stream=True)
+    out[-1].current_stream_wait()
+    return out
 
-    @staticmethod
-    def backward(ctx, grad):
-        grad_y, *_ = ctx.buffer.dispatch(grad.contiguous(), handle=ctx.handle)
-        return None, grad_y, None
+
+@torch.library.custom_op(f"{_BACKEND}::dispatch", mutates_args=())
+def dispatch(x: torch.Tensor, topk_idx: torch.Tensor, topk_weights: torch.Tensor, num_experts: int,
+             group_name: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Each token to the ranks of its experts, once per rank. Returns the received rows, their
+    top-k ids made local (-1: an expert of another rank), their weights (0 there) and the id
+    of the layout handle."""
+    buffer = get_buffer(_BACKEND, group_name)
+    per_rank, per_rdma_rank, per_expert, in_rank, _ = _wait(buffer, buffer.get_dispatch_layout, topk_idx, num_experts)
+    recv_x, recv_idx, recv_weights, _, handle, _ = _wait(
+        buffer, buffer.dispatch, x, topk_idx=topk_idx, topk_weights=topk_weights, num_tokens_per_rank=per_rank,
+        num_tokens_per_rdma_rank=per_rdma_rank, is_token_in_rank=in_rank, num_tokens_per_expert=per_expert)
+    return recv_x, recv_idx, recv_weights, store_handle(handle)
+
+
+@dispatch.register_fake
+def _(x, topk_idx, topk_weights, num_experts, group_name):
+    rows = torch.library.get_ctx().new_dynamic_size()
+    return (x.new_empty(rows, x.shape[1]), topk_idx.new_empty(rows, topk_idx.shape[1]),
+            topk_weights.new_empty(rows, topk_weights.shape[1]), fake_handle_id())
+
+
+def _setup_dispatch(ctx, inputs, output) -> None:
+    ctx.group_name = inputs[4]
+    ctx.handle_id = output[3]
+    ctx.recv_x_shape, ctx.recv_weights_shape = output[0].shape, output[2].shape
+
+
+def _dispatch_backward(ctx, grad_x, grad_idx, grad_weights, grad_handle):
+    buffer = get_buffer(_BACKEND, ctx.group_name)
+    if grad_x is None:
+        grad_x = torch.zeros(ctx.recv_x_shape, dtype=torch.bfloat16, device=grad_weights.device)
+    if grad_weights is None:
+        grad_weights = torch.zeros(ctx.recv_weights_shape, dtype=torch.float32, device=grad_x.device)
+    grad_in, grad_topk_weights, _ = _wait(buffer, buffer.combine, grad_x.contiguous(), get_handle(ctx.handle_id),
+                                          topk_weights=grad_weights.contiguous())
+    release_handle(ctx.handle_id)  # the dispatch's backward is the handle's last user
+    return grad_in, None, grad_topk_weights, None, None
+
+
+dispatch.register_autograd(_dispatch_backward, setup_context=_setup_dispatch)
+
+
+def _combine(buffer: Any, y: torch.Tensor, handle: Any) -> torch.Tensor:
+    combined, _, _ = _wait(buffer, buffer.combine, y, handle)
+    return combined
+
+
+def _dispatch_cached(buffer: Any, grad: torch.Tensor, handle: Any) -> torch.Tensor:
+    recv, *_ = _wait(buffer, buffer.dispatch, grad, handle=handle)
+    return recv
+
+
+define_combine(_BACKEND, _combine, _dispatch_cached)
+
+
+def _buffer_size(buffer_cls: type, world: int, hidden_bytes: int) -> tuple[int, int]:
+    """NVLink and RDMA bytes for rows of `hidden_bytes`, by upstream's own size hints."""
+    configs = (buffer_cls.get_dispatch_config(world), buffer_cls.get_combine_config(world))
+    return (max(c.get_nvl_buffer_size_hint(hidden_bytes, world) for c in configs),
+            max(c.get_rdma_buffer_size_hint(hidden_bytes, world) for c in configs))
 
 
 class DeepEPDispatcher:
-    """DeepEP normal (high-throughput) kernels: a token goes once to each rank it visits."""
+    """A token goes once to each rank it visits; the expert side weights and sums."""
 
-    name = "deepep"
+    name = _BACKEND
 
-    def __init__(self, group: dist.ProcessGroup, buffer_cls: type) -> None:
+    def __init__(self, group: dist.ProcessGroup, buffer_cls: type, index_dtype: torch.dtype) -> None:
         self.group = group
+        self.group_name = group.group_name
         self.world = dist.get_world_size(group)
         self._buffer_cls = buffer_cls
-        self._buffer = None
-        self._hidden_bytes = 0
+        self._index_dtype = index_dtype
+        # Upstream's destructor can hang at exit: destroy explicitly where the build allows it.
+        accepts = inspect.signature(buffer_cls).parameters
+        self._buffer_kwargs = {"explicitly_destroy": True} if "explicitly_destroy" in accepts else {}
 
-    def _buffer_for(self, x: torch.Tensor):
-        hidden_bytes = x.shape[1] * max(x.element_size(), 2)
-        if self._buffer is None or hidden_bytes > self._hidden_bytes:
-            # Allocation and IPC handle exchange must not be recorded by an active
-            # selective-checkpoint mode, or recompute would try to replay them.
-            with _disable_current_modes():
-                nvl = rdma = 0
-                for config in (self._buffer_cls.get_dispatch_config(self.world),
-                               self._buffer_cls.get_combine_config(self.world)):
-                    nvl = max(nvl, config.get_nvl_buffer_size_hint(hidden_bytes, self.world))
-                    rdma = max(rdma, config.get_rdma_buffer_size_hint(hidden_bytes, self.world))
-                self._buffer = self._buffer_cls(self.group, nvl, rdma)
-            self._hidden_bytes = hidden_bytes
-        return self._buffer
+    def _ensure_buffer(self, x: torch.Tensor) -> None:
+        nvl, rdma = _buffer_size(self._buffer_cls, self.world, x.shape[1] * x.element_size())
+        ensure_buffer(_BACKEND, self.group, lambda b: b.num_nvl_bytes >= nvl and b.num_rdma_bytes >= rdma,
+                      lambda: self._buffer_cls(self.group, nvl, rdma, **self._buffer_kwargs))
 
     def dispatch(self, x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor,
                  num_experts: int) -> tuple[Routed, Any]:
-        buffer = self._buffer_for(x)
-        recv_x, recv_ids, recv_weights, handle = _DeepEPDispatch.apply(
-            buffer, x, topk_ids.long(), topk_weights.float(), num_experts)
-        routing_map, weights = dense_routing(recv_ids, recv_weights, num_experts // self.world)
-        return Routed(recv_x, routing_map, weights), handle
+        check_bf16(self.name, x)
+        self._ensure_buffer(x)
+        recv_x, recv_ids, recv_weights, handle_id = torch.ops.deepep.dispatch(
+            x.contiguous(), topk_ids.to(self._index_dtype).contiguous(), topk_weights.float().contiguous(),
+            num_experts, self.group_name)
+        # The kernels carry weights as fp32; the experts use them in the router's dtype, as with alltoall.
+        weights = recv_weights.to(topk_weights.dtype)
+        routing_map, weights = dense_routing(recv_ids.long(), weights, num_experts // self.world)
+        return Routed(recv_x, routing_map, weights), (handle_id, x.shape[0])
 
     def combine(self, y: torch.Tensor, handle: Any) -> torch.Tensor:
-        return _DeepEPCombine.apply(self._buffer, y, handle)
+        handle_id, num_tokens = handle
+        combined = torch.ops.deepep.combine(y, handle_id, num_tokens, self.group_name)
+        release_unless_backward(combined, handle_id)
+        return combined
 
 
-# DeepEP's intranode kernels are built for these NVLink group sizes.
-_DEEPEP_EP_SIZES = (2, 4, 8)
-
-
-def load_deep_ep() -> Any:
-    """The deep_ep module; RuntimeError with the reason it cannot run here."""
+def _check_topology(buffer_cls: type, group: dist.ProcessGroup) -> None:
+    """RuntimeError unless DeepEP's kernels can serve this group's placement over hosts."""
+    world = dist.get_world_size(group)
+    hosts = hosts_of(group)
+    per_host = Counter(hosts)
+    if len(per_host) == 1:
+        if world not in _INTRANODE_EP_SIZES:
+            raise RuntimeError(f"EP size {world} unsupported on one host (intranode kernels: {_INTRANODE_EP_SIZES})")
+        return
+    # Upstream picks the intranode (NVLink IPC) path whenever the group has <= 8 ranks, which
+    # fails in Buffer() when those ranks sit on several hosts.
+    blocks = [hosts[i:i + _RANKS_PER_HOST_INTERNODE] for i in range(0, world, _RANKS_PER_HOST_INTERNODE)]
+    if world % _RANKS_PER_HOST_INTERNODE or any(len(set(block)) != 1 for block in blocks) \
+            or len({block[0] for block in blocks}) != len(blocks):
+        raise RuntimeError(f"EP group of {world} ranks spans {len(per_host)} hosts: DeepEP's internode kernels "
+                           f"need {_RANKS_PER_HOST_INTERNODE} consecutive ranks on each host")
     try:
-        import deep_ep
-    except Exception as exc:  # deep_ep can fail with more than ImportError (CUDA/NVSHMEM init)
-        raise RuntimeError(f"not installed ({type(exc).__name__}: {exc})") from exc
-    if not torch.cuda.is_available():
-        raise RuntimeError("no CUDA device")
-    return deep_ep
+        buffer_cls.get_dispatch_config(world)
+    except AssertionError as exc:
+        raise RuntimeError(f"EP size {world} unsupported by DeepEP's internode kernels ({exc})") from exc
 
 
 def build(group: dist.ProcessGroup) -> DeepEPDispatcher:
     deep_ep = load_deep_ep()
-    world = dist.get_world_size(group)
-    if world not in _DEEPEP_EP_SIZES:
-        raise RuntimeError(f"EP size {world} unsupported (intranode kernels: {_DEEPEP_EP_SIZES})")
-    return DeepEPDispatcher(group, deep_ep.Buffer)
+    _check_topology(deep_ep.Buffer, group)
+    # `topk_idx_t`: the index dtype the build was compiled with (int64 unless configured otherwise).
+    return DeepEPDispatcher(group, deep_ep.Buffer, getattr(deep_ep, "topk_idx_t", torch.int64))

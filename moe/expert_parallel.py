@@ -70,14 +70,14 @@ def apply_expert_parallel(blocks: list[tuple[nn.Module, nn.Module | None]], ep_m
     """Shard the experts of every MoE block over `ep_mesh` and route tokens with `dispatcher`.
 
     `blocks`: (experts module, router module or None) per MoE block, as the caller's model
-    adapter finds them. Returns the experts modules, for the caller to FSDP-shard over the
-    experts' FSDP mesh.
+    adapter finds them; none is fine (a pipeline stage of dense layers only). Returns the
+    experts modules, for the caller to FSDP-shard over the experts' FSDP mesh.
     """
     if ep_mesh.ndim != 1:
         raise ValueError(f"ep_mesh must be 1-D, got a {ep_mesh.ndim}-D mesh")
-    ep = ep_mesh.size()
     if not blocks:
-        raise ValueError("expert parallel: the model has no MoE blocks")
+        return []
+    ep = ep_mesh.size()
     for experts, _ in blocks:
         _check_supported(experts, ep)
     chosen, reason = resolve_dispatcher(dispatcher, strict, ep_mesh.get_group())

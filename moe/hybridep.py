@@ -1,7 +1,12 @@
-"""HybridEP dispatcher (optional; DeepEP's hybrid-ep branch; built by `moe.dispatch.build_dispatcher`).
+"""NVIDIA HybridEP (DeepEP's hybrid-ep branch) as the `hybridep::dispatch` / `hybridep::combine`
+ops: NVLink-domain aware dispatch and combine.
 
-It sends a token once per destination rank and keeps the layout handle of the forward
-dispatch: the backward of dispatch is a combine with that handle, and vice versa.
+As for DeepEP (moe/deepep.py), the ops are what selective AC saves, and each one's backward is
+the other along the dispatch's handle. HybridEP routes by a dense [tokens, experts] map and
+probability matrix, built here from the top-k ids (its own top-k path cannot take -1 ids), so
+the probability gradient reaches the top-k weights through that scatter. Its dispatched
+probabilities hold every expert of the NVLink domain: this rank's are the columns from
+`local_rank * local_experts`.
 """
 
 from __future__ import annotations
@@ -10,67 +15,119 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
-from torch.utils._python_dispatch import _disable_current_modes
 
-from moe.deepep import load_deep_ep
-from moe.routing import Routed
+from moe.deep_ep_runtime import (check_bf16, define_combine, ensure_buffer, fake_handle_id, get_buffer,
+                                 get_handle, load_deep_ep, release_handle, release_unless_backward,
+                                 store_handle)
+from moe.routing import Routed, dense_routing
 
-
-class _HybridEPDispatch(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, buffer, x, topk_ids, topk_weights, num_experts):
-        recv_x, recv_probs, _, handle = buffer.dispatch(x, topk_idx=topk_ids, topk_weights=topk_weights,
-                                                        num_of_experts=num_experts)
-        ctx.buffer, ctx.handle = buffer, handle
-        return recv_x, recv_probs, handle
-
-    @staticmethod
-    def backward(ctx, grad_x, grad_probs, grad_handle):
-        grad_in, grad_dense_probs = ctx.buffer.combine(grad_x.contiguous(), probs=grad_probs.contiguous(),
-                                                       handle=ctx.handle)
-        return None, grad_in, None, grad_dense_probs, None
+_BACKEND = "hybridep"
 
 
-class _HybridEPCombine(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, buffer, y, handle):
-        combined, _ = buffer.combine(y, handle=handle)
-        ctx.buffer, ctx.handle = buffer, handle
-        return combined
+def _local_columns(buffer: Any, num_local: int) -> slice:
+    start = buffer.local_rank * num_local
+    return slice(start, start + num_local)
 
-    @staticmethod
-    def backward(ctx, grad):
-        grad_y, *_ = ctx.buffer.dispatch(grad.contiguous(), handle=ctx.handle)
-        return None, grad_y, None
+
+@torch.library.custom_op(f"{_BACKEND}::dispatch", mutates_args=())
+def dispatch(x: torch.Tensor, routing_map: torch.Tensor, probs: torch.Tensor, num_local_experts: int,
+             group_name: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Each token to the ranks of its experts, once per rank. Returns the received rows, their
+    [rows, local experts] probabilities and routing map, and the id of the layout handle."""
+    buffer = get_buffer(_BACKEND, group_name)
+    recv_x, recv_probs, _, handle = buffer.dispatch(hidden=x, routing_map=routing_map, probs=probs)
+    rows = recv_x.shape[0]
+    # handle[4]: the local expert routing map, sized for the buffer's largest batch.
+    local_map = handle[4][:rows].clone()
+    local_probs = recv_probs[:, _local_columns(buffer, num_local_experts)].contiguous()
+    return recv_x, local_probs, local_map, store_handle((handle, routing_map.shape[1], rows))
+
+
+@dispatch.register_fake
+def _(x, routing_map, probs, num_local_experts, group_name):
+    rows = torch.library.get_ctx().new_dynamic_size()
+    return (x.new_empty(rows, x.shape[1]), probs.new_empty(rows, num_local_experts),
+            routing_map.new_empty(rows, num_local_experts), fake_handle_id())
+
+
+def _setup_dispatch(ctx, inputs, output) -> None:
+    ctx.num_local, ctx.group_name = inputs[3], inputs[4]
+    ctx.handle_id = output[3]
+    ctx.recv_x_shape, ctx.recv_probs_shape = output[0].shape, output[1].shape
+
+
+def _dispatch_backward(ctx, grad_x, grad_probs, grad_map, grad_handle):
+    buffer = get_buffer(_BACKEND, ctx.group_name)
+    handle, _, rows = get_handle(ctx.handle_id)
+    if grad_x is None:
+        grad_x = torch.zeros(ctx.recv_x_shape, dtype=torch.bfloat16, device=grad_probs.device)
+    if grad_probs is None:
+        grad_probs = torch.zeros(ctx.recv_probs_shape, dtype=torch.float32, device=grad_x.device)
+    # Back to the dispatched layout: every expert of the NVLink domain, this rank's columns set.
+    domain_probs = grad_probs.new_zeros(rows, ctx.num_local * buffer.num_of_hybrid_ep_ranks_per_nvlink_domain)
+    domain_probs[:, _local_columns(buffer, ctx.num_local)] = grad_probs
+    grad_in, grad_dense_probs = buffer.combine(grad_x.contiguous(), probs=domain_probs, handle=handle)
+    release_handle(ctx.handle_id)  # the dispatch's backward is the handle's last user
+    return grad_in, None, grad_dense_probs, None, None
+
+
+dispatch.register_autograd(_dispatch_backward, setup_context=_setup_dispatch)
+
+
+def _combine(buffer: Any, y: torch.Tensor, entry: tuple) -> torch.Tensor:
+    combined, _ = buffer.combine(y, handle=entry[0])
+    return combined
+
+
+def _dispatch_cached(buffer: Any, grad: torch.Tensor, entry: tuple) -> torch.Tensor:
+    handle, num_experts, rows = entry
+    # Without a routing map upstream asks for the expert count; the known row count spares it
+    # a stream synchronization to read the count back from the device.
+    recv, *_ = buffer.dispatch(hidden=grad, handle=handle, num_of_experts=num_experts, num_dispatched_tokens=rows)
+    return recv
+
+
+define_combine(_BACKEND, _combine, _dispatch_cached)
+
+_BUFFER_SHAPES: dict[str, tuple[int, int]] = {}  # group name -> (hidden size, local experts) of its buffer
 
 
 class HybridEPDispatcher:
-    """NVIDIA HybridEP (DeepEP hybrid-ep branch): NVLink-domain aware dispatch/combine."""
-
-    name = "hybridep"
+    name = _BACKEND
 
     def __init__(self, group: dist.ProcessGroup, buffer_cls: type) -> None:
         self.group = group
+        self.group_name = group.group_name
         self.world = dist.get_world_size(group)
         self._buffer_cls = buffer_cls
-        self._buffer = None
+
+    def _ensure_buffer(self, x: torch.Tensor, num_local: int) -> None:
+        # Upstream grows the token capacity per call; hidden size and local experts are fixed.
+        shape = (x.shape[1], num_local)
+
+        def create() -> Any:
+            _BUFFER_SHAPES[self.group_name] = shape
+            return self._buffer_cls(self.group, hidden_dim=x.shape[1], max_num_of_tokens_per_rank=x.shape[0],
+                                    num_local_experts=num_local)
+
+        ensure_buffer(_BACKEND, self.group, lambda _: _BUFFER_SHAPES.get(self.group_name) == shape, create)
 
     def dispatch(self, x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor,
                  num_experts: int) -> tuple[Routed, Any]:
+        check_bf16(self.name, x)
         num_local = num_experts // self.world
-        if self._buffer is None:
-            with _disable_current_modes():  # same reason as DeepEP: keep set-up out of SAC
-                self._buffer = self._buffer_cls(self.group, hidden_dim=x.shape[1],
-                                                max_num_of_tokens_per_rank=x.shape[0],
-                                                num_local_experts=num_local)
-        # HybridEP returns its routing as a dense probability matrix over tokens x experts.
-        recv_x, recv_probs, handle = _HybridEPDispatch.apply(self._buffer, x, topk_ids.long(),
-                                                             topk_weights.float(), num_experts)
-        routing_map = handle[4][: recv_x.shape[0]]  # local_expert_routing_map: [tokens, local experts]
-        return Routed(recv_x, routing_map, recv_probs.view(recv_x.shape[0], num_local)), handle
+        self._ensure_buffer(x, num_local)
+        routing_map, probs = dense_routing(topk_ids.long(), topk_weights.float(), num_experts)
+        recv_x, recv_probs, local_map, handle_id = torch.ops.hybridep.dispatch(
+            x.contiguous(), routing_map.contiguous(), probs.contiguous(), num_local, self.group_name)
+        # The kernels carry probabilities as fp32; the experts use them in the router's dtype.
+        return Routed(recv_x, local_map, recv_probs.to(topk_weights.dtype)), (handle_id, x.shape[0])
 
     def combine(self, y: torch.Tensor, handle: Any) -> torch.Tensor:
-        return _HybridEPCombine.apply(self._buffer, y, handle)
+        handle_id, num_tokens = handle
+        combined = torch.ops.hybridep.combine(y, handle_id, num_tokens, self.group_name)
+        release_unless_backward(combined, handle_id)
+        return combined
 
 
 def build(group: dist.ProcessGroup) -> HybridEPDispatcher:

@@ -14,6 +14,8 @@ import torch
 import torch.distributed as dist
 from torch.distributed.distributed_c10d import _resolve_process_group
 
+from moe import deepep, hybridep  # noqa: F401  (register torch.ops.deepep.* and torch.ops.hybridep.*)
+
 
 def _all_to_all(x: torch.Tensor, input_splits: list[int], output_splits: list[int], group_name: str) -> torch.Tensor:
     assert sum(input_splits) == x.shape[0], (input_splits, x.shape)
@@ -59,6 +61,10 @@ def _combine_backward(ctx, grad: torch.Tensor):
 ep_dispatch.register_autograd(_dispatch_backward, setup_context=_setup_context)
 ep_combine.register_autograd(_combine_backward, setup_context=_setup_context)
 
-# What selective activation checkpointing must save rather than replay in backward: the
-# callers hand these to parallel/activation_checkpointing.py.
-SAC_SAVE_OPS = (torch.ops.harness.ep_dispatch.default, torch.ops.harness.ep_combine.default)
+# Every communication op moe registers: selective activation checkpointing must save them
+# rather than replay them in backward. The callers hand these to parallel/activation_checkpointing.py.
+SAC_SAVE_OPS = (
+    torch.ops.harness.ep_dispatch.default, torch.ops.harness.ep_combine.default,
+    torch.ops.deepep.dispatch.default, torch.ops.deepep.combine.default,
+    torch.ops.hybridep.dispatch.default, torch.ops.hybridep.combine.default,
+)

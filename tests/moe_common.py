@@ -36,13 +36,21 @@ def _recompute_everything(ctx, func, *args, **kwargs) -> CheckpointPolicy:
     return CheckpointPolicy.PREFER_RECOMPUTE
 
 
-def ep_model(config, world: int, dispatcher: str = "alltoall", checkpointing: str | None = None) -> tuple[nn.Module, list[nn.Module]]:
-    """The trainer's order on a meta model: EP -> activation checkpointing -> materialize.
+def ep_model(config, world: int, dispatcher: str = "alltoall", checkpointing: str | None = None,
+             dtype: torch.dtype = torch.float32) -> tuple[nn.Module, list[nn.Module]]:
+    """A model with experts over all `world` ranks; see `parallelize_ep`."""
+    mesh = init_device_mesh("cpu", (world,), mesh_dim_names=("ep",))
+    model = build_meta_model(config)
+    return model, parallelize_ep(model, mesh, dispatcher, checkpointing, dtype)
+
+
+def parallelize_ep(model: nn.Module, mesh, dispatcher: str = "alltoall", checkpointing: str | None = None,
+                   dtype: torch.dtype = torch.float32) -> list[nn.Module]:
+    """The trainer's order on a meta model (or pipeline stage): EP over the 1-D `mesh` ->
+    activation checkpointing -> materialize in `dtype`. Returns the experts modules.
 
     `checkpointing`: None, "selective" (the project's policy) or "recompute_all" (a control).
     """
-    mesh = init_device_mesh("cpu", (world,), mesh_dim_names=("ep",))
-    model = build_meta_model(config)
     experts = apply_expert_parallel(ep_blocks(model), mesh, dispatcher)
     layers = decoder_layers(model)
     if checkpointing == "selective":
@@ -52,9 +60,11 @@ def ep_model(config, world: int, dispatcher: str = "alltoall", checkpointing: st
         for index, layer in enumerate(layers):
             layers[index] = checkpoint_wrapper(layer, context_fn=context_fn)
     if checkpointing:
-        assert all(isinstance(layer, CheckpointWrapper) for layer in layers)
-    materialize(model, reference_model(config, SEED), "cpu")
-    return model, experts
+        blocks = layers.values() if isinstance(layers, nn.ModuleDict) else layers
+        assert all(isinstance(layer, CheckpointWrapper) for layer in blocks)
+    materialize(model, reference_model(model.config, SEED), "cpu")
+    model.to(dtype)
+    return experts
 
 
 def full_grads(model: nn.Module) -> dict[str, torch.Tensor]:

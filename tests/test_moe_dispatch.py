@@ -2,7 +2,8 @@
 
 With deep_ep hidden (installed or not), `deepep` and `hybridep` fall back to alltoall with exactly
 one logged line per model, strict raises, and the op names the selective-AC policy saves
-exist in torch.ops.harness with fake and autograd implementations that opcheck accepts.
+exist in torch.ops.harness with fake and autograd implementations that opcheck accepts;
+torch.ops.deepep.* and torch.ops.hybridep.* resolve and have fake implementations.
 """
 
 from __future__ import annotations
@@ -13,12 +14,15 @@ import sys
 import pytest
 import torch
 import torch.distributed as dist
+from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.distributed.device_mesh import init_device_mesh
+from torch.fx.experimental.symbolic_shapes import ShapeEnv
 
 from harness.models import build_meta_model, load_config
 from moe.alltoall import AllToAllDispatcher
 from moe.dispatch import resolve_dispatcher
 from moe.expert_parallel import apply_expert_parallel
+from moe.ops import SAC_SAVE_OPS
 from tests.moe_common import ep_blocks
 from tests.multiproc import run_ranks
 
@@ -92,3 +96,21 @@ def test_saved_op_names_exist() -> None:
 def test_unknown_dispatcher_is_a_value_error_before_any_group() -> None:
     with pytest.raises(ValueError, match="choose one of alltoall, deepep, hybridep"):
         resolve_dispatcher("deep_ep", False, None)
+
+
+def test_backend_ops_resolve_with_fake_implementations() -> None:
+    for name in ("deepep.dispatch", "deepep.combine", "hybridep.dispatch", "hybridep.combine"):
+        namespace, op = name.split(".")
+        assert getattr(getattr(torch.ops, namespace), op).default in SAC_SAVE_OPS, name
+    with FakeTensorMode(shape_env=ShapeEnv()):
+        x = torch.empty(5, 64, dtype=torch.bfloat16)
+        recv_x, recv_ids, recv_weights, handle_id = torch.ops.deepep.dispatch(
+            x, torch.empty(5, 2, dtype=torch.int64), torch.empty(5, 2), 8, "group")
+        assert recv_x.dtype == torch.bfloat16 and recv_ids.shape[1] == 2 and recv_weights.dtype == torch.float32
+        assert handle_id.shape == () and handle_id.device.type == "cpu"
+        recv_x, probs, local_map, _ = torch.ops.hybridep.dispatch(
+            x, torch.empty(5, 8, dtype=torch.bool), torch.empty(5, 8), 4, "group")
+        assert probs.shape[1] == 4 and local_map.dtype == torch.bool and recv_x.shape[0] == probs.shape[0]
+        for backend in ("deepep", "hybridep"):
+            combine = getattr(torch.ops, backend).combine
+            assert combine(recv_x, handle_id, 5, "group").shape == (5, 64)

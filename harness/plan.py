@@ -27,10 +27,6 @@ class Plan:
     folder: RunFolder  # where the run's metrics, plot, checkpoints and recipe copy go
 
     @property
-    def world_size(self) -> int:
-        return self.dims.world_size
-
-    @property
     def pipeline_microbatch_size(self) -> int:
         """Sequences in one pipeline microbatch."""
         return self.micro_batch_size // self.pp_microbatches

@@ -61,9 +61,9 @@ CASES = [
 
 
 @pytest.mark.parametrize("overrides, world_size, expected", CASES, ids=[c[2][:40] for c in CASES])
-def test_bad_input_names_the_field(overrides, world_size, expected):
+def test_bad_input_names_the_field(overrides, world_size, expected, tmp_path):
     with pytest.raises(ConfigError) as error:
-        validate(load_config(None, overrides), world_size)
+        validate(_recipe(tmp_path, *overrides), world_size)
     message = str(error.value)
     assert expected in message
     assert "\n" not in message
@@ -89,13 +89,15 @@ def test_recipe_errors(tmp_path):
         load_config(str(unknown))
 
 
-def test_true_false_and_case_select_ac_modes():
-    assert validate_mode("true") == "full" and validate_mode("false") == "none"
-    assert validate_mode("Selective") == "selective"
+def _recipe(tmp_path, *overrides: str):
+    """Defaults plus `overrides`, in a run folder of the test's own: validation reads the run
+    folder's checkpoints, and another run's in ./runs must not decide the outcome."""
+    return load_config(None, [f"--run.dir={tmp_path / 'run'}", *overrides])
 
 
-def validate_mode(text: str) -> str:
-    return validate(load_config(None, [f"--ac.mode={text}"]), 1).ac_mode
+def test_true_false_and_case_select_ac_modes(tmp_path):
+    for text, mode in [("true", "full"), ("false", "none"), ("Selective", "selective")]:
+        assert validate(_recipe(tmp_path, f"--ac.mode={text}"), 1).ac_mode == mode
 
 
 def test_launcher_exits_2_with_one_line_before_starting_processes(tmp_path):
@@ -108,9 +110,9 @@ def test_launcher_exits_2_with_one_line_before_starting_processes(tmp_path):
 
 
 @pytest.mark.skipif(importlib.util.find_spec("tensorboard") is not None, reason="tensorboard is installed")
-def test_tensorboard_dir_without_tensorboard_says_how_to_install():
+def test_tensorboard_dir_without_tensorboard_says_how_to_install(tmp_path):
     with pytest.raises(ConfigError, match="logging.tensorboard_dir=tb: tensorboard is not installed; pip install"):
-        validate(load_config(None, ["--logging.tensorboard_dir=tb"]), 1)
+        validate(_recipe(tmp_path, "--logging.tensorboard_dir=tb"), 1)
 
 
 def test_recipe_choices_match_what_the_packages_implement():
@@ -123,8 +125,8 @@ def test_recipe_choices_match_what_the_packages_implement():
     assert typing.get_args(typing.get_type_hints(ParallelConfig)["pp_schedule"]) == SCHEDULES
 
 
-def test_validation_leaves_the_recipe_as_written():
-    cfg = load_config(None, ["--ac.mode=true", "--parallel.pp=2", "--parallel.dp_shard=1"])
+def test_validation_leaves_the_recipe_as_written(tmp_path):
+    cfg = _recipe(tmp_path, "--ac.mode=true", "--parallel.pp=2", "--parallel.dp_shard=1")
     before = cfg.to_dict()
     plan = validate(cfg, 2)
     assert cfg.to_dict() == before

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import resource
 import subprocess
 import sys
 
@@ -46,12 +47,15 @@ def test_folder_of_txt_jsonl_parquet_prepares_once_into_uint8_shards(tmp_path):
 
 
 def test_worker_processes_and_shard_boundaries_do_not_change_the_stream(tmp_path, monkeypatch):
-    source = write_jsonl(str(tmp_path / "d.jsonl"), [f"document {i} " * (i + 1) for i in range(200)])
-    one = TokenCorpus(prepare_corpus(source, None, "text", 0, str(tmp_path / "one"), workers=1, progress=False))
+    tokenizer = word_tokenizer(str(tmp_path / "tok"), words=50)
+    source = write_jsonl(str(tmp_path / "d.jsonl"), [" ".join(f"w{j % 50}" for j in range(i + 1)) for i in range(200)])
+    one = TokenCorpus(prepare_corpus(source, tokenizer, "text", 0, str(tmp_path / "one"), workers=1, progress=False))
     monkeypatch.setattr(prepare_module, "SMALL_SOURCE_BYTES", 0)  # start workers even for this tiny source
     monkeypatch.setattr(prepare_module, "CHUNK_BYTES", 2_000)
     monkeypatch.setattr(prepare_module, "SHARD_TOKENS", 5_000)
-    two = TokenCorpus(prepare_corpus(source, None, "text", 0, str(tmp_path / "two"), workers=2, progress=False))
+    children_cpu = resource.getrusage(resource.RUSAGE_CHILDREN).ru_utime
+    two = TokenCorpus(prepare_corpus(source, tokenizer, "text", 0, str(tmp_path / "two"), workers=2, progress=False))
+    assert resource.getrusage(resource.RUSAGE_CHILDREN).ru_utime > children_cpu  # worker processes ran
     assert len(two.shards) > 2
     assert np.array_equal(one.read(0, len(one)), two.read(0, len(two)))
     assert np.array_equal(one.document_starts, two.document_starts)
@@ -120,7 +124,8 @@ def torch_equal(a, b) -> bool:
 
 def _recipe(tmp_path, *overrides: str):
     base = ["--model.preset=llama", "--parallel.dp_shard=1", "--train.global_batch_size=2",
-            "--train.micro_batch_size=2", "--train.seq_len=16", f"--data.cache_dir={tmp_path / 'cache'}"]
+            "--train.micro_batch_size=2", "--train.seq_len=16", f"--data.cache_dir={tmp_path / 'cache'}",
+            f"--checkpoint.dir={tmp_path / 'checkpoints'}", "--train.metrics_file=null"]
     return load_config(None, [*base, *overrides])
 
 

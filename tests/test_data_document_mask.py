@@ -69,7 +69,7 @@ def test_trainer_masks_documents_and_logs_held_out_loss(tmp_path):
     cfg = load_config(None, [
         "--model.preset=llama", "--parallel.dp_shard=2", "--train.steps=1", "--train.global_batch_size=4",
         "--train.micro_batch_size=2", "--train.seq_len=32", "--train.warmup_steps=1000000",
-        "--train.metrics_file=null", "--logging.progress=false", f"--data.source={source}",
+        f"--run.dir={tmp_path / 'run'}", "--logging.progress=false", f"--data.source={source}",
         f"--data.cache_dir={tmp_path / 'cache'}", "--data.document_mask=true", "--eval.every=1", "--eval.steps=2",
         "--eval.held_out=0.2"])
     rows = run_ranks(_train_rows, 2, cfg)

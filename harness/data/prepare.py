@@ -86,7 +86,9 @@ def prepare_corpus(source: str, tokenizer: str | None, text_field: str, max_byte
     os.makedirs(partial)
     try:
         total = max_bytes if source == STDLIB else sum(os.path.getsize(f) for f in _all_files(source_files(source)))
-        workers = workers if total > SMALL_SOURCE_BYTES else 1
+        # Bytes need no tokenizing work: reading the source in this process is the whole cost, and
+        # workers would only add pickling (87 vs 12 MB/s measured, tests/bench/data_bench.py).
+        workers = workers if total > SMALL_SOURCE_BYTES and tokenizer is not None else 1
         meta = _write(partial, _chunks(documents(source, text_field, max_bytes)), tokenizer, workers,
                       _progress_bar(total, progress))
         if meta["tokens"] == 0:

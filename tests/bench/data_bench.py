@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import shutil
 import sysconfig
 import time
@@ -50,6 +51,12 @@ def write_corpus(path: str, size: int) -> None:
                 written += len(record)
                 if written >= size:
                     break
+
+
+def _cpu_seconds() -> float:
+    """CPU time of this process and of its finished children (the tokenizer workers)."""
+    own, children = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
 
 
 def _rss_peak_mb() -> float:
@@ -140,16 +147,18 @@ def main() -> None:
     throughput_mb = max([s for s in args.sizes_mb if s <= 100], default=min(args.sizes_mb))
     source = os.path.join(args.work, f"corpus_{throughput_mb}mb.jsonl")
     tokenizer = bpe_tokenizer(source, os.path.join(args.work, "bpe"))
-    for name, path in (("bytes", None), ("BPE 8k", tokenizer)):
-        for workers in (1, 2):
+    # Bytes are always encoded in the preparing process (no worker has work to do).
+    for name, path, worker_counts in (("bytes", None, (1,)), ("BPE 8k", tokenizer, (1, 2))):
+        for workers in worker_counts:
             cache = os.path.join(args.work, "cache_throughput")
             shutil.rmtree(cache, ignore_errors=True)
-            started = time.perf_counter()
+            started, cpu_started = time.perf_counter(), _cpu_seconds()
             prepare_corpus(source, path, "text", 0, cache, workers=workers, progress=False)
-            seconds = time.perf_counter() - started
+            seconds, cpu = time.perf_counter() - started, _cpu_seconds() - cpu_started
             results["prepare"].append({"tokenizer": name, "workers": workers, "size_mb": throughput_mb,
-                                       "seconds": seconds, "mb_per_s": throughput_mb / seconds})
-            print(f"prepare {throughput_mb} MB, {name}, {workers} worker(s): {throughput_mb / seconds:.1f} MB/s", flush=True)
+                                       "seconds": seconds, "mb_per_s": throughput_mb / seconds, "cpu_s": cpu})
+            print(f"prepare {throughput_mb} MB, {name}, {workers} worker(s): {throughput_mb / seconds:.1f} MB/s, "
+                  f"{cpu:.1f} CPU s", flush=True)
     print_tables(results)
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     with open(args.out, "w") as f:
@@ -180,10 +189,10 @@ def print_tables(results: dict) -> None:
             else ("not run", "not run")
         print(f"| {row['size_mb']:,} MB | {old[0]} | {new_rss:,.0f} MB | {old[1]} | {new_start:.2f} s | "
               f"{row['prepare_s']:.1f} s |")
-    print("\n| tokenizer | workers | prepare MB/s |")
-    print("|---|---|---|")
+    print("\n| tokenizer | workers | prepare MB/s | CPU s per MB |")
+    print("|---|---|---|---|")
     for row in results["prepare"]:
-        print(f"| {row['tokenizer']} | {row['workers']} | {row['mb_per_s']:.1f} |")
+        print(f"| {row['tokenizer']} | {row['workers']} | {row['mb_per_s']:.1f} | {row['cpu_s'] / row['size_mb']:.2f} |")
 
 
 if __name__ == "__main__":

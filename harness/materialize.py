@@ -56,12 +56,15 @@ def materialize(model: nn.Module, weights: WeightSource | nn.Module, device: tor
     for (first, first_name), others in tied:
         for owner, name in others:
             setattr(owner, name, first._parameters[first_name])
+    filled: set[int] = set()
     with torch.no_grad():
         for module_name, module in model.named_modules():
             name = canonical_name(f"{module_name}.") if module_name else ""
+            # A tied parameter is filled once, by its first owner (the input embedding).
             targets = {attr: _target(name + attr, tensor, attr not in module._non_persistent_buffers_set)
                        for attr, tensor in [*module._parameters.items(), *module._buffers.items()]
-                       if tensor is not None}
+                       if tensor is not None and id(tensor) not in filled}
+            filled.update(id(tensor) for tensor in [*module._parameters.values(), *module._buffers.values()])
             if targets:
                 source.fill(name.rstrip("."), module, targets)
 

@@ -122,12 +122,15 @@ def remove_embeddings(model: nn.Module) -> None:
     setattr(inner, name, None)
 
 
+def has_tied_embeddings(model: nn.Module) -> bool:
+    """Whether the LM head is the input embedding's weight (tie_word_embeddings and its aliases)."""
+    head, embedding = lm_head(model), embeddings(model)
+    return head is not None and embedding is not None and head.weight is embedding.weight
+
+
 def check_pipeline_support(model: nn.Module) -> None:
     """Raises ValueError (one line: what and the fix) for a model pipeline stages cannot carry."""
     config = model.config
-    if getattr(config, "tie_word_embeddings", False):
-        raise ValueError("model.tie_word_embeddings=True: pipeline stages cannot share the embedding with "
-                         "lm_head; use a model with untied embeddings or parallel.pp=1")
     if getattr(config, "hidden_size_per_layer_input", None):
         raise ValueError(f"{config.model_type}: per-layer inputs are computed from the token ids, which only the "
                          "first pipeline stage receives; use parallel.pp=1")

@@ -24,9 +24,12 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
+from torch.distributed.device_mesh import DeviceMesh
 
 from harness import model_parts
+from parallel.pipeline import PipelinePlan, stage_ids_for_rank
 from parallel.pipeline_split import EMBEDDINGS, FINAL_NORM, LM_HEAD, layer_name
+from parallel.tied_stages import TiedAcrossStages, first_last_stage_group
 
 
 @dataclass(frozen=True)
@@ -98,3 +101,21 @@ def stage_builder(model: nn.Module) -> Callable[[list[str]], nn.Module]:
         return stage
 
     return build
+
+
+def tied_embedding_copies(model: nn.Module, pipeline: PipelinePlan, world: DeviceMesh, schedule: str,
+                          stages_per_rank: int) -> TiedAcrossStages | None:
+    """For a model whose head is its input embedding: this rank's copies of that weight (first
+    stage: the embedding, last stage: the head), made equal. None for an untied model. A
+    collective: every rank calls it."""
+    if not model_parts.has_tied_embeddings(model):
+        return None
+    pp = world.size(0)
+    last_stage = pp * stages_per_rank - 1
+    last_rank = next(r for r in range(pp) if last_stage in stage_ids_for_rank(schedule, pp, stages_per_rank, r))
+    stages = pipeline.stage_modules
+    tied = TiedAcrossStages(first=model_parts.embeddings(stages[0]).weight if pipeline.has_first_stage else None,
+                            last=model_parts.lm_head(stages[-1]).weight if pipeline.has_last_stage else None,
+                            group=first_last_stage_group(world, last_rank))
+    tied.copy_first_to_last()
+    return tied

@@ -37,6 +37,7 @@ from moe.balance import aux_loss_term, update_expert_bias
 from moe.load_meter import ExpertLoadMeter
 from parallel.fsdp import mixed_precision_policy
 from parallel.grad_clip import clip_grad_norm_
+from parallel.tied_stages import TiedAcrossStages
 
 logger = logging.getLogger(__name__)
 
@@ -75,6 +76,7 @@ class Run:
     expert_load: ExpertLoadMeter | None
     state: TrainState = field(default_factory=TrainState)
     eval_sampler: BatchSampler | None = None  # the held-out split, when eval.every > 0
+    tied: TiedAcrossStages | None = None  # a tied embedding's copies on the first and last pipeline stage
 
     @property
     def step(self) -> int:
@@ -102,7 +104,7 @@ def build_run(cfg: Config, plan: Plan) -> Run:
     loss_fn = GlobalTokenLoss()
     t = cfg.train
     if dims.pp > 1:
-        from harness.pipeline_stage import stage_builder
+        from harness.pipeline_stage import stage_builder, tied_embedding_copies
         from parallel.pipeline import pipeline_model
 
         p = cfg.parallel
@@ -113,8 +115,10 @@ def build_run(cfg: Config, plan: Plan) -> Run:
                                   microbatch_shape=(plan.pipeline_microbatch_size, t.seq_len),
                                   activation_dtype=mixed_precision_policy(device.type).param_dtype or torch.float32)
         modules, forward_backward = list(pipeline.stage_modules), pipeline.step
+        tied = tied_embedding_copies(model, pipeline, meshes.world, p.pp_schedule, plan.pp_stages_per_rank)
     else:
         parallelize_fn(model)
+        tied = None
         aux_terms = cfg.train.global_batch_size // cfg.train.micro_batch_size
         modules = [model]
         forward_backward = partial(_forward_backward, model, loss_fn,
@@ -136,7 +140,8 @@ def build_run(cfg: Config, plan: Plan) -> Run:
                peak_flops_per_rank=peak_flops_per_rank(cfg.logging.peak_tflops,
                                                        int(os.environ.get("LOCAL_WORLD_SIZE", "1"))),
                expert_modules=expert_modules,
-               expert_load=ExpertLoadMeter(experts) if experts else None, eval_sampler=eval_sampler)
+               expert_load=ExpertLoadMeter(experts) if experts else None, eval_sampler=eval_sampler,
+               tied=tied)
 
 
 def _forward_backward(model: nn.Module, loss_fn: GlobalTokenLoss, aux_terms: int, inputs: torch.Tensor,
@@ -170,7 +175,10 @@ def train_step(run: Run) -> dict:
         if micro_loss is not None:
             loss += micro_loss
     params = run.optimizer.param_groups[0]["params"]  # every parameter of this rank's modules
-    grad_norm = clip_grad_norm_(params, cfg.train.max_grad_norm, run.pp_group)
+    if run.tied is not None:
+        run.tied.sum_gradients()
+    grad_norm = clip_grad_norm_(params, cfg.train.max_grad_norm, run.pp_group,
+                                uncounted=[run.tied.last] if run.tied is not None and run.tied.last is not None else ())
     lr = run.scheduler.get_last_lr()[0]
     run.optimizer.step()
     run.scheduler.step()

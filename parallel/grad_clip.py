@@ -16,11 +16,17 @@ from torch.distributed.tensor import DTensor
 
 
 def clip_grad_norm_(parameters: Iterable[torch.nn.Parameter], max_norm: float,
-                    pp_group: dist.ProcessGroup | None = None) -> torch.Tensor:
-    """Clips in place when max_norm > 0 and returns the total L2 norm of all gradients."""
+                    pp_group: dist.ProcessGroup | None = None,
+                    uncounted: Iterable[torch.nn.Parameter] = ()) -> torch.Tensor:
+    """Clips in place when max_norm > 0 and returns the total L2 norm of all gradients.
+
+    `uncounted`: parameters among `parameters` that are copies of one counted elsewhere (a tied
+    embedding held by two pipeline stages): clipped with the rest, left out of the norm."""
+    parameters = list(parameters)
     grads = [p.grad for p in parameters if p.grad is not None]
+    skip = {id(p) for p in uncounted}
     by_layout: dict[object, list[torch.Tensor]] = defaultdict(list)
-    for grad in grads:
+    for grad in (p.grad for p in parameters if p.grad is not None and id(p) not in skip):
         key = (grad.device_mesh, grad.placements) if isinstance(grad, DTensor) else None
         by_layout[key].append(grad)
     squared = torch.zeros((), dtype=torch.float32, device=grads[0].device if grads else "cpu")

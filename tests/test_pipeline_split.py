@@ -88,10 +88,12 @@ def test_stage_without_layers_holds_only_norm_and_head():
     assert sorted(stages[1].state_dict()) == ["lm_head.weight", "model.norm.weight"]
 
 
-def test_tied_embeddings_are_refused():
+def test_tied_stages_hold_their_own_copy_of_the_shared_weight():
     config = load_config("llama", None, {"tie_word_embeddings": True})
-    with pytest.raises(ValueError, match="tie_word_embeddings"):
-        stage_builder(build_meta_model(config))
+    build = stage_builder(build_meta_model(config))
+    first, last = [build(stage_names) for stage_names in stage_module_names(4, 2, None)]
+    assert "model.embed_tokens.weight" in first.state_dict() and "lm_head.weight" not in first.state_dict()
+    assert "lm_head.weight" in last.state_dict() and "model.embed_tokens.weight" not in last.state_dict()
 
 
 # Tiny configs whose family-specific pieces are away from their neutral values, so a stage that

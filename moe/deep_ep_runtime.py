@@ -85,7 +85,8 @@ def _destroy(buffer: Any) -> None:
 
 
 @atexit.register
-def _destroy_all() -> None:
+def destroy_buffers() -> None:
+    """Frees every buffer; call it on every rank before the process group goes (at exit otherwise)."""
     while _BUFFERS:
         _destroy(_BUFFERS.popitem()[1])
 

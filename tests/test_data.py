@@ -15,7 +15,7 @@ import harness.data.prepare as prepare_module
 from harness.config import ConfigError, load_config
 from harness.data import BatchSampler, TokenCorpus
 from harness.data.prepare import prepare_corpus
-from harness.data.sources import stdlib_files
+from harness.data.sources import DataError, stdlib_files
 from harness.data.tokenizer import token_dtype
 from harness.validation import validate
 from tests.data_helpers import corpus_folder, word_tokenizer, write_jsonl
@@ -167,3 +167,15 @@ def test_cli_prepares_and_reports_a_bad_source_with_exit_2(tmp_path):
                            str(tmp_path / "cache"), "--workers", "1"], capture_output=True, text=True, cwd=ROOT)
     assert done.returncode == 0, done.stderr
     assert "8 tokens (uint8), 2 documents" in done.stdout
+
+
+def test_saved_hf_dataset_is_a_source(tmp_path):
+    datasets = pytest.importorskip("datasets", reason="optional: pip install -e '.[data]'")
+    saved = datasets.Dataset.from_dict({"text": ["hello world", "second doc"], "id": [1, 2]})
+    saved.save_to_disk(str(tmp_path / "saved"))
+    corpus = TokenCorpus(prepare_corpus(str(tmp_path / "saved"), None, "text", 0, str(tmp_path / "cache"),
+                                        workers=1, progress=False))
+    assert corpus.read(0, len(corpus)).astype(np.uint8).tobytes() == b"hello world\0second doc\0"
+    datasets.DatasetDict({"train": saved}).save_to_disk(str(tmp_path / "splits"))
+    with pytest.raises(DataError, match="a saved DatasetDict; point it at one split's folder, e.g. .*splits/train"):
+        prepare_corpus(str(tmp_path / "splits"), None, "text", 0, str(tmp_path / "cache"), workers=1, progress=False)

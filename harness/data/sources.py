@@ -41,6 +41,10 @@ def source_files(source: str) -> list[str]:
         files = [source]
     elif is_saved_dataset(source):
         files = [source]
+    elif os.path.isfile(os.path.join(source, "dataset_dict.json")):
+        splits = sorted(n for n in os.listdir(source) if is_saved_dataset(os.path.join(source, n)))
+        raise DataError(f"data.source={source}: a saved DatasetDict; point it at one split's folder, "
+                        f"e.g. {os.path.join(source, splits[0] if splits else 'train')}")
     else:
         files = []
         for folder, subfolders, names in os.walk(source):
@@ -127,8 +131,6 @@ def _saved_dataset_documents(path: str, text_field: str) -> Iterator[str]:
     except ImportError:
         raise DataError(f"{path}: a saved Hugging Face dataset needs the datasets package; {INSTALL_HINT}") from None
     dataset = datasets.load_from_disk(path)
-    if isinstance(dataset, datasets.DatasetDict):
-        raise DataError(f"{path}: a DatasetDict; point data.source at one split's folder, e.g. {path}/train")
     if text_field not in dataset.column_names:
         raise DataError(f"{path}: no column {text_field!r} (columns: {', '.join(dataset.column_names)}); "
                         "set data.text_field")

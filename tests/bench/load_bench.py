@@ -1,0 +1,143 @@
+"""Memory and time of putting a large model onto 4 gloo ranks: sharded load versus a full copy.
+
+    python -m tests.bench.load_bench [--hidden 1536 --layers 16 --vocab 32000] [--out runs/bench_load.json]
+
+Writes a Llama checkpoint from a config (`save_pretrained`, safetensors in 1 GB shards with an
+index; ~0.5B parameters, 2.0 GB in fp32, by default) into a temporary directory, then builds the
+training run on 4 gloo ranks (`build_run`, one thread per rank) as dp_shard=4 and as
+pp=2 x dp_shard=2, and trains one step, in three ways:
+
+- `sharded load`: `model.path` = the checkpoint; each rank reads its slices (harness/hf_checkpoint.py);
+- `seeded init`: `model.path` = its config.json only; each rank initialises its shards (harness/init_weights.py);
+- `full copy`: what every rank did before: `from_pretrained` of the whole model, then its shards
+  copied out of it (the checkpoint source replaced by `InMemoryWeights` of that copy).
+
+Per rank: RSS growth over the RSS just before `build_run`, at its peak during the build (load)
+and during step 1 (the kernel's VmHWM, reset through /proc/self/clear_refs before each phase;
+ru_maxrss would carry the spawning parent's peak across fork+exec), against model bytes / ranks,
+and the build's wall time; the worst rank is reported. Step 1 adds gradients and AdamW moments (3 x the shard) and FSDP's gathered
+layers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import tempfile
+import time
+
+import torch
+
+from harness.config import Config, load_config
+from harness.validation import validate
+
+WORLD = 4
+LAYOUTS = {"dp_shard=4": ["--parallel.dp_shard=4"],
+           "pp=2 x dp_shard=2": ["--parallel.pp=2", "--parallel.dp_shard=2"]}
+MODES = ("sharded load", "seeded init", "full copy")
+
+
+def _rss_bytes() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def _reset_peak() -> None:
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")  # resets VmHWM to the current RSS
+
+
+def _peak_bytes() -> int:
+    with open("/proc/self/status") as f:
+        line = next(line for line in f if line.startswith("VmHWM:"))
+    return int(line.split()[1]) * 1024
+
+
+def _measure(rank: int, world_size: int, cfg: Config, full_copy: bool) -> dict[str, float]:
+    import harness.trainer as trainer
+
+    if full_copy:
+        from harness.materialize import InMemoryWeights
+        from harness.models import reference_model
+
+        def whole_model_then_shards(model, seed, path):
+            return InMemoryWeights(reference_model(model.config, seed, path))
+
+        trainer.weight_source = whole_model_then_shards
+    plan = validate(cfg, world_size)
+    before = _rss_bytes()
+    _reset_peak()
+    started = time.perf_counter()
+    run = trainer.build_run(cfg, plan)
+    build_s = time.perf_counter() - started
+    load_growth = _peak_bytes() - before
+    _reset_peak()
+    trainer.train_step(run)
+    return {"build_s": build_s, "load_growth": load_growth, "step_growth": _peak_bytes() - before}
+
+
+def _write_checkpoint(directory: str, hidden: int, layers: int, vocab: int) -> int:
+    """Returns the model's bytes (fp32)."""
+    from transformers import AutoConfig
+
+    from harness.models import reference_model
+
+    config = AutoConfig.for_model("llama", hidden_size=hidden, num_hidden_layers=layers, vocab_size=vocab,
+                                  intermediate_size=hidden * 8 // 3 // 256 * 256, num_attention_heads=hidden // 128,
+                                  num_key_value_heads=max(1, hidden // 512), head_dim=128,
+                                  max_position_embeddings=2048, tie_word_embeddings=False)
+    model = reference_model(config, seed=0)
+    model.save_pretrained(directory, max_shard_size="1GB")
+    return sum(p.numel() * p.element_size() for p in model.parameters())
+
+
+def main() -> None:
+    from tests.multiproc import run_ranks
+
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--hidden", type=int, default=1536)
+    parser.add_argument("--layers", type=int, default=16)
+    parser.add_argument("--vocab", type=int, default=32000)
+    parser.add_argument("--out", default="runs/bench_load.json")
+    args = parser.parse_args()
+    torch.set_num_threads(2)
+    rows = []
+    with tempfile.TemporaryDirectory() as directory:
+        model_bytes = _write_checkpoint(directory, args.hidden, args.layers, args.vocab)
+        print(f"checkpoint: {model_bytes / 2**30:.2f} GiB fp32 ({model_bytes // 4 / 1e9:.2f}B parameters) in "
+              f"{directory}; {WORLD} ranks, model bytes / ranks = {model_bytes / WORLD / 2**30:.2f} GiB")
+        for layout, flags in LAYOUTS.items():
+            for mode in MODES:
+                path = os.path.join(directory, "config.json") if mode == "seeded init" else directory
+                cfg = load_config(None, [f"--model.path={path}", *flags, "--train.steps=1", "--train.seq_len=32",
+                                         "--train.global_batch_size=8", "--train.micro_batch_size=2",
+                                         "--data.max_bytes=200000", "--train.metrics_file=null",
+                                         "--logging.progress=false"])
+                per_rank = run_ranks(_measure, WORLD, cfg, mode == "full copy", timeout=1800)
+                row = {"layout": layout, "mode": mode, "model_bytes": model_bytes,
+                       **{key: max(r[key] for r in per_rank) for key in per_rank[0]}}
+                rows.append(row)
+                print(_format(row), flush=True)
+    print()
+    print("| layout | weights | load: peak RSS growth / rank | x bytes/ranks | step 1: peak RSS growth / rank "
+          "| x bytes/ranks | build s |")
+    print("|---|---|---|---|---|---|---|")
+    for row in rows:
+        share = row["model_bytes"] / WORLD
+        print(f"| {row['layout']} | {row['mode']} | {row['load_growth'] / 2**30:.2f} GiB | "
+              f"{row['load_growth'] / share:.2f} | {row['step_growth'] / 2**30:.2f} GiB | "
+              f"{row['step_growth'] / share:.2f} | {row['build_s']:.1f} |")
+    os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
+    with open(args.out, "w") as f:
+        json.dump(rows, f, indent=2)
+    print(f"\nwritten: {args.out}")
+
+
+def _format(row: dict) -> str:
+    return (f"{row['layout']:>18} | {row['mode']:>12} | load +{row['load_growth'] / 2**30:.2f} GiB | "
+            f"step 1 +{row['step_growth'] / 2**30:.2f} GiB | build {row['build_s']:.1f} s")
+
+
+if __name__ == "__main__":
+    main()

@@ -14,7 +14,9 @@ from harness.data import BatchSampler, TokenCorpus, load_tokens
 from harness.data.prepare import prepare_corpus
 from harness.data.splits import samplers
 from harness.loss import count_tokens, token_loss_sum
+from harness.metrics import MetricsLog
 from harness.models import load_config as load_model_config, reference_model
+from harness.plot import plot
 from harness.trainer import train
 from harness.validation import validate
 from tests.data_helpers import write_jsonl
@@ -83,3 +85,7 @@ def test_trainer_masks_documents_and_logs_held_out_loss(tmp_path):
         assert abs(row["loss"] - expected_loss) < 1e-5
         assert abs(row["val_loss"] - expected_val) < 1e-5
         assert abs(row["val_ppl"] - math.exp(expected_val)) < 1e-3
+    assert f"| val_loss {row['val_loss']:.4f} | val_ppl" in MetricsLog._plain_line(row)
+    unevaluated = {**{k: v for k, v in row.items() if not k.startswith("val_")}, "step": 2}
+    plot([row, unevaluated], str(tmp_path / "metrics.png"))
+    assert (tmp_path / "metrics.png").stat().st_size > 0

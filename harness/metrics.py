@@ -11,7 +11,8 @@ from typing import Any
 
 
 class MetricsLog:
-    """Writes one JSON object per step; shows a progress bar on a terminal, log lines otherwise."""
+    """Writes one JSON object per step; shows a progress bar on a terminal, log lines otherwise.
+    Rows arrive in bursts, on logging steps (`wants_row`), so the bar moves then."""
 
     def __init__(self, path: str | None, total_steps: int, log_every: int, progress: bool, enabled: bool,
                  start_step: int = 0, tensorboard_dir: str | None = None) -> None:
@@ -32,6 +33,11 @@ class MetricsLog:
 
             self.tensorboard = SummaryWriter(tensorboard_dir, purge_step=start_step + 1)
 
+    def wants_row(self, step: int) -> bool:
+        """Whether `step` is a logging step: the loop reads the device's values back only then (the
+        same on every rank) and writes the rows of the steps in between with it."""
+        return step == 1 or step % self.log_every == 0 or step == self.total_steps
+
     def log(self, row: dict[str, Any]) -> None:
         if not self.enabled:
             return
@@ -47,7 +53,7 @@ class MetricsLog:
             print("\r" + self._progress_line(row), end="", flush=True)
             if step == self.total_steps:
                 print()
-        elif step % self.log_every == 0 or step == self.total_steps or step == 1:
+        elif self.wants_row(step):
             print(self._plain_line(row), flush=True)
 
     def _progress_line(self, row: dict[str, Any]) -> str:

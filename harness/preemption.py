@@ -1,17 +1,14 @@
 """SIGUSR1 (SLURM's warning before the time limit or preemption) asks for a checkpoint and a
 clean exit.
 
-The handler only sets a flag; the loop asks `agreed()` at each step boundary, which takes the
-maximum over all ranks, so every rank stops after the same step even when the signal reached
-them at different times.
+The handler only sets a flag; the loop sums it over all ranks at each step boundary, fused with
+the step's token count (`harness.trainer.agree_on_step`), so every rank stops after the same step
+even when the signal reached them at different times.
 """
 
 from __future__ import annotations
 
 import signal
-
-import torch
-import torch.distributed as dist
 
 
 class PreemptionRequest:
@@ -21,8 +18,3 @@ class PreemptionRequest:
 
     def _handle(self, signum: int, frame: object) -> None:
         self.requested = True
-
-    def agreed(self, device: torch.device) -> bool:
-        flag = torch.tensor([1.0 if self.requested else 0.0], device=device)
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        return bool(flag.item())

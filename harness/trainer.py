@@ -34,7 +34,7 @@ from harness.run_identity import IDENTITY_FILE, identity_file_text, run_identity
 from harness.schedule import lr_factor
 from harness.summary import startup_summary
 from moe.balance import aux_loss_term, update_expert_bias
-from moe.load_meter import ExpertLoadMeter
+from moe.load_meter import ExpertLoadMeter, expert_load_row
 from parallel.fsdp import mixed_precision_policy
 from parallel.grad_clip import clip_grad_norm_
 from parallel.tied_stages import TiedAcrossStages
@@ -156,16 +156,44 @@ def _forward_backward(model: nn.Module, loss_fn: GlobalTokenLoss, aux_terms: int
     return loss.detach()
 
 
-def train_step(run: Run) -> dict:
-    """One optimizer step over the global batch; returns its metrics row."""
+@dataclass
+class PendingStep:
+    """A finished step whose row still holds device tensors: reading them waits for the device,
+    so rows are read in one go on logging steps (`read_rows`)."""
+    step: int
+    lr: float
+    tokens: torch.Tensor  # the step's global token count
+    loss: torch.Tensor  # this rank's share of the step's loss (zero off the last pipeline stage)
+    grad_norm: torch.Tensor
+    expert_counts: torch.Tensor | None  # this rank's routing decisions per expert
+    extra: dict = field(default_factory=dict)  # host values added to the row (evaluation)
+
+
+def agree_on_step(run: Run, preemption: PreemptionRequest | None = None) -> bool:
+    """Sets the loss divisor of the next step (its global token count) and returns whether any
+    rank asked to stop: one world all-reduce per step for both.
+
+    Every pipeline rank of a data-parallel group counts the same labels, so the world sum is pp
+    times the data-parallel sum. The sum is float64 so the count is exact before it is cast.
+    """
+    dp_rank, dp_size = dist.get_rank(run.dp_group), dist.get_world_size(run.dp_group)
+    pp = dist.get_world_size(run.pp_group) if run.pp_group is not None else 1
+    assert dp_size * pp == dist.get_world_size(), "the world is pp x dp"
+    _, labels = run.sampler.local_batch(run.step, dp_rank, dp_size)
+    asked = preemption is not None and preemption.requested
+    agreed = torch.tensor([float(count_tokens(labels)), float(asked)], dtype=torch.float64, device=device_for_rank())
+    dist.all_reduce(agreed)
+    run.loss_fn.global_tokens = (agreed[0] / pp).float()
+    return bool(agreed[1] > 0) if preemption is not None else False
+
+
+def run_step(run: Run) -> PendingStep:
+    """One optimizer step over the global batch, after `agree_on_step`; waits for the device only
+    where a collective or the optimizer does."""
     cfg, device = run.cfg, device_for_rank()
-    started = time.perf_counter()
     dp_rank, dp_size = dist.get_rank(run.dp_group), dist.get_world_size(run.dp_group)
     inputs, labels = run.sampler.local_batch(run.step, dp_rank, dp_size)
     inputs, labels = inputs.to(device), labels.to(device)
-    tokens = count_tokens(labels).float()
-    dist.all_reduce(tokens, group=run.dp_group)
-    run.loss_fn.global_tokens = tokens
     loss = torch.zeros((), device=device)
     micro = cfg.train.micro_batch_size
     positions = run.sampler.position_ids(run.step, dp_rank, dp_size).to(device) if cfg.data.document_mask else None
@@ -184,18 +212,62 @@ def train_step(run: Run) -> dict:
     run.scheduler.step()
     if cfg.moe.bias_update_rate > 0:
         update_expert_bias(run.expert_modules, cfg.moe.bias_update_rate, run.dp_group)
-    memory = state_mib(params, run.optimizer)
-    load = run.expert_load.take() if run.expert_load is not None else {}
     run.optimizer.zero_grad(set_to_none=True)
-    # Ranks without the last pipeline stage contribute zero, so a world sum is the dp sum.
-    dist.all_reduce(loss)
     run.state.step += 1
-    elapsed = time.perf_counter() - started
-    tokens_per_s = tokens.item() / elapsed
-    mfu = tokens_per_s / dist.get_world_size() * run.flops_per_token / run.peak_flops_per_rank
-    return {"step": run.step, "loss": loss.item(), "grad_norm": grad_norm.item(), "lr": lr,
-            "tokens": int(tokens.item()), "tokens_per_s": tokens_per_s, "step_time_s": elapsed, "mfu": mfu,
-            **memory, "peak_mib": peak_mib(device), **load}
+    return PendingStep(step=run.step, lr=lr, tokens=run.loss_fn.global_tokens, loss=loss, grad_norm=grad_norm,
+                       expert_counts=run.expert_load.take_counts() if run.expert_load is not None else None)
+
+
+def read_rows(run: Run, pending: list[PendingStep], elapsed_s: float) -> list[dict]:
+    """The metrics rows of `pending` (every rank, the same steps): one world all-reduce of their
+    losses and expert counts, one read from the device. `elapsed_s`: wall time of those steps,
+    shared evenly, since the host ran ahead of the device between logging steps."""
+    device = device_for_rank()
+    # Ranks without the last pipeline stage contribute zero loss, so a world sum is the dp sum.
+    parts = [torch.stack([p.loss for p in pending])]
+    if pending[0].expert_counts is not None:
+        parts.append(torch.stack([p.expert_counts for p in pending]).flatten().to(device))
+    summed = torch.cat(parts)
+    dist.all_reduce(summed)
+    n = len(pending)
+    host = torch.cat([summed, torch.stack([p.tokens for p in pending]), torch.stack([p.grad_norm for p in pending])]).tolist()
+    losses, counts, tokens, norms = host[:n], host[n:len(summed)], host[-2 * n:-n], host[-n:]
+    params = run.optimizer.param_groups[0]["params"]
+    memory = {**state_mib(params, run.optimizer), "peak_mib": peak_mib(device)}
+    step_time = elapsed_s / n
+    rows = []
+    for i, p in enumerate(pending):
+        tokens_per_s = tokens[i] / step_time
+        mfu = tokens_per_s / dist.get_world_size() * run.flops_per_token / run.peak_flops_per_rank
+        row = {"step": p.step, "loss": losses[i], "grad_norm": norms[i], "lr": p.lr, "tokens": int(tokens[i]),
+               "tokens_per_s": tokens_per_s, "step_time_s": step_time, "mfu": mfu, **memory}
+        if counts:
+            experts = len(counts) // n
+            row.update(expert_load_row(counts[i * experts:(i + 1) * experts]))
+        row.update(p.extra)
+        rows.append(row)
+    return rows
+
+
+def train_step(run: Run) -> dict:
+    """One optimizer step over the global batch, read back at once; returns its metrics row."""
+    started = time.perf_counter()
+    agree_on_step(run)
+    pending = run_step(run)
+    return read_rows(run, [pending], time.perf_counter() - started)[0]
+
+
+def _wait_for_device() -> float:
+    """The time once the device has finished what the host queued (a logging step's time)."""
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    return time.perf_counter()
+
+
+def _log_rows(log: MetricsLog, rows: list[dict]) -> list[dict]:
+    for row in rows:
+        log.log(row)
+    return rows
 
 
 def checkpoint_run(run: Run, root: str) -> str:
@@ -233,21 +305,37 @@ def train(cfg: Config, plan: Plan, preemption: PreemptionRequest | None = None) 
         save_recipe(folder, resolved_recipe(cfg, plan))
     log = MetricsLog(folder.metrics_file, cfg.train.steps, cfg.logging.log_every, cfg.logging.progress,
                      enabled=dist.get_rank() == 0, start_step=run.step, tensorboard_dir=cfg.logging.tensorboard_dir)
-    rows = []
+    rows: list[dict] = []
+    pending: list[PendingStep] = []  # steps since the last logged one, read back together
+    saved, stop, total = run.step, False, cfg.train.steps
+    window_start = time.perf_counter()
     try:
-        while run.step < cfg.train.steps:
-            row = train_step(run)
-            if cfg.eval.every and (run.step % cfg.eval.every == 0 or run.step == cfg.train.steps):
-                row.update(evaluate(run.modules[0], run.eval_sampler, cfg.eval.steps, cfg.train.micro_batch_size,
-                                    cfg.data.document_mask, run.dp_group, device_for_rank()))
-            log.log(row)
-            rows.append(row)
-            stop = preemption is not None and preemption.agreed(device_for_rank())
-            if is_due(cfg.checkpoint.every, run.step, cfg.train.steps) or stop:
-                checkpoint_run(run, folder.checkpoint_dir)
+        while run.step < total:
+            stop = agree_on_step(run, preemption)
             if stop:
-                logger.info("preemption signal: stopped after step %d", run.step)
                 break
+            pending.append(run_step(run))
+            step = run.step
+            evaluating = cfg.eval.every > 0 and (step % cfg.eval.every == 0 or step == total)
+            checkpointing = is_due(cfg.checkpoint.every, step, total)
+            if evaluating or checkpointing or log.wants_row(step):
+                elapsed = _wait_for_device() - window_start
+                if evaluating:
+                    pending[-1].extra.update(evaluate(run.modules[0], run.eval_sampler, cfg.eval.steps,
+                                                      cfg.train.micro_batch_size, cfg.data.document_mask,
+                                                      run.dp_group, device_for_rank()))
+                rows += _log_rows(log, read_rows(run, pending, elapsed))
+                pending = []
+                if checkpointing:
+                    checkpoint_run(run, folder.checkpoint_dir)
+                    saved = step
+                window_start = time.perf_counter()
+        if stop:
+            if pending:
+                rows += _log_rows(log, read_rows(run, pending, _wait_for_device() - window_start))
+            if run.step > saved:
+                checkpoint_run(run, folder.checkpoint_dir)
+            logger.info("preemption signal: stopped after step %d", run.step)
     finally:
         log.close()
     if dist.get_rank() == 0:

@@ -4,7 +4,6 @@ receive (`top_k_index`), summed over layers, ranks and the microbatches of a ste
 from __future__ import annotations
 
 import torch
-import torch.distributed as dist
 from torch import nn
 from torch.utils._python_dispatch import _disable_current_modes
 
@@ -14,7 +13,8 @@ from moe.balance import is_recomputing
 class ExpertLoadMeter:
     def __init__(self, experts: list[nn.Module]) -> None:
         self.experts = experts
-        self.counts = torch.zeros(self.experts[0].num_experts if self.experts else 0)
+        self.num_experts = self.experts[0].num_experts if self.experts else 0
+        self.counts: torch.Tensor | None = None  # on the routing's device: counting never waits for it
         for experts in self.experts:
             experts.register_forward_pre_hook(self._count)
 
@@ -24,17 +24,21 @@ class ExpertLoadMeter:
         # Bookkeeping, hidden from an active selective-checkpoint mode, which matches forward and
         # recompute ops by their order of appearance.
         with _disable_current_modes(), torch.no_grad():
-            top_k_index = args[1]
-            self.counts += torch.bincount(top_k_index.flatten().cpu(), minlength=len(self.counts)).float()
+            counts = torch.bincount(args[1].flatten(), minlength=self.num_experts)
+            self.counts = counts if self.counts is None else self.counts + counts
 
-    def take(self) -> dict[str, list[float] | float]:
-        """Every rank calls it after a step: routing decisions counted (tokens x top-k x MoE layers),
-        each expert's share of them, and the max/mean load."""
-        counts = self.counts.to("cuda" if dist.get_backend() == "nccl" else "cpu", copy=True)
-        # Pipeline stages hold different layers and data-parallel ranks different tokens: a world
-        # sum counts every routing decision of the step exactly once.
-        dist.all_reduce(counts)
-        self.counts.zero_()
-        share = counts / counts.sum().clamp(min=1)
-        return {"expert_routed": int(counts.sum().item()), "expert_load": [round(x, 5) for x in share.tolist()],
-                "expert_load_max_over_mean": (counts.max() / counts.mean().clamp(min=1e-9)).item()}
+    def take_counts(self) -> torch.Tensor:
+        """This rank's routing decisions per expert since the last call (tokens x top-k x its MoE
+        layers), still on the device; the caller sums them over the world (`expert_load_row`)."""
+        counts = self.counts if self.counts is not None else torch.zeros(self.num_experts, dtype=torch.long)
+        self.counts = None
+        return counts.float()
+
+
+def expert_load_row(counts: list[float]) -> dict[str, list[float] | float | int]:
+    """Metrics of one step's world-summed counts: routing decisions counted, each expert's share of
+    them, and the max/mean load."""
+    routed = sum(counts)
+    mean = routed / len(counts)
+    return {"expert_routed": int(routed), "expert_load": [round(x / max(routed, 1), 5) for x in counts],
+            "expert_load_max_over_mean": max(counts) / max(mean, 1e-9)}

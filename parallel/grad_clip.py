@@ -38,9 +38,10 @@ def clip_grad_norm_(parameters: Iterable[torch.nn.Parameter], max_norm: float,
     if pp_group is not None:
         dist.all_reduce(squared, group=pp_group)
     total = squared.sqrt()
-    if max_norm > 0:
-        scale = float((max_norm / (total + 1e-6)).clamp(max=1.0))
-        if scale < 1.0:
-            for grad in grads:
-                grad.mul_(scale)
+    if max_norm > 0 and grads:
+        # A device-side scale (1 when under the limit, an exact multiply): no wait for the norm.
+        # Per gradient: one foreach call cannot mix DTensors of different meshes with plain tensors.
+        scale = (max_norm / (total + 1e-6)).clamp(max=1.0)
+        for grad in grads:
+            grad.mul_(scale)
     return total

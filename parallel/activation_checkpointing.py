@@ -26,6 +26,8 @@ from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import (
 )
 from torch.utils.checkpoint import CheckpointPolicy, create_selective_checkpoint_contexts
 
+from parallel.sac_mutation_guard import guard_saved_outputs
+
 logger = logging.getLogger(__name__)
 
 SELECTIVE_AC_WRAPPER_FLAG = "_harness_selective_ac"
@@ -251,7 +253,7 @@ def make_selective_checkpoint_context_fn(extra_save_ops: Collection[Any] = ()) -
             _maybe_trace_selective_ac_decision(func, decision, False, ctx.is_recompute)
             return decision
 
-        return create_selective_checkpoint_contexts(policy)
+        return guard_saved_outputs(create_selective_checkpoint_contexts(policy))
 
     return context_fn
 

@@ -11,6 +11,7 @@ from torch.utils.checkpoint import CheckpointPolicy, create_selective_checkpoint
 from torch import nn
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.tensor import DTensor
+from transformers import AutoConfig
 
 from harness.materialize import materialize
 from harness.model_parts import decoder_layers, moe_blocks
@@ -20,6 +21,17 @@ from moe.ops import SAC_SAVE_OPS
 from parallel.activation_checkpointing import apply_selective_checkpointing_to_layers
 
 SEED = 0
+
+
+def gpt_oss_config():
+    """A tiny GPT-OSS: transposed, biased experts with the clamped, interleaved SwiGLU (a small
+    `swiglu_limit`, so the clamp is active), sliding and full attention layers."""
+    config = AutoConfig.for_model("gpt_oss", hidden_size=64, num_attention_heads=4, num_key_value_heads=2,
+                                  head_dim=16, num_hidden_layers=2, vocab_size=256, intermediate_size=32,
+                                  num_local_experts=4, num_experts_per_tok=2, swiglu_limit=0.5,
+                                  sliding_window=8, tie_word_embeddings=False)
+    config.use_cache = False
+    return config
 
 
 def batch(vocab: int, rows: int = 4, seq: int = 24) -> tuple[torch.Tensor, torch.Tensor]:

@@ -67,7 +67,6 @@ def export(checkpoint: str, out_dir: str, max_shard_bytes: int = MAX_SHARD_BYTES
         save_file({k: v.contiguous() for k, v in state.items()}, os.path.join(out_dir, file), metadata={"format": "pt"})
         weight_map.update({k: file for k in state})
         total += sum(v.numel() * v.element_size() for v in state.values())
-        del state
     if len(groups) > 1:
         with open(os.path.join(out_dir, INDEX_FILE), "w") as f:
             json.dump({"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}, f, indent=2)

@@ -27,6 +27,7 @@ from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import (
 from torch.utils.checkpoint import CheckpointPolicy, create_selective_checkpoint_contexts
 
 from parallel.sac_mutation_guard import guard_saved_outputs
+from parallel.stable_routing import stable_topk
 
 logger = logging.getLogger(__name__)
 
@@ -80,7 +81,8 @@ _SAVE_TORCH_OPS = (
 # `aten.topk` is deliberately not saved, although TorchTitan saves it for routing stability:
 # HF routers (Qwen3-MoE, Mixtral) normalise the top-k values in place (`/=`), and SAC rejects a
 # cached tensor that was mutated ("Tensor cached during selective activation checkpoint has
-# been mutated"). Top-k recomputed from identical router logits picks the same experts.
+# been mutated"). Instead every top-k's indices are recorded in the forward and replayed in the
+# recompute (parallel/stable_routing.py), so a router decision cannot flip there.
 # Higher-order ops live outside `torch.ops`; paths are relative to the `torch` module.
 _SAVE_TORCH_ATTRS = (
     "_higher_order_ops.flex_attention",
@@ -253,7 +255,9 @@ def make_selective_checkpoint_context_fn(extra_save_ops: Collection[Any] = ()) -
             _maybe_trace_selective_ac_decision(func, decision, False, ctx.is_recompute)
             return decision
 
-        return guard_saved_outputs(create_selective_checkpoint_contexts(policy))
+        contexts = guard_saved_outputs(create_selective_checkpoint_contexts(policy))
+        # A compiled block's recompute is the compiled graph's own; dynamo traces only SAC's modes.
+        return contexts if torch.compiler.is_compiling() else stable_topk(contexts)
 
     return context_fn
 

@@ -21,13 +21,12 @@ from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS
 
 from moe.balance import record_load
 from moe.dispatch import resolve_dispatcher
-from moe.experts import local_experts_forward
+from moe.experts import expert_param_names, local_experts_forward
 from moe.routing import Dispatcher
 
 logger = logging.getLogger(__name__)
 
 EXPERTS_IMPLEMENTATION = "harness_ep"
-_EXPERT_PARAMS = ("gate_up_proj", "down_proj")
 
 
 @dataclass
@@ -53,13 +52,11 @@ ALL_EXPERTS_FUNCTIONS.register(EXPERTS_IMPLEMENTATION, _ep_experts_forward)
 
 def _check_supported(experts: nn.Module, ep: int) -> None:
     name = type(experts).__name__
-    if not all(isinstance(getattr(experts, p, None), torch.Tensor) for p in _EXPERT_PARAMS):
-        raise ValueError(f"{name}: expert parallel needs the HF v5 expert layout ({', '.join(_EXPERT_PARAMS)})")
     if not hasattr(experts, "has_gate"):
         raise ValueError(f"{name}: not an ExpertsInterface experts class (no @use_experts_implementation)")
-    if not experts.has_gate or experts.has_bias or experts.is_transposed or experts.has_post_expert_norm:
-        raise ValueError(f"{name}: expert parallel supports the gated, bias-free [E, 2I, H] / [E, H, I] "
-                         "layout only (not transposed, biased or post-normed experts)")
+    missing = [p for p in expert_param_names(experts) if not isinstance(getattr(experts, p, None), torch.Tensor)]
+    if missing:
+        raise ValueError(f"{name}: expert parallel needs the experts' fused tensors; missing {', '.join(missing)}")
     if experts.num_experts % ep:
         raise ValueError(f"{name}: num_experts={experts.num_experts} is not divisible by ep={ep}; "
                          "choose an ep size that divides the number of experts")
@@ -82,7 +79,7 @@ def apply_expert_parallel(blocks: list[tuple[nn.Module, nn.Module | None]], ep_m
         _check_supported(experts, ep)
     chosen, reason = resolve_dispatcher(dispatcher, strict, ep_mesh.get_group())
     for experts, router in blocks:
-        for name in _EXPERT_PARAMS:
+        for name in expert_param_names(experts):
             param = getattr(experts, name)
             sharded = distribute_tensor(param.data, ep_mesh, [Shard(0)])
             experts.register_parameter(name, nn.Parameter(sharded, requires_grad=param.requires_grad))

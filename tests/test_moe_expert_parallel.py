@@ -1,4 +1,6 @@
-"""EP=2 and EP=4 reproduce the single-process HF model: losses and every gradient (fp32).
+"""EP=2 and EP=4 reproduce the single-process HF model: losses and every gradient (fp32), for
+the gated [E, 2I, H] layout of the presets and GPT-OSS's transposed, biased experts with their
+clamped SwiGLU (under selective AC, which the expert bias used to break).
 
 Each rank feeds its own slice of the batch; the loss is summed over tokens and divided by
 the global token count, so dense gradients summed over ranks and the expert gradients that
@@ -12,7 +14,7 @@ import torch.distributed as dist
 
 from harness.loss import token_loss_sum
 from harness.models import load_config
-from tests.moe_common import SEED, batch, ep_model, full_grads
+from tests.moe_common import SEED, batch, canonical, ep_model, full_grads, gpt_oss_config
 from tests.multiproc import run_ranks
 from tests.reference import reference_grads
 
@@ -21,21 +23,21 @@ PRESETS = ("qwen3_moe", "mixtral", "deepseek_v3")
 
 def _compare_presets(rank: int, world: int) -> dict[str, tuple[float, float, float, int]]:
     results = {}
-    for preset in PRESETS:
-        config = load_config(preset, None)
+    cases = [(preset, load_config(preset, None), None) for preset in PRESETS]
+    for name, config, checkpointing in [*cases, ("gpt_oss-sac", gpt_oss_config(), "selective")]:
         inputs, labels = batch(config.vocab_size)
         ref_loss, ref_grads = reference_grads(config, SEED, inputs, labels)
-        model, _ = ep_model(config, world)
+        model, _ = ep_model(config, world, checkpointing=checkpointing)
         mine = slice(rank, None, world)
         loss = token_loss_sum(model(inputs[mine]).logits, labels[mine]) / labels.numel()
         loss.backward()
         total = loss.detach().clone()
         dist.all_reduce(total)
-        grads = full_grads(model)
+        grads = {canonical(n): g for n, g in full_grads(model).items()}
         assert grads.keys() == ref_grads.keys(), sorted(set(grads) ^ set(ref_grads))
         worst = max((grads[n] - ref_grads[n]).abs().max().item() for n in grads)
         scale = max(ref_grads[n].abs().max().item() for n in grads)
-        results[preset] = (abs(total.item() - ref_loss), worst, scale, len(grads))
+        results[name] = (abs(total.item() - ref_loss), worst, scale, len(grads))
     return results
 
 

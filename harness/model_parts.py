@@ -23,8 +23,6 @@ _FINAL_NORM_NAMES = ("norm", "final_layernorm", "norm_f", "ln_f", "embedding_nor
 # The module that turns a block's input into its top-k routing: `gate` (Qwen, Mixtral,
 # DeepSeek) or `router` (GPT-OSS, Llama 4).
 _ROUTER_NAMES = ("gate", "router")
-# transformers v5 expert layout: one fused tensor per projection over all experts.
-_EXPERT_PARAMS = ("gate_up_proj", "down_proj")
 
 
 @dataclass(frozen=True)
@@ -149,7 +147,9 @@ def lm_head(model: nn.Module) -> nn.Module | None:
 
 
 def _is_experts(module: nn.Module) -> bool:
-    return all(hasattr(module, name) for name in _EXPERT_PARAMS)
+    # transformers v5 expert layout: one fused tensor per projection over all experts, the first
+    # one gated (`gate_up_proj`) or not (`up_proj`, e.g. Nemotron-H).
+    return hasattr(module, "down_proj") and (hasattr(module, "gate_up_proj") or hasattr(module, "up_proj"))
 
 
 def moe_blocks(model: nn.Module) -> list[MoEBlock]:

@@ -15,16 +15,22 @@ import json
 import os
 import statistics
 import time
+from functools import partial
 from typing import Any
 
 import torch
 from torch.distributed._tools.mem_tracker import MemTracker, _MemRefType
 
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
+from torch.utils.checkpoint import CheckpointPolicy, SelectiveCheckpointContext
+
 from harness.loss import token_loss_sum
 from harness.memory import MiB
 from harness.model_parts import decoder_layers
 from harness.models import PRESETS, load_config, reference_model
-from parallel.activation_checkpointing import AC_MODES, apply_activation_checkpointing
+from parallel.activation_checkpointing import (AC_MODES, apply_activation_checkpointing,
+                                               make_selective_checkpoint_context_fn)
 
 # MemTracker categories that are model state rather than activations.
 _STATE_CATEGORIES = (_MemRefType.PARAM, _MemRefType.GRAD, _MemRefType.BUFFER, _MemRefType.OPT)
@@ -84,6 +90,80 @@ def measure(preset: str, hidden: int, layers: int, seq: int, batch: int, steps: 
     return rows
 
 
+class _OpLog(TorchDispatchMode):
+    """Each op's output bytes (0 for views of an input) and time; inside a decoder layer, also the
+    selective policy's decision for it, asked in the order the checkpoint would ask."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.region, self.policy = "outside", None
+        self.records: list[tuple[str, str, str, int, float]] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        start = time.perf_counter()
+        out = func(*args, **kwargs)
+        seconds = time.perf_counter() - start
+        if self.region == "skip":
+            return out
+        inputs = {a.untyped_storage().data_ptr() for a in tree_flatten((args, kwargs))[0] if isinstance(a, torch.Tensor)}
+        size = sum(o.numel() * o.element_size() for o in tree_flatten(out)[0]
+                   if isinstance(o, torch.Tensor) and o.untyped_storage().data_ptr() not in inputs)
+        decision = "kept (not checkpointed)"
+        if self.region == "layer":
+            saved = self.policy(SelectiveCheckpointContext(is_recompute=False), func, *args, **kwargs)
+            decision = "saved" if saved == CheckpointPolicy.MUST_SAVE else "recomputed"
+        self.records.append((self.region, str(func), decision, size, seconds))
+        return out
+
+
+def op_table(preset: str, hidden: int, layers: int, seq: int, batch: int) -> list[dict[str, Any]]:
+    """Per op of one decoder layer (first layer) under the selective policy: calls, output MiB saved
+    or recomputed, and forward ms (the recompute cost); plus the ops outside the layers (embedding,
+    final norm, logits and loss), which autograd keeps whatever the AC mode."""
+    config = load_config(preset, None, _scaled_overrides(preset, hidden, layers, seq))
+    model = reference_model(config, seed=0)
+    input_ids = torch.randint(0, config.vocab_size, (batch, seq + 1), generator=torch.Generator().manual_seed(0))
+    log = _OpLog()
+    context_fn = make_selective_checkpoint_context_fn()
+
+    def enter(index: int, *_: Any) -> None:
+        log.region = "layer" if index == 0 else "skip"
+        log.policy = context_fn()[0].policy_fn  # fresh matmul counters per layer, as per checkpoint
+
+    for index, layer in enumerate(decoder_layers(model)):
+        layer.register_forward_pre_hook(partial(enter, index))
+        layer.register_forward_hook(lambda *_: setattr(log, "region", "outside"))
+    with log:
+        loss = token_loss_sum(model(input_ids=input_ids[:, :-1]).logits, input_ids[:, 1:])
+    del loss
+    table: dict[tuple[str, str, str], dict[str, Any]] = {}
+    for region, op, decision, size, seconds in log.records:
+        row = table.setdefault((region, op, decision), dict(region=region, op=op, decision=decision, calls=0,
+                                                            mib=0.0, ms=0.0))
+        row["calls"] += 1
+        row["mib"] += size / MiB
+        row["ms"] += seconds * 1e3
+    return sorted(table.values(), key=lambda r: (r["region"] != "layer", r["decision"], -r["mib"]))
+
+
+def format_op_table(rows: list[dict[str, Any]]) -> str:
+    lines = [f"{'region':<8} {'op':<52} {'decision':<24} {'calls':>5} {'out MiB':>8} {'fwd ms':>8}"]
+    for r in rows:
+        if r["mib"] < 0.05 and r["ms"] < 0.5:
+            continue
+        lines.append(f"{r['region']:<8} {r['op'][:52]:<52} {r['decision']:<24} {r['calls']:>5} {r['mib']:>8.2f} "
+                     f"{r['ms']:>8.2f}")
+    layer = [r for r in rows if r["region"] == "layer"]
+    for decision in ("saved", "recomputed"):
+        picked = [r for r in layer if r["decision"] == decision]
+        lines.append(f"layer total {decision}: {sum(r['mib'] for r in picked):.2f} MiB, "
+                     f"{sum(r['ms'] for r in picked):.2f} ms forward")
+    outside = [r for r in rows if r["region"] == "outside"]
+    lines.append(f"outside the layers: {sum(r['mib'] for r in outside):.2f} MiB produced")
+    return "\n".join(lines)
+
+
 def format_table(rows: list[dict[str, Any]]) -> str:
     lines = [f"{'mode':<10} {'act MiB':>9} {'x none':>7} {'step s':>8} {'x none':>7} {'loss':>10}"]
     for r in rows:
@@ -108,13 +188,16 @@ def main(argv: list[str] | None = None) -> None:
     if min(args.layers, args.seq, args.batch, args.steps) < 1:
         parser.error("--layers, --seq, --batch and --steps must be positive")
 
-    rows = measure(args.preset, args.hidden, args.layers, args.seq, args.batch, args.steps)
+    ops = op_table(args.preset, args.hidden, args.layers, args.seq, args.batch)
     print(f"{args.preset}: hidden {args.hidden}, {args.layers} layers, seq {args.seq}, batch {args.batch}, "
-          f"{torch.get_num_threads()} threads")
+          f"{torch.get_num_threads()} threads, load average {os.getloadavg()[0]:.1f}")
+    print("selective AC, per op (first decoder layer; ops outside the layers are never checkpointed)")
+    print(format_op_table(ops))
+    rows = measure(args.preset, args.hidden, args.layers, args.seq, args.batch, args.steps)
     print(format_table(rows))
     os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
     with open(args.out, "w") as f:
-        json.dump(dict(config=vars(args), rows=rows), f, indent=2)
+        json.dump(dict(config=vars(args), load_average=os.getloadavg()[0], rows=rows, ops=ops), f, indent=2)
     print(f"wrote {args.out}")
 
 

@@ -255,9 +255,11 @@ def make_selective_checkpoint_context_fn(extra_save_ops: Collection[Any] = ()) -
             _maybe_trace_selective_ac_decision(func, decision, False, ctx.is_recompute)
             return decision
 
-        contexts = guard_saved_outputs(create_selective_checkpoint_contexts(policy))
-        # A compiled block's recompute is the compiled graph's own; dynamo traces only SAC's modes.
-        return contexts if torch.compiler.is_compiling() else stable_topk(contexts)
+        contexts = create_selective_checkpoint_contexts(policy)
+        # Dynamo accepts only SAC's own modes here; a compiled block's recompute is its graph's.
+        if torch.compiler.is_compiling():
+            return contexts
+        return stable_topk(guard_saved_outputs(contexts))
 
     return context_fn
 

@@ -1,16 +1,20 @@
 """Memory and time of putting a large model onto 4 gloo ranks: sharded load versus a full copy.
 
-    python -m tests.bench.load_bench [--hidden 1536 --layers 16 --vocab 32000] [--out runs/bench_load.json]
+    python -m tests.bench.load_bench [--hidden 1536 --layers 16 --vocab 32000] [--layouts ...] [--modes ...]
+        [--out runs/bench_load.json]
 
 Writes a Llama checkpoint from a config (`save_pretrained`, safetensors in 1 GB shards with an
-index; ~0.5B parameters, 2.0 GB in fp32, by default) into a temporary directory, then builds the
-training run on 4 gloo ranks (`build_run`, one thread per rank) as dp_shard=4 and as
-pp=2 x dp_shard=2, and trains one step, in three ways:
+index; ~0.5B parameters, 1.8 GiB in fp32, by default), in fp32 and in bf16 (as Hub checkpoints
+usually are), into a temporary directory, then builds the training run on 4 gloo ranks
+(`build_run`, one thread per rank) as dp_shard=4 and as pp=2 x dp_shard=2, and trains one step,
+with the weights from:
 
-- `sharded load`: `model.path` = the checkpoint; each rank reads its slices (harness/hf_checkpoint.py);
-- `seeded init`: `model.path` = its config.json only; each rank initialises its shards (harness/init_weights.py);
-- `full copy`: what every rank did before: `from_pretrained` of the whole model, then its shards
-  copied out of it (the checkpoint source replaced by `InMemoryWeights` of that copy).
+- `sharded load, fp32/bf16 file`: `model.path` = the checkpoint; each rank reads its slices
+  (harness/hf_checkpoint.py);
+- `seeded init`: `model.path` = its config.json only; each rank initialises its shards
+  (harness/init_weights.py);
+- `full copy, ...`: what every rank did before: the whole model in memory (`from_pretrained`, or
+  a fresh init), then its shards copied out of it (the source replaced by `InMemoryWeights`).
 
 Per rank: RSS growth over the RSS just before `build_run`, at its peak during the build (load)
 and during step 1 (the kernel's VmHWM, reset through /proc/self/clear_refs before each phase;
@@ -35,7 +39,10 @@ from harness.validation import validate
 WORLD = 4
 LAYOUTS = {"dp_shard=4": ["--parallel.dp_shard=4"],
            "pp=2 x dp_shard=2": ["--parallel.pp=2", "--parallel.dp_shard=2"]}
-MODES = ("sharded load", "seeded init", "full copy")
+# name -> (checkpoint: fp32 / bf16 / none, whole model in memory first)
+MODES = {"sharded load, fp32 file": ("fp32", False), "full copy, fp32 file": ("fp32", True),
+         "sharded load, bf16 file": ("bf16", False), "full copy, bf16 file": ("bf16", True),
+         "seeded init": (None, False), "full copy, fresh init": (None, True)}
 
 
 def _rss_bytes() -> int:
@@ -77,8 +84,8 @@ def _measure(rank: int, world_size: int, cfg: Config, full_copy: bool) -> dict[s
     return {"build_s": build_s, "load_growth": load_growth, "step_growth": _peak_bytes() - before}
 
 
-def _write_checkpoint(directory: str, hidden: int, layers: int, vocab: int) -> int:
-    """Returns the model's bytes (fp32)."""
+def _write_checkpoints(directory: str, hidden: int, layers: int, vocab: int) -> int:
+    """`directory`/fp32 and `directory`/bf16; returns the model's bytes in fp32."""
     from transformers import AutoConfig
 
     from harness.models import reference_model
@@ -88,8 +95,10 @@ def _write_checkpoint(directory: str, hidden: int, layers: int, vocab: int) -> i
                                   num_key_value_heads=max(1, hidden // 512), head_dim=128,
                                   max_position_embeddings=2048, tie_word_embeddings=False)
     model = reference_model(config, seed=0)
-    model.save_pretrained(directory, max_shard_size="1GB")
-    return sum(p.numel() * p.element_size() for p in model.parameters())
+    model.save_pretrained(os.path.join(directory, "fp32"), max_shard_size="1GB")
+    model_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    model.to(torch.bfloat16).save_pretrained(os.path.join(directory, "bf16"), max_shard_size="1GB")
+    return model_bytes
 
 
 def main() -> None:
@@ -99,22 +108,26 @@ def main() -> None:
     parser.add_argument("--hidden", type=int, default=1536)
     parser.add_argument("--layers", type=int, default=16)
     parser.add_argument("--vocab", type=int, default=32000)
+    parser.add_argument("--layouts", nargs="+", choices=list(LAYOUTS), default=list(LAYOUTS))
+    parser.add_argument("--modes", nargs="+", choices=list(MODES), default=list(MODES))
     parser.add_argument("--out", default="runs/bench_load.json")
     args = parser.parse_args()
     torch.set_num_threads(2)
     rows = []
     with tempfile.TemporaryDirectory() as directory:
-        model_bytes = _write_checkpoint(directory, args.hidden, args.layers, args.vocab)
+        model_bytes = _write_checkpoints(directory, args.hidden, args.layers, args.vocab)
         print(f"checkpoint: {model_bytes / 2**30:.2f} GiB fp32 ({model_bytes // 4 / 1e9:.2f}B parameters) in "
               f"{directory}; {WORLD} ranks, model bytes / ranks = {model_bytes / WORLD / 2**30:.2f} GiB")
-        for layout, flags in LAYOUTS.items():
-            for mode in MODES:
-                path = os.path.join(directory, "config.json") if mode == "seeded init" else directory
-                cfg = load_config(None, [f"--model.path={path}", *flags, "--train.steps=1", "--train.seq_len=32",
+        for layout in args.layouts:
+            for mode in args.modes:
+                checkpoint, full_copy = MODES[mode]
+                path = os.path.join(directory, checkpoint) if checkpoint else os.path.join(directory, "fp32",
+                                                                                         "config.json")
+                cfg = load_config(None, [f"--model.path={path}", *LAYOUTS[layout], "--train.steps=1", "--train.seq_len=32",
                                          "--train.global_batch_size=8", "--train.micro_batch_size=2",
                                          "--data.max_bytes=200000", "--train.metrics_file=null",
                                          "--logging.progress=false"])
-                per_rank = run_ranks(_measure, WORLD, cfg, mode == "full copy", timeout=1800)
+                per_rank = run_ranks(_measure, WORLD, cfg, full_copy, timeout=1800)
                 row = {"layout": layout, "mode": mode, "model_bytes": model_bytes,
                        **{key: max(r[key] for r in per_rank) for key in per_rank[0]}}
                 rows.append(row)
@@ -135,7 +148,7 @@ def main() -> None:
 
 
 def _format(row: dict) -> str:
-    return (f"{row['layout']:>18} | {row['mode']:>12} | load +{row['load_growth'] / 2**30:.2f} GiB | "
+    return (f"{row['layout']:>18} | {row['mode']:>23} | load +{row['load_growth'] / 2**30:.2f} GiB | "
             f"step 1 +{row['step_growth'] / 2**30:.2f} GiB | build {row['build_s']:.1f} s")
 
 

@@ -117,7 +117,7 @@ class _OpLog(TorchDispatchMode):
         return out
 
 
-def op_table(preset: str, hidden: int, layers: int, seq: int, batch: int) -> list[dict[str, Any]]:
+def op_table(preset: str, hidden: int, layers: int, seq: int, batch: int, repeats: int = 3) -> list[dict[str, Any]]:
     """Per op of one decoder layer (first layer) under the selective policy: calls, output MiB saved
     or recomputed, and forward ms (the recompute cost); plus the ops outside the layers (embedding,
     final norm, logits and loss), which autograd keeps whatever the AC mode."""
@@ -134,11 +134,16 @@ def op_table(preset: str, hidden: int, layers: int, seq: int, batch: int) -> lis
     for index, layer in enumerate(decoder_layers(model)):
         layer.register_forward_pre_hook(partial(enter, index))
         layer.register_forward_hook(lambda *_: setattr(log, "region", "outside"))
-    with log:
-        loss = token_loss_sum(model(input_ids=input_ids[:, :-1]).logits, input_ids[:, 1:])
-    del loss
+    # Each op's time is its fastest of a few forwards: one forward's op times move with the load.
+    runs = []
+    for _ in range(repeats):
+        log.records = []
+        with log:
+            token_loss_sum(model(input_ids=input_ids[:, :-1]).logits, input_ids[:, 1:])
+        runs.append(log.records)
+    fastest = [min(run[i][4] for run in runs) for i in range(len(runs[0]))]
     table: dict[tuple[str, str, str], dict[str, Any]] = {}
-    for region, op, decision, size, seconds in log.records:
+    for (region, op, decision, size, _), seconds in zip(runs[0], fastest):
         row = table.setdefault((region, op, decision), dict(region=region, op=op, decision=decision, calls=0,
                                                             mib=0.0, ms=0.0))
         row["calls"] += 1

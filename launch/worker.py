@@ -21,6 +21,7 @@ from harness.plan import Plan
 from harness.preemption import PreemptionRequest
 from harness.run_folder import RunFolder
 from harness.trainer import train
+from moe.deep_ep_runtime import destroy_buffers
 
 
 def run_worker(cfg: Config, plan: Plan) -> int:
@@ -62,6 +63,8 @@ def _run(cfg: Config, plan: Plan) -> None:
         # when ranks destroy the group while others still talk.
         dist.barrier()
     finally:
+        # DeepEP buffers must go before their process group (their destructor can hang at exit).
+        destroy_buffers()
         dist.destroy_process_group()
 
 

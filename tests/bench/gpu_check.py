@@ -32,6 +32,8 @@ import torch
 import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from tests.bench.ep_gpu_check import check_expert_parallel
+
 MiB = 2 ** 20
 
 
@@ -180,7 +182,7 @@ def _launch_run(name: str, overrides: list[str], out_dir: str, steps: int) -> di
            f"--train.steps={steps}", "--train.warmup_steps=2", f"--train.metrics_file={metrics}",
            "--logging.progress=false", "--logging.log_every=1", "--parallel.dp_shard=-1", "--parallel.pp=1",
            "--parallel.ep=1", "--parallel.pp_schedule=1F1B", "--parallel.pp_microbatches=null",
-           "--checkpoint.dir=null", "--checkpoint.every=0", *overrides]
+           f"--run.dir={os.path.join(out_dir, name.replace(' ', '_'))}", *overrides]
     started = time.perf_counter()
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     wall = time.perf_counter() - started
@@ -213,14 +215,9 @@ def check_training(quick: bool, out_dir: str) -> list[dict[str, Any]]:
            "--train.lr=3e-4"]
     runs = [("llama-0.7B selective", dense + ["--ac.mode=selective"]),
             ("llama-0.7B none", dense + ["--ac.mode=none"]),
+            ("llama-0.7B selective compiled", dense + ["--ac.mode=selective", "--train.compile=true"]),
             ("qwen3_moe-0.5B selective", moe + ["--ac.mode=selective"])]
     return [_launch_run(name, overrides, out_dir, steps) for name, overrides in runs[: 1 if quick else None]]
-
-
-def check_expert_parallel() -> list[dict[str, Any]]:
-    if torch.cuda.device_count() < 2:
-        return [dict(check="EP dispatchers over NCCL", result="skipped: needs 2+ GPUs on this machine")]
-    return [dict(check="EP dispatchers over NCCL", result="not part of this check yet")]
 
 
 def _print_rows(title: str, rows: list[dict[str, Any]]) -> None:
@@ -253,7 +250,7 @@ def main(argv: list[str] | None = None) -> int:
                 ("grouped GEMM", lambda: check_grouped_gemm(args.quick)),
                 ("training (launcher, bf16)", lambda: check_training(args.quick, work_dir)),
                 ("activation checkpointing", lambda: check_activation_checkpointing(args.quick)),
-                ("expert parallel", check_expert_parallel)]
+                ("expert parallel", lambda: check_expert_parallel(args.quick))]
     for title, run in sections:
         started = time.perf_counter()
         try:

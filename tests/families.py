@@ -1,0 +1,98 @@
+"""Tiny configs of every decoder-only text family the installed transformers ships as a causal LM.
+
+Sizes are shrunk through whatever fields a family's config has; the family-specific scalars that
+a re-implemented forward would drop (logit scales and soft-caps, embedding and residual
+multipliers, tied embeddings) are set away from their neutral values, so a layout that loses one
+cannot match the one-process model.
+"""
+
+from __future__ import annotations
+
+import warnings
+from typing import Any
+
+import torch
+from transformers import AutoConfig, PretrainedConfig
+from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+VOCAB = 256
+SIZES: dict[str, Any] = dict(
+    hidden_size=64, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+    intermediate_size=96, vocab_size=VOCAB, max_position_embeddings=256, moe_intermediate_size=32,
+    shared_expert_intermediate_size=32, num_experts=8, num_local_experts=8, n_routed_experts=8,
+    moe_num_experts=8, num_experts_per_tok=2, n_group=2, topk_group=1, kv_lora_rank=16, q_lora_rank=32,
+    qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=16, sliding_window=8, first_k_dense_replace=1,
+    linear_num_value_heads=4, linear_num_key_heads=2, linear_key_head_dim=16, linear_value_head_dim=16,
+    mamba_num_heads=4, mamba_head_dim=16, ssm_state_size=8, n_groups=1, mamba_d_state=8, mamba_n_heads=4,
+    mamba_d_head=16, mamba_d_ssm=64, mamba_n_groups=1, mamba_expand=2, pad_token_id=0, bos_token_id=1,
+    eos_token_id=2, use_cache=False,
+)
+# Away from neutral: a dropped multiplier or cap changes the logits.
+SCALARS: dict[str, float] = dict(
+    logit_scale=0.25, final_logit_softcapping=5.0, attn_logit_softcapping=3.0, embedding_multiplier=3.0,
+    logits_scaling=2.5, residual_multiplier=0.7, attention_multiplier=0.3, router_aux_loss_coef=0.01,
+)
+# Multimodal wrappers, encoders and encoder-decoders also registered as causal LMs.
+_NOT_DECODER_ONLY_TEXT = ("bart", "bert", "roberta", "electra", "xlm", "camembert", "marian", "mbart", "pegasus",
+                          "blenderbot", "prophetnet", "plbart", "mvp", "trocr", "whisper", "musicgen", "moshi",
+                          "rembert", "roformer", "roc_bert", "xmod", "data2vec", "big_bird", "bigbird", "megatron",
+                          "reformer", "xlnet", "git", "fuyu", "emu3", "mllama", "got_ocr2", "phi4_multimodal",
+                          "moss_transcribe", "ernie", "cpmant", "lara_mini")
+
+
+def decoder_only_families() -> list[str]:
+    return sorted(name for name in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+                  if name.startswith("ernie4") or not name.startswith(_NOT_DECODER_ONLY_TEXT))
+
+
+def tiny_config(family: str, tied: bool | None = None) -> PretrainedConfig:
+    """The family's default config, shrunk, with its scalars away from neutral."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        config = AutoConfig.for_model(family)
+        fields = {**SIZES, **SCALARS}
+        values = {key: value for key, value in fields.items() if hasattr(config, key) or key in SIZES}
+        config = AutoConfig.for_model(family, **values)
+    for key in ("layer_types", "mlp_layer_types"):
+        pattern = getattr(config, key, None)
+        if isinstance(pattern, list) and len(pattern) != config.num_hidden_layers:
+            setattr(config, key, [pattern[i % len(pattern)] for i in range(config.num_hidden_layers)])
+    if tied is not None:
+        config.tie_word_embeddings = tied
+    return config
+
+
+def probe(family: str) -> str:
+    """'ok' when the tiny model builds and runs a forward and backward on CPU, else why not."""
+    from transformers import AutoModelForCausalLM
+
+    try:
+        config = tiny_config(family)
+        torch.manual_seed(0)
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+        ids = torch.randint(3, VOCAB, (2, 16), generator=torch.Generator().manual_seed(0))
+        model(input_ids=ids).logits.float().sum().backward()
+        return "ok"
+    except Exception as e:
+        return f"{type(e).__name__}: {str(e).splitlines()[0][:120] if str(e) else ''}"
+
+
+def _probe_limited(family: str) -> str:
+    import resource
+
+    # A family whose config ignores the size fields can build a multi-GB model: cap the child.
+    resource.setrlimit(resource.RLIMIT_AS, (4 << 30, 4 << 30))
+    return probe(family)
+
+
+if __name__ == "__main__":
+    import multiprocessing
+    import sys
+
+    with multiprocessing.get_context("fork").Pool(1, maxtasksperchild=1) as pool:
+        for name in sys.argv[1:] or decoder_only_families():
+            try:
+                result = pool.apply_async(_probe_limited, (name,)).get(timeout=60)
+            except multiprocessing.TimeoutError:
+                result = "timeout"
+            print(f"{name:28s} {result}", flush=True)

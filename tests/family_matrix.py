@@ -1,0 +1,116 @@
+"""Every decoder-only family on every layout, against its one-process run.
+
+    python -m tests.family_matrix [FAMILY ...] [--out runs/family_matrix.json]
+
+Each family's tiny config (tests/families.py: scalars away from neutral) trains a few steps on
+each layout; the losses, gradient norms and final parameters are compared with a plain
+one-process HF loop (tests/reference.py). A cell is `ok`, `refused: <the one-line reason
+validation gave>`, `mismatch: ...` or `error: ...`. Families of one layout share one process
+group, so the whole matrix costs one spawn per layout.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import tempfile
+import traceback
+from typing import Any
+
+from harness.config import Config, ConfigError
+from tests.families import decoder_only_families, probe, tiny_config as family_config
+from tests.layout_run import assert_matches_reference, train_layout
+from tests.multiproc import run_ranks
+from tests.reference import reference_run, tiny_config
+
+# name -> (ranks, recipe flags, MoE families only)
+LAYOUTS: dict[str, tuple[int, list[str], bool]] = {
+    "1 process": (1, [], False),
+    "pp=2, selective AC": (2, ["--parallel.pp=2", "--parallel.dp_shard=1", "--parallel.pp_microbatches=2",
+                               "--ac.mode=selective"], False),
+    "dp_shard=2, full AC": (2, ["--parallel.dp_shard=2", "--ac.mode=full"], False),
+    "hsdp 2x2": (4, ["--parallel.dp_replicate=2", "--parallel.dp_shard=2"], False),
+    "ep=2, selective AC": (2, ["--parallel.dp_shard=2", "--parallel.ep=2", "--ac.mode=selective"], True),
+}
+
+
+def family_recipes(families: list[str], folder: str, flags: list[str]) -> dict[str, Config]:
+    """A recipe per family: its tiny config saved under `folder`, trained with `flags`."""
+    recipes = {}
+    for family in families:
+        path = os.path.join(folder, family)
+        if not os.path.isfile(os.path.join(path, "config.json")):
+            family_config(family).save_pretrained(path)
+        recipes[family] = tiny_config(f"--model.path={path}/config.json", f"--run.dir={folder}/run_{family}", *flags)
+    return recipes
+
+
+def _train_each(rank: int, world_size: int, recipes: dict[str, Config]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for family, cfg in recipes.items():
+        try:
+            out[family] = ("ran", train_layout(rank, world_size, cfg))
+        except ConfigError as e:  # raised the same way on every rank, before any collective
+            out[family] = ("refused", str(e))
+        except Exception as e:  # a family's own forward failing fails alike on every rank
+            out[family] = ("error", f"{type(e).__name__}: {str(e).splitlines()[0][:160] if str(e) else ''}")
+    return out
+
+
+def run_layout(layout: str, recipes: dict[str, Config]) -> dict[str, str]:
+    """Cell per family for one layout (raises if a rank fails at run time)."""
+    world, _, _ = LAYOUTS[layout]
+    per_rank = run_ranks(_train_each, world, recipes, timeout=900.0)
+    cells = {}
+    for family, cfg in recipes.items():
+        outcomes = [rank_out[family] for rank_out in per_rank]
+        if outcomes[0][0] != "ran":
+            cells[family] = f"{outcomes[0][0]}: {outcomes[0][1]}"
+            continue
+        try:
+            assert_matches_reference([result for _, result in outcomes], reference_run(cfg))
+            cells[family] = "ok"
+        except AssertionError as e:
+            cells[family] = f"mismatch: {str(e).splitlines()[0][:160]}"
+    return cells
+
+
+def is_moe(family: str) -> bool:
+    from harness.model_parts import expert_count
+
+    return expert_count(family_config(family)) > 0
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("families", nargs="*")
+    parser.add_argument("--out", default=os.path.join("runs", "family_matrix.json"))
+    args = parser.parse_args(argv)
+    families = args.families or decoder_only_families()
+    built = {family: probe(family) for family in families}
+    matrix: dict[str, dict[str, str]] = {f: {} for f in families}
+    with tempfile.TemporaryDirectory() as folder:
+        runnable = [f for f in families if built[f] == "ok"]
+        for layout, (_, flags, moe_only) in LAYOUTS.items():
+            chosen = [f for f in runnable if is_moe(f) or not moe_only]
+            try:
+                cells = run_layout(layout, family_recipes(chosen, folder, flags))
+            except Exception:
+                cells = {f: "error: " + traceback.format_exc().strip().splitlines()[-1][:160] for f in chosen}
+            for family, cell in cells.items():
+                matrix[family][layout] = cell
+            print(f"{layout}: " + ", ".join(f"{f}={c.split(':')[0]}" for f, c in cells.items()), flush=True)
+    for family in families:
+        if built[family] != "ok":
+            matrix[family] = {"build": built[family]}
+    os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
+    with open(args.out, "w") as f:
+        json.dump(matrix, f, indent=2)
+    print("| family | " + " | ".join(LAYOUTS) + " |\n|---|" + "---|" * len(LAYOUTS))
+    for family, cells in matrix.items():
+        print(f"| {family} | " + " | ".join(cells.get(layout, "n/a").split(":")[0] for layout in LAYOUTS) + " |")
+
+
+if __name__ == "__main__":
+    main()

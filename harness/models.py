@@ -54,9 +54,12 @@ def load_config(preset: str | None, path: str | None, overrides: dict[str, Any] 
 
 
 def build_meta_model(config: PretrainedConfig) -> nn.Module:
-    """The model's modules with parameters on the meta device: parallelize first, allocate later."""
+    """The model's modules with parameters on the meta device: parallelize first, allocate later.
+
+    Parameters are fp32 whatever dtype the config records (a bf16 Hub checkpoint says bfloat16):
+    they are the optimizer's master weights; on CUDA, FSDP's mixed precision computes in bf16."""
     with torch.device("meta"):
-        return AutoModelForCausalLM.from_config(config)
+        return AutoModelForCausalLM.from_config(config, dtype=torch.float32)
 
 
 def weight_source(model: nn.Module, seed: int, path: str | None = None) -> WeightSource:

@@ -48,7 +48,8 @@ def _compare_layouts(rank: int, world_size: int, cases: list[tuple[str, list[str
         reference = {**dict(expected.named_parameters()), **dict(expected.named_buffers())}
         weights = _rank_weights(cfg)
         for name, tensor in weights.items():
-            assert torch.equal(tensor, reference[name]), f"{preset} {flags}: {name} differs from the reference"
+            assert tensor.dtype == reference[name].dtype and torch.equal(tensor, reference[name]), \
+                f"{preset} {flags}: {name} differs from the reference"
         checked.append(sorted(weights))
     return checked
 
@@ -67,13 +68,16 @@ def test_fresh_init_is_the_reference_on_every_layout():
 
 
 def _write_checkpoints(root) -> dict[str, str]:
-    """Hub layout (save_pretrained: experts one tensor each), sharded with an index; and the
-    fused transformers-5 layout in one file."""
+    """Hub layout (save_pretrained: experts one tensor each), sharded with an index, in fp32 and
+    (as Hub checkpoints usually are) bf16; and the fused transformers-5 layout in one file."""
     dirs = {}
     for preset in ("qwen3_moe", "mixtral", "deepseek_v3"):
         model = reference_model(load_config(preset, None), seed=11)
         dirs[preset] = str(root / f"{preset}_hub")
         model.save_pretrained(dirs[preset], max_shard_size="100KB")
+        if preset == "qwen3_moe":
+            dirs["bf16"] = str(root / "qwen3_moe_bf16")
+            model.to(torch.bfloat16).save_pretrained(dirs["bf16"])
     fused = reference_model(load_config("qwen3_moe", None), seed=12)
     dirs["fused"] = str(root / "qwen3_moe_fused")
     fused.config.save_pretrained(dirs["fused"])
@@ -86,7 +90,7 @@ def test_sharded_load_is_from_pretrained_for_both_expert_layouts(tmp_path):
     with open(os.path.join(dirs["qwen3_moe"], "model.safetensors.index.json")) as f:
         assert len(set(json.load(f)["weight_map"].values())) > 1
     cases = [(dirs["qwen3_moe"], FSDP_EP), (dirs["qwen3_moe"], PP_FSDP_EP), (dirs["fused"], ["--parallel.dp_shard=4",
-             "--parallel.ep=4"]), (dirs["mixtral"], FSDP_EP), (dirs["deepseek_v3"], PP_FSDP_EP)]
+             "--parallel.ep=4"]), (dirs["mixtral"], FSDP_EP), (dirs["deepseek_v3"], PP_FSDP_EP), (dirs["bf16"], FSDP_EP)]
     _assert_all_checked(run_ranks(_compare_layouts, WORLD, cases), cases)
 
 

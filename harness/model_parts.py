@@ -126,9 +126,8 @@ def has_tied_embeddings(model: nn.Module) -> bool:
     return head is not None and embedding is not None and head.weight is embedding.weight
 
 
-def check_pipeline_support(model: nn.Module) -> None:
+def check_pipeline_support(config: PretrainedConfig) -> None:
     """Raises ValueError (one line: what and the fix) for a model pipeline stages cannot carry."""
-    config = model.config
     if getattr(config, "hidden_size_per_layer_input", None):
         raise ValueError(f"{config.model_type}: per-layer inputs are computed from the token ids, which only the "
                          "first pipeline stage receives; use parallel.pp=1")

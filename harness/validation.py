@@ -13,8 +13,8 @@ from transformers import PretrainedConfig
 from harness.checkpoint import check_checkpoint, start_point
 from harness.config import AcMode, Config, ConfigError
 from harness.data_checks import check_corpus, check_data_config
-from harness.model_parts import expert_count
-from harness.models import check_weights, load_config as load_model_config
+from harness.model_parts import check_pipeline_support, expert_count, moe_blocks
+from harness.models import build_meta_model, check_weights, load_config as load_model_config
 from harness.plan import Plan
 from harness.run_folder import RunFolder, run_folder
 from harness.run_identity import first_difference, read_identity, run_identity
@@ -41,6 +41,7 @@ def validate(cfg: Config, world_size: int) -> Plan:
     if dims.pp > 1:
         pp_microbatches = dims.pp if p.pp_microbatches is None else p.pp_microbatches
         try:
+            check_pipeline_support(model_config)
             stages_per_rank = validate_pipeline(
                 num_layers=model_config.num_hidden_layers, pp=dims.pp, schedule=p.pp_schedule,
                 stages_per_rank=p.pp_stages_per_rank, n_microbatches=pp_microbatches,
@@ -128,12 +129,17 @@ def _check_model(cfg: Config) -> PretrainedConfig:
     return model_config
 
 
+def _has_correction_bias(model_config: PretrainedConfig) -> bool:
+    blocks = moe_blocks(build_meta_model(model_config))  # meta device: no memory, no weights
+    return any(getattr(block.router, "e_score_correction_bias", None) is not None for block in blocks)
+
+
 def _check_experts(cfg: Config, model_config: PretrainedConfig, dims: ParallelDims) -> None:
     if cfg.moe.bias_update_rate < 0:
         raise ConfigError(f"moe.bias_update_rate={cfg.moe.bias_update_rate}: must be >= 0")
-    if cfg.moe.bias_update_rate > 0 and (dims.ep == 1 or model_config.model_type != "deepseek_v3"):
-        raise ConfigError("moe.bias_update_rate: aux-loss-free balancing needs a router with a correction "
-                          "bias (deepseek_v3) and parallel.ep > 1; set it to 0 otherwise")
+    if cfg.moe.bias_update_rate > 0 and not _has_correction_bias(model_config):
+        raise ConfigError("moe.bias_update_rate: aux-loss-free balancing needs routers with an "
+                          "e_score_correction_bias (e.g. deepseek_v3); set it to 0 for this model")
     if getattr(model_config, "output_router_logits", False) and dims.pp > 1:
         raise ConfigError("model.overrides.output_router_logits: the auxiliary loss is not supported under "
                           "pipeline parallel; use parallel.pp=1 or aux-loss-free balancing")

@@ -108,7 +108,7 @@ class ACConfig:
 class MoEConfig:
     dispatcher: DispatcherName = option("alltoall", "expert-parallel token dispatcher")
     dispatcher_strict: bool = option(False, "fail instead of falling back when the dispatcher is unavailable")
-    bias_update_rate: float = option(0.0, "aux-loss-free balancing (deepseek_v3, ep > 1): "
+    bias_update_rate: float = option(0.0, "aux-loss-free balancing (routers with a correction bias, e.g. deepseek_v3): "
                                           "bias += rate * sign(mean load - load) per step; 0 = off")
 
 

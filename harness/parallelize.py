@@ -32,6 +32,10 @@ def parallelize(module: nn.Module, *, cfg: Config, plan: Plan, meshes: ParallelM
         blocks = [(block.experts, block.router) for block in moe_blocks(module)]
         expert_modules = apply_expert_parallel(blocks, meshes.ep, dispatcher=cfg.moe.dispatcher,
                                                strict=cfg.moe.dispatcher_strict)
+    if cfg.moe.bias_update_rate > 0:
+        from moe.balance import track_expert_load
+
+        track_expert_load([(block.experts, block.router) for block in moe_blocks(module)])
     # Like TorchTitan's DeepSeek-V3 parallelize: the MoE package names its own communication
     # ops, which selective AC saves on top of torch's.
     compile_blocks = cfg.train.compile and compile_unavailable_reason(device.type) is None

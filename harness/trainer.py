@@ -211,7 +211,7 @@ def run_step(run: Run) -> PendingStep:
     run.optimizer.step()
     run.scheduler.step()
     if cfg.moe.bias_update_rate > 0:
-        update_expert_bias(run.expert_modules, cfg.moe.bias_update_rate, run.dp_group)
+        update_expert_bias(run.modules, cfg.moe.bias_update_rate, run.dp_group)
     run.optimizer.zero_grad(set_to_none=True)
     run.state.step += 1
     return PendingStep(step=run.step, lr=lr, tokens=run.loss_fn.global_tokens, loss=loss, grad_norm=grad_norm,

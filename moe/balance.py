@@ -4,11 +4,14 @@ Auxiliary loss: HF's own. With `config.output_router_logits = True` the model re
 `outputs.aux_loss` (unscaled, over the tokens this forward saw); `aux_loss_term` scales it.
 
 Aux-loss-free (DeepSeek-V3): the router's `e_score_correction_bias` biases expert selection
-only. Tokens per expert are counted in the experts' forward and, after each optimizer step,
-summed over the ranks that routed distinct tokens; then bias += rate * sign(mean - count).
+only. Tokens per expert are counted at the experts' input (any layout: one process, FSDP,
+expert or pipeline parallel) and, after each optimizer step, summed over the ranks that routed
+distinct tokens; then bias += rate * sign(mean - count).
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
@@ -46,29 +49,58 @@ def record_load(experts: nn.Module, top_k_index: torch.Tensor) -> None:
         experts._expert_load = counts if load is None else load + counts
 
 
+@dataclass(frozen=True)
+class CorrectionBias:
+    """The router whose `e_score_correction_bias` an experts module's counts update (a plain
+    holder: the router must not become a sub-module of the experts)."""
+    router: nn.Module
+
+
+def _count_routed(experts: nn.Module, args: tuple) -> None:
+    record_load(experts, args[1])  # every v5 experts forward takes (hidden_states, top_k_index, top_k_weights)
+
+
+def track_expert_load(blocks: list[tuple[nn.Module, nn.Module | None]]) -> int:
+    """Count tokens per expert, for aux-loss-free balancing, in every (experts, router) block whose
+    router has an `e_score_correction_bias`; returns how many blocks are tracked."""
+    tracked = 0
+    for experts, router in blocks:
+        if getattr(router, "e_score_correction_bias", None) is None:
+            continue
+        experts._correction_bias = CorrectionBias(router)
+        experts.register_forward_pre_hook(_count_routed)
+        tracked += 1
+    return tracked
+
+
+def _tracked(modules: list[nn.Module]) -> list[nn.Module]:
+    return [m for module in modules for m in module.modules() if hasattr(m, "_correction_bias")]
+
+
 @torch.no_grad()
-def update_expert_bias(experts_modules: list[nn.Module], rate: float, group: dist.ProcessGroup | None) -> None:
-    """Aux-loss-free step: call once per optimizer step, on every rank of `group`.
+def update_expert_bias(modules: list[nn.Module], rate: float, group: dist.ProcessGroup | None) -> None:
+    """Aux-loss-free step: call once per optimizer step, on every rank of `group`, with this rank's
+    model parts (`track_expert_load` ran on them).
 
     `group`: the ranks that each route different tokens through the same layers (data
     parallel x context parallel; not tensor-parallel or pipeline peers, which would count
     the same tokens twice or mix layers). The counts are reset afterwards.
     """
-    biased = [m for m in experts_modules if m._expert_parallel.router is not None]
+    biased = _tracked(modules)
     if not biased:
         return
     loads = torch.stack([_take_load(m) for m in biased]).float()
     if group is not None and dist.get_world_size(group) > 1:
         dist.all_reduce(loads, group=group)
     for experts, load in zip(biased, loads):
-        bias = experts._expert_parallel.router.e_score_correction_bias
+        bias = experts._correction_bias.router.e_score_correction_bias
         bias += rate * torch.sign(load.mean() - load).to(bias.dtype)
 
 
 def _take_load(experts: nn.Module) -> torch.Tensor:
-    bias = experts._expert_parallel.router.e_score_correction_bias
+    bias = experts._correction_bias.router.e_score_correction_bias
     load = getattr(experts, "_expert_load", None)
     experts._expert_load = None
-    if load is None:  # no training forward since the last update (e.g. another pipeline stage's)
+    if load is None:  # no training forward since the last update
         return torch.zeros(experts.num_experts, dtype=torch.long, device=bias.device)
     return load.to(bias.device)

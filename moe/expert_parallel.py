@@ -19,7 +19,6 @@ from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import Shard, distribute_tensor
 from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS
 
-from moe.balance import record_load
 from moe.dispatch import resolve_dispatcher
 from moe.experts import expert_param_names, local_experts_forward
 from moe.routing import Dispatcher
@@ -33,15 +32,11 @@ EXPERTS_IMPLEMENTATION = "harness_ep"
 class ExpertParallelState:
     dispatcher: Dispatcher
     dispatcher_reason: str  # e.g. "deepep: not installed (...) -> alltoall", for the start-up summary
-    # The router whose `e_score_correction_bias` aux-loss-free balancing updates (DeepSeek-V3).
-    router: nn.Module | None
 
 
 def _ep_experts_forward(self: nn.Module, hidden_states: torch.Tensor, top_k_index: torch.Tensor,
                         top_k_weights: torch.Tensor) -> torch.Tensor:
     state: ExpertParallelState = self._expert_parallel
-    if state.router is not None:
-        record_load(self, top_k_index)
     routed, handle = state.dispatcher.dispatch(hidden_states, top_k_index, top_k_weights, self.num_experts)
     expert_out = local_experts_forward(self, routed).to(hidden_states.dtype)
     return state.dispatcher.combine(expert_out, handle)
@@ -67,7 +62,8 @@ def apply_expert_parallel(blocks: list[tuple[nn.Module, nn.Module | None]], ep_m
     """Shard the experts of every MoE block over `ep_mesh` and route tokens with `dispatcher`.
 
     `blocks`: (experts module, router module or None) per MoE block, as the caller's model
-    adapter finds them; none is fine (a pipeline stage of dense layers only). Returns the
+    adapter finds them; none is fine (a pipeline stage of dense layers only). Only the experts
+    change: routers stay replicated and run HF's own code. Returns the
     experts modules, for the caller to FSDP-shard over the experts' FSDP mesh.
     """
     if ep_mesh.ndim != 1:
@@ -78,7 +74,7 @@ def apply_expert_parallel(blocks: list[tuple[nn.Module, nn.Module | None]], ep_m
     for experts, _ in blocks:
         _check_supported(experts, ep)
     chosen, reason = resolve_dispatcher(dispatcher, strict, ep_mesh.get_group())
-    for experts, router in blocks:
+    for experts, _ in blocks:
         for name in expert_param_names(experts):
             param = getattr(experts, name)
             sharded = distribute_tensor(param.data, ep_mesh, [Shard(0)])
@@ -87,8 +83,7 @@ def apply_expert_parallel(blocks: list[tuple[nn.Module, nn.Module | None]], ep_m
         # share the config object, nor into an exported config.json.
         experts.config = copy.copy(experts.config)
         experts.config._experts_implementation = EXPERTS_IMPLEMENTATION
-        has_bias = router is not None and hasattr(router, "e_score_correction_bias")
-        experts._expert_parallel = ExpertParallelState(chosen, reason, router if has_bias else None)
+        experts._expert_parallel = ExpertParallelState(chosen, reason)
     experts0 = blocks[0][0]
     logger.debug("expert parallel: ep=%d, %d experts per rank in %d MoE blocks, dispatcher %s",
                 ep, experts0.num_experts // ep, len(blocks), reason)

@@ -16,6 +16,7 @@ from transformers import AutoConfig
 from harness.materialize import materialize
 from harness.model_parts import decoder_layers, moe_blocks
 from harness.models import build_meta_model, reference_model
+from moe.balance import track_expert_load
 from moe.expert_parallel import apply_expert_parallel
 from moe.ops import SAC_SAVE_OPS
 from parallel.activation_checkpointing import apply_selective_checkpointing_to_layers
@@ -58,12 +59,13 @@ def ep_model(config, world: int, dispatcher: str = "alltoall", checkpointing: st
 
 def parallelize_ep(model: nn.Module, mesh, dispatcher: str = "alltoall", checkpointing: str | None = None,
                    dtype: torch.dtype = torch.float32) -> list[nn.Module]:
-    """The trainer's order on a meta model (or pipeline stage): EP over the 1-D `mesh` ->
-    activation checkpointing -> materialize in `dtype`. Returns the experts modules.
+    """The trainer's order on a meta model (or pipeline stage): EP over the 1-D `mesh` (and
+    aux-loss-free load counting where a router has a correction bias) -> activation checkpointing -> materialize in `dtype`. Returns the experts modules.
 
     `checkpointing`: None, "selective" (the project's policy) or "recompute_all" (a control).
     """
     experts = apply_expert_parallel(ep_blocks(model), mesh, dispatcher)
+    track_expert_load(ep_blocks(model))
     layers = decoder_layers(model)
     if checkpointing == "selective":
         apply_selective_checkpointing_to_layers(model, layers, has_kv_sharing=False, extra_save_ops=SAC_SAVE_OPS)

@@ -1,4 +1,4 @@
-"""Load balancing under expert parallel.
+"""Load balancing under expert parallel, and aux-loss-free balancing without it (pipeline stages).
 
 Aux loss: HF's `outputs.aux_loss` on each rank's microbatch, scaled by `aux_loss_term`,
 gives the same loss and gradients as the one-process model run on the same microbatches.
@@ -16,7 +16,9 @@ from harness.loss import token_loss_sum
 from harness.models import load_config, reference_model
 from moe.balance import aux_loss_term, update_expert_bias
 from tests.moe_common import SEED, batch, canonical, ep_model, full_grads
+from tests.layout_run import assert_matches_reference, train_layout
 from tests.multiproc import run_ranks
+from tests.reference import reference_run, tiny_config
 
 RATE = 1e-3
 
@@ -75,7 +77,7 @@ def _bias_update(rank: int, world: int, checkpointing: str | None) -> dict:
     local = [m._expert_load.clone() for m in experts]
     update_expert_bias(experts, RATE, dist.group.WORLD)
     expected = [RATE * torch.sign(c.float().mean() - c.float()) for c in _reference_counts(config, inputs)]
-    biases = [m._expert_parallel.router.e_score_correction_bias for m in experts]
+    biases = [m._correction_bias.router.e_score_correction_bias for m in experts]
     return dict(local_sum=[int(c.sum()) for c in local], tokens=inputs[rank::world].numel() * config.num_experts_per_tok,
                 bias_error=max((b - e).abs().max().item() for b, e in zip(biases, expected)),
                 reset=all(m._expert_load is None for m in experts),
@@ -88,3 +90,11 @@ def test_aux_free_bias_counts_once_under_checkpointing_and_uses_global_counts() 
             assert all(s == result["tokens"] for s in result["local_sum"]), (checkpointing, result)
             assert result["bias_error"] == 0.0 and result["reset"], (checkpointing, result)
             assert len(result["names"]) == len(result["local_sum"]) > 0
+
+
+def test_aux_free_bias_without_expert_parallel_across_pipeline_stages() -> None:
+    # ep=1, two stages, selective AC: each stage counts its own layers once; the trainer matches
+    # the one-process run that updates every router's bias from its own counts.
+    cfg = tiny_config("--model.preset=deepseek_v3", "--parallel.pp=2", "--parallel.dp_shard=1",
+                      "--moe.bias_update_rate=0.01", "--ac.mode=selective")
+    assert_matches_reference(run_ranks(train_layout, 2, cfg), reference_run(cfg))

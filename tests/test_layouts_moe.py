@@ -7,13 +7,22 @@ from tests.layout_run import assert_matches_reference, train_layout
 from tests.multiproc import run_ranks
 from tests.reference import reference_run, tiny_config
 
+# AdamW's first update is lr * g / (|g| + 1e-8): on a gradient entry below eps, a gain of lr / eps = 1e6 on
+# its fp32 summation-order noise. Under seed 0 the two layouts below start from an overshoot (loss 5.57 ->
+# 5.89 at step 2): 2e-10 of noise on one entry (layers.2.self_attn.v_proj[30, 34]; layers.1.self_attn.o_proj
+# [59, 50] with the aux loss) moves that weight by 1e-4 and the step-3 gradient norm by 1.6e-4 / 6.5e-4,
+# while step-1 gradients agree to 7e-7 and, given to the one-process run, reproduce steps 2-3 to 2e-7.
+# Seed 3 descends: norms agree to 4.4e-7, and a 1% error in the aux-loss scale still fails at step 1.
+STEADY_SEED = "--train.seed=3"
+
 
 @pytest.mark.parametrize("world_size, layout", [
     (2, ["--model.preset=mixtral", "--parallel.dp_shard=2", "--parallel.ep=2"]),
     (4, ["--model.preset=qwen3_moe", "--parallel.dp_shard=4", "--parallel.ep=2", "--ac.mode=selective"]),
     (4, ["--model.preset=deepseek_v3", "--parallel.dp_replicate=2", "--parallel.dp_shard=2", "--parallel.ep=2"]),
     # One expert per rank, two FSDP shards of it: experts are sharded along dim 1.
-    (4, ["--model.preset=qwen3_moe", "--model.overrides.num_experts=2", "--parallel.dp_shard=4", "--parallel.ep=2"]),
+    (4, ["--model.preset=qwen3_moe", "--model.overrides.num_experts=2", "--parallel.dp_shard=4", "--parallel.ep=2",
+         STEADY_SEED]),
 ], ids=["mixtral-ep2", "qwen3_moe-fsdp4-ep2-sac", "deepseek_v3-hsdp2x2-ep2", "qwen3_moe-experts-shard-dim1"])
 def test_expert_parallel_layout_matches_single_process(world_size, layout):
     cfg = tiny_config(*layout)
@@ -22,7 +31,7 @@ def test_expert_parallel_layout_matches_single_process(world_size, layout):
 
 @pytest.mark.parametrize("world_size, layout", [
     (2, ["--model.preset=qwen3_moe", "--parallel.dp_shard=2", "--parallel.ep=2",
-         "--model.overrides.output_router_logits=true", "--model.overrides.router_aux_loss_coef=0.1"]),
+         "--model.overrides.output_router_logits=true", "--model.overrides.router_aux_loss_coef=0.1", STEADY_SEED]),
     (2, ["--model.preset=deepseek_v3", "--parallel.dp_shard=2", "--parallel.ep=2", "--moe.bias_update_rate=0.01",
          "--ac.mode=selective"]),
 ], ids=["qwen3_moe-aux-loss", "deepseek_v3-aux-free-bias-sac"])

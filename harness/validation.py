@@ -150,6 +150,17 @@ def _check_experts(cfg: Config, model_config: PretrainedConfig, dims: ParallelDi
         raise ConfigError(f"parallel.ep={dims.ep}: the model has no experts; set parallel.ep=1")
     if experts % dims.ep:
         raise ConfigError(f"parallel.ep={dims.ep}: must divide the model's {experts} experts")
+    from moe.expert_parallel import check_expert_parallel_support
+
+    blocks = moe_blocks(build_meta_model(model_config))  # meta device: no memory, no weights
+    if not blocks:
+        raise ConfigError(f"parallel.ep={dims.ep}: {model_config.model_type}'s experts are not transformers' fused "
+                          "experts modules (gate_up_proj/up_proj + down_proj); set parallel.ep=1")
+    for block in blocks:
+        try:
+            check_expert_parallel_support(block.experts, dims.ep)
+        except ValueError as e:
+            raise ConfigError(f"parallel.ep={dims.ep}: {e}; set parallel.ep=1") from None
 
 
 def _check_checkpoint(cfg: Config, folder: RunFolder, model_config: PretrainedConfig) -> None:

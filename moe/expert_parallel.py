@@ -45,7 +45,8 @@ def _ep_experts_forward(self: nn.Module, hidden_states: torch.Tensor, top_k_inde
 ALL_EXPERTS_FUNCTIONS.register(EXPERTS_IMPLEMENTATION, _ep_experts_forward)
 
 
-def _check_supported(experts: nn.Module, ep: int) -> None:
+def check_expert_parallel_support(experts: nn.Module, ep: int) -> None:
+    """ValueError (one line: the class and what is missing) if `experts` cannot be split over `ep` ranks."""
     name = type(experts).__name__
     if not hasattr(experts, "has_gate"):
         raise ValueError(f"{name}: not an ExpertsInterface experts class (no @use_experts_implementation)")
@@ -72,7 +73,7 @@ def apply_expert_parallel(blocks: list[tuple[nn.Module, nn.Module | None]], ep_m
         return []
     ep = ep_mesh.size()
     for experts, _ in blocks:
-        _check_supported(experts, ep)
+        check_expert_parallel_support(experts, ep)
     chosen, reason = resolve_dispatcher(dispatcher, strict, ep_mesh.get_group())
     for experts, _ in blocks:
         for name in expert_param_names(experts):

@@ -51,12 +51,17 @@ def tiny_config(family: str, tied: bool | None = None) -> PretrainedConfig:
         warnings.simplefilter("ignore")
         config = AutoConfig.for_model(family)
         fields = {**SIZES, **SCALARS}
-        values = {key: value for key, value in fields.items() if hasattr(config, key) or key in SIZES}
+        values = {key: value for key, value in fields.items() if hasattr(config, key)}
         config = AutoConfig.for_model(family, **values)
     for key in ("layer_types", "mlp_layer_types"):
         pattern = getattr(config, key, None)
         if isinstance(pattern, list) and len(pattern) != config.num_hidden_layers:
             setattr(config, key, [pattern[i % len(pattern)] for i in range(config.num_hidden_layers)])
+    # Dropout and router jitter draw random numbers in training, which no two layouts draw alike:
+    # off here, as the README's supported-models section says.
+    for key, value in config.to_dict().items():
+        if isinstance(value, float) and value > 0 and ("dropout" in key or "pdrop" in key or key == "router_jitter_noise"):
+            setattr(config, key, 0.0)
     if tied is not None:
         config.tie_word_embeddings = tied
     return config

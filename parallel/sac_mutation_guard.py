@@ -20,15 +20,24 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode, _disable_current_modes
 
 
+_WRITTEN_ARGUMENTS: dict[Any, tuple[tuple[int, str], ...]] = {}
+
+
+def _written_arguments(func: Any) -> tuple[tuple[int, str], ...]:
+    """(position, name) of the arguments `func` writes to; looked up once per op."""
+    written = _WRITTEN_ARGUMENTS.get(func)
+    if written is None:
+        schema = func._schema
+        written = tuple((i, a.name) for i, a in enumerate(schema.arguments)
+                        if schema.is_mutable and a.alias_info is not None and a.alias_info.is_write)
+        _WRITTEN_ARGUMENTS[func] = written
+    return written
+
+
 def _mutated_args(func: Any, args: tuple, kwargs: dict) -> list[torch.Tensor]:
-    schema = func._schema
-    if not schema.is_mutable:
-        return []
     mutated = []
-    for index, argument in enumerate(schema.arguments):
-        if argument.alias_info is None or not argument.alias_info.is_write:
-            continue
-        value = args[index] if index < len(args) else kwargs.get(argument.name)
+    for index, name in _written_arguments(func):
+        value = args[index] if index < len(args) else kwargs.get(name)
         values = value if isinstance(value, (list, tuple)) else [value]
         mutated.extend(v for v in values if isinstance(v, torch.Tensor))
     return mutated
@@ -49,6 +58,8 @@ class _CopyOnMutate(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
+        if not _written_arguments(func) or not self.storage:
+            return func(*args, **kwargs)
         targets = {t.untyped_storage().data_ptr() for t in _mutated_args(func, args, kwargs)
                    if t.device.type != "meta"}
         if targets:

@@ -15,8 +15,9 @@ import torch.distributed as dist
 from harness.loss import token_loss_sum
 from harness.models import load_config
 from tests.moe_common import SEED, batch, canonical, ep_model, full_grads, gpt_oss_config
+from tests.layout_run import assert_matches_reference, train_layout
 from tests.multiproc import run_ranks
-from tests.reference import reference_grads
+from tests.reference import reference_grads, reference_run, tiny_config
 
 PRESETS = ("qwen3_moe", "mixtral", "deepseek_v3")
 
@@ -48,3 +49,10 @@ def test_ep_matches_single_process_losses_and_grads(world: int) -> None:
         assert count > 0
         assert loss_diff < 1e-5, (preset, loss_diff)
         assert grad_diff < 1e-5 and grad_diff < 1e-4 * grad_scale, (preset, grad_diff, grad_scale)
+
+
+def test_gpt_oss_through_the_trainer(tmp_path) -> None:
+    # Biased, transposed experts sharded over ep and FSDP, selective AC, 3 optimizer steps.
+    gpt_oss_config().save_pretrained(tmp_path)
+    cfg = tiny_config(f"--model.path={tmp_path}", "--parallel.dp_shard=2", "--parallel.ep=2", "--ac.mode=selective")
+    assert_matches_reference(run_ranks(train_layout, 2, cfg), reference_run(cfg))

@@ -9,6 +9,7 @@ teaching the harness a new family's layout is an edit here and nowhere else. `pa
 from __future__ import annotations
 
 import inspect
+import re
 from dataclasses import dataclass
 
 import torch
@@ -19,7 +20,8 @@ from transformers import PretrainedConfig
 _EXPERT_COUNT_FIELDS = ("num_experts", "num_local_experts", "n_routed_experts", "moe_num_experts")
 # Final norm of the base model, by family naming (Llama-style first; LFM2 calls its final norm
 # `embedding_norm`).
-_FINAL_NORM_NAMES = ("norm", "final_layernorm", "norm_f", "ln_f", "embedding_norm")
+_FINAL_NORM_NAMES = ("norm", "final_layernorm", "norm_f", "ln_f", "embedding_norm", "final_layer_norm",
+                     "final_norm", "ln_out")
 # The module that turns a block's input into its top-k routing: `gate` (Qwen, Mixtral,
 # DeepSeek) or `router` (GPT-OSS, Llama 4).
 _ROUTER_NAMES = ("gate", "router")
@@ -71,13 +73,14 @@ def base_model(model: nn.Module) -> nn.Module:
 def decoder_layers(model: nn.Module) -> nn.ModuleList | nn.ModuleDict:
     """The container of transformer blocks: the base model's layer list, or for a pipeline stage
     the layers it owns in a ModuleDict keyed by their index in the whole model."""
-    layers = _layer_list(model)
+    layers = layer_list(model)
     if any(isinstance(layer, SkipLayer) for layer in layers):
         return nn.ModuleDict({str(i): layer for i, layer in enumerate(layers) if not isinstance(layer, SkipLayer)})
     return layers
 
 
-def _layer_list(model: nn.Module) -> nn.ModuleList:
+def layer_list(model: nn.Module) -> nn.ModuleList:
+    """The base model's whole list of decoder layers (pass-throughs included in a pipeline stage)."""
     inner = base_model(model)
     layers = getattr(inner, "layers", None)
     if layers is None:
@@ -91,9 +94,18 @@ def _layer_list(model: nn.Module) -> nn.ModuleList:
 
 
 def skip_layer_for(model: nn.Module) -> type[SkipLayer]:
-    """The pass-through that matches what the family's forward expects back from a layer."""
+    """The pass-through that matches what the family's forward expects back from a layer: the
+    hidden states (`hidden_states = layer(...)`) or a tuple led by them (`out = layer(...)`, then
+    `hidden_states = out[0]`). Raises ValueError for any other use of a layer's output."""
     source = inspect.getsource(type(base_model(model)).forward)
-    return TupleSkipLayer if "layer_outputs[0]" in source else SkipLayer
+    loop = re.search(r"for (?:\w+, )?(\w+) in (?:enumerate\()?self\.\w+", source)
+    call = re.search(rf"(\w+) = {loop.group(1)}\(", source) if loop else None
+    if call and call.group(1) == "hidden_states":
+        return SkipLayer
+    if call and re.search(rf"hidden_states = {call.group(1)}\[0\]", source):
+        return TupleSkipLayer
+    raise ValueError(f"{type(model).__name__}: its forward unpacks each layer's output in a way a pipeline "
+                     "stage cannot stand in for; use parallel.pp=1")
 
 
 def _final_norm_name(model: nn.Module) -> str | None:
@@ -126,11 +138,32 @@ def has_tied_embeddings(model: nn.Module) -> bool:
     return head is not None and embedding is not None and head.weight is embedding.weight
 
 
+def _meta_model(config: PretrainedConfig) -> nn.Module:
+    from transformers import AutoModelForCausalLM
+
+    with torch.device("meta"):
+        return AutoModelForCausalLM.from_config(config)
+
+
+def check_structure(config: PretrainedConfig) -> None:
+    """Raises ValueError (one line) when this adapter cannot find the model's decoder layers."""
+    decoder_layers(_meta_model(config))
+
+
 def check_pipeline_support(config: PretrainedConfig) -> None:
     """Raises ValueError (one line: what and the fix) for a model pipeline stages cannot carry."""
     if getattr(config, "hidden_size_per_layer_input", None):
         raise ValueError(f"{config.model_type}: per-layer inputs are computed from the token ids, which only the "
                          "first pipeline stage receives; use parallel.pp=1")
+    model = _meta_model(config)
+    inner, known = base_model(model), {embeddings(model), layer_list(model), final_norm(model), rotary_embedding(model)}
+    # Parameters of other base-model parts (GPT-2's position table, BLOOM's embedding norm) run on
+    # the first stage only, but every stage would hold and checkpoint a copy.
+    extra = [name for name, child in inner.named_children() if child not in known and any(True for _ in child.parameters())]
+    if extra:
+        raise ValueError(f"{config.model_type}: the base model has parameters outside its embeddings, layers and final "
+                         f"norm ({', '.join(extra)}), which pipeline stages do not split; use parallel.pp=1")
+    skip_layer_for(model)
 
 
 def rotary_embedding(model: nn.Module) -> nn.Module | None:

@@ -41,7 +41,7 @@ class _StageRole:
 
 def _entry_module(stage: nn.Module, entry: str) -> nn.Module:
     if entry.startswith("layer:"):
-        return model_parts.base_model(stage).layers[int(entry.split(":")[1])]
+        return model_parts.layer_list(stage)[int(entry.split(":")[1])]
     return model_parts.final_norm(stage) if entry == "norm" else model_parts.lm_head(stage)
 
 
@@ -71,7 +71,7 @@ def _stage_forward(self: nn.Module, inputs: torch.Tensor) -> torch.Tensor:
 def _prune(causal_lm: nn.Module, module_names: list[str]) -> _StageRole:
     owned = set(module_names)
     inner = model_parts.base_model(causal_lm)
-    layers = model_parts.decoder_layers(causal_lm)
+    layers = model_parts.layer_list(causal_lm)
     skip = model_parts.skip_layer_for(causal_lm)
     kept = [i for i in range(len(layers)) if layer_name(i) in owned]
     for i in range(len(layers)):

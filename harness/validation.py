@@ -13,7 +13,7 @@ from transformers import PretrainedConfig
 from harness.checkpoint import check_checkpoint, start_point
 from harness.config import AcMode, Config, ConfigError
 from harness.data_checks import check_corpus, check_data_config
-from harness.model_parts import check_pipeline_support, expert_count, moe_blocks
+from harness.model_parts import check_pipeline_support, check_structure, expert_count, moe_blocks
 from harness.models import build_meta_model, check_weights, load_config as load_model_config
 from harness.plan import Plan
 from harness.run_folder import RunFolder, run_folder
@@ -35,6 +35,10 @@ def validate(cfg: Config, world_size: int) -> Plan:
         raise ConfigError(str(e)) from None
     _check_batch(cfg, dims)
     model_config = _check_model(cfg)
+    try:
+        check_structure(model_config)
+    except ValueError as e:
+        raise ConfigError(f"model: {e}") from None
     check_data_config(cfg, model_config, dims)
     _check_experts(cfg, model_config, dims)
     pp_microbatches, stages_per_rank = 1, 1

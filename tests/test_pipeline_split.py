@@ -9,11 +9,13 @@ from transformers import AutoConfig, AutoModelForCausalLM
 
 from harness.config import ConfigError
 from harness.materialize import materialize
+from harness.model_parts import check_pipeline_support
 from harness.models import build_meta_model, load_config, reference_model
 from harness.pipeline_stage import stage_builder
 from harness.validation import validate
 from parallel.pipeline import stage_ids_for_rank
 from parallel.pipeline_split import stage_module_names
+from tests.families import tiny_config as tiny_family
 from tests.reference import tiny_config
 
 E, N, H = "model.embed_tokens", "model.norm", "lm_head"
@@ -142,10 +144,13 @@ def test_stages_of_every_family_chain_to_the_whole_model(family):
 
 
 def test_a_family_stages_cannot_carry_is_refused_before_any_process(tmp_path):
-    # Gemma 3n computes per-layer inputs from the token ids, which only the first stage receives.
-    config = AutoConfig.for_model("gemma3n_text", **{**_TINY, "hidden_size_per_layer_input": 8})
+    # GPT-2 adds a position table after the embeddings, on the first stage only.
+    config = tiny_family("gpt2")
     config.save_pretrained(tmp_path)
     cfg = tiny_config(f"--model.path={tmp_path}/config.json", "--parallel.pp=2", "--parallel.dp_shard=1",
                       "--parallel.pp_microbatches=2")
-    with pytest.raises(ConfigError, match="per-layer inputs .* use parallel.pp=1"):
+    with pytest.raises(ConfigError, match=r"parameters outside its embeddings, layers and final norm \(wpe\)"):
         validate(cfg, 2)
+    # Gemma 3n computes per-layer inputs from the token ids, which only the first stage receives.
+    with pytest.raises(ValueError, match="per-layer inputs .* use parallel.pp=1"):
+        check_pipeline_support(AutoConfig.for_model("gemma3n_text", hidden_size_per_layer_input=8))

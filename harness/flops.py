@@ -8,7 +8,7 @@ import torch
 from torch import nn
 from transformers import PretrainedConfig
 
-from harness.model_parts import expert_count
+from harness.model_parts import expert_count, experts_per_token
 
 # Dense bf16 tensor-core peaks, TFLOP/s per device.
 _GPU_PEAK_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0, "B200": 2250.0}
@@ -22,13 +22,17 @@ def flops_per_token(model: nn.Module, config: PretrainedConfig, seq_len: int) ->
     Embedding lookups cost nothing; experts count at top_k / num_experts of their size.
     """
     experts = expert_count(config)
+    embedding = model.get_input_embeddings()
+    skipped = {id(p) for p in embedding.parameters()} if embedding is not None else set()
     active = 0.0
     for name, param in model.named_parameters():
-        if "embed_tokens" in name or param.ndim < 2:
+        if id(param) in skipped or param.ndim < 2:
             continue
-        share = config.num_experts_per_tok / experts if experts and ".experts." in name else 1.0
+        share = experts_per_token(config) / experts if experts and ".experts." in name else 1.0
         active += param.numel() * share
-    heads_dim = config.num_attention_heads * getattr(config, "head_dim", config.hidden_size // config.num_attention_heads)
+    # Attention-free families (Mamba, RWKV) have no heads.
+    heads = getattr(config, "num_attention_heads", 0) or 0
+    heads_dim = heads * (getattr(config, "head_dim", None) or config.hidden_size // max(heads, 1))
     # QK^T and AV: 2 matmuls x 2 FLOPs x seq/2 keys on average (causal), x3 for forward + backward.
     attention = 3 * 2 * 2 * config.num_hidden_layers * heads_dim * seq_len / 2
     return 6 * active + attention

@@ -18,6 +18,8 @@ from transformers import PretrainedConfig
 
 # Routed-expert counts, by the config field each family uses.
 _EXPERT_COUNT_FIELDS = ("num_experts", "num_local_experts", "n_routed_experts", "moe_num_experts")
+# Experts each token is routed to, by the config field each family uses.
+_TOP_K_FIELDS = ("num_experts_per_tok", "moe_topk", "moe_top_k", "top_k", "num_experts_per_token")
 # Final norm of the base model, by family naming (Llama-style first; LFM2 calls its final norm
 # `embedding_norm`).
 _FINAL_NORM_NAMES = ("norm", "final_layernorm", "norm_f", "ln_f", "embedding_norm", "final_layer_norm",
@@ -63,6 +65,14 @@ class TupleSkipLayer(SkipLayer):
 
     def forward(self, hidden_states: torch.Tensor, *args, **kwargs) -> tuple[torch.Tensor]:
         return (hidden_states,)
+
+
+def experts_per_token(config: PretrainedConfig) -> int:
+    """Routed experts per token (top-k); 0 for a dense model."""
+    for key in _TOP_K_FIELDS:
+        if getattr(config, key, None):
+            return int(getattr(config, key))
+    return 0
 
 
 def base_model(model: nn.Module) -> nn.Module:

@@ -77,7 +77,14 @@ def experts_per_token(config: PretrainedConfig) -> int:
 
 def base_model(model: nn.Module) -> nn.Module:
     """The decoder stack under the LM head (`model.model` for most families)."""
-    return model.get_decoder() if hasattr(model, "get_decoder") else model
+    decoder = model.get_decoder() if hasattr(model, "get_decoder") else model
+    # `get_decoder` answers the causal LM itself (Llama 4) or its head (ModernBERT decoder) for
+    # some families; their base model is where the layers are.
+    if decoder is model or not any(True for _ in decoder.children()):
+        decoder = getattr(model, "base_model", model)
+    if decoder is model:
+        decoder = getattr(model, "model", model)
+    return decoder
 
 
 def decoder_layers(model: nn.Module) -> nn.ModuleList | nn.ModuleDict:

@@ -155,24 +155,13 @@ def has_tied_embeddings(model: nn.Module) -> bool:
     return head is not None and embedding is not None and head.weight is embedding.weight
 
 
-def _meta_model(config: PretrainedConfig) -> nn.Module:
-    from transformers import AutoModelForCausalLM
-
-    with torch.device("meta"):
-        return AutoModelForCausalLM.from_config(config)
-
-
-def check_structure(config: PretrainedConfig) -> None:
-    """Raises ValueError (one line) when this adapter cannot find the model's decoder layers."""
-    decoder_layers(_meta_model(config))
-
-
-def check_pipeline_support(config: PretrainedConfig) -> None:
-    """Raises ValueError (one line: what and the fix) for a model pipeline stages cannot carry."""
+def check_pipeline_support(model: nn.Module) -> None:
+    """Raises ValueError (one line: what and the fix) for a model pipeline stages cannot carry
+    (`model` may be on the meta device)."""
+    config = model.config
     if getattr(config, "hidden_size_per_layer_input", None):
         raise ValueError(f"{config.model_type}: per-layer inputs are computed from the token ids, which only the "
                          "first pipeline stage receives; use parallel.pp=1")
-    model = _meta_model(config)
     inner, known = base_model(model), {embeddings(model), layer_list(model), final_norm(model), rotary_embedding(model)}
     # Parameters of other base-model parts (GPT-2's position table, BLOOM's embedding norm) run on
     # the first stage only, but every stage would hold and checkpoint a copy.

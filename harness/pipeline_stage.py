@@ -90,7 +90,7 @@ def _prune(causal_lm: nn.Module, module_names: list[str]) -> _StageRole:
 
 def stage_builder(model: nn.Module) -> Callable[[list[str]], nn.Module]:
     """`module_names -> stage`: each stage a pruned deep copy of `model` (cheap on meta)."""
-    model_parts.check_pipeline_support(model.config)
+    model_parts.check_pipeline_support(model)
 
     def build(module_names: list[str]) -> nn.Module:
         stage = copy.deepcopy(model)

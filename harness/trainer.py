@@ -206,7 +206,7 @@ def run_step(run: Run) -> PendingStep:
     if run.tied is not None:
         run.tied.sum_gradients()
     grad_norm = clip_grad_norm_(params, cfg.train.max_grad_norm, run.pp_group,
-                                uncounted=[run.tied.last] if run.tied is not None and run.tied.last is not None else ())
+                                uncounted=run.tied.uncounted if run.tied is not None else ())
     lr = run.scheduler.get_last_lr()[0]
     run.optimizer.step()
     run.scheduler.step()

@@ -8,12 +8,13 @@ from __future__ import annotations
 import importlib.util
 import os
 
+from torch import nn
 from transformers import PretrainedConfig
 
 from harness.checkpoint import check_checkpoint, start_point
 from harness.config import AcMode, Config, ConfigError
 from harness.data_checks import check_corpus, check_data_config
-from harness.model_parts import check_pipeline_support, check_structure, expert_count, moe_blocks
+from harness.model_parts import check_pipeline_support, decoder_layers, expert_count, moe_blocks
 from harness.models import build_meta_model, check_weights, load_config as load_model_config
 from harness.plan import Plan
 from harness.run_folder import RunFolder, run_folder
@@ -35,17 +36,18 @@ def validate(cfg: Config, world_size: int) -> Plan:
         raise ConfigError(str(e)) from None
     _check_batch(cfg, dims)
     model_config = _check_model(cfg)
+    model = build_meta_model(model_config)  # meta device: the structure without memory or weights
     try:
-        check_structure(model_config)
+        decoder_layers(model)
     except ValueError as e:
         raise ConfigError(f"model: {e}") from None
     check_data_config(cfg, model_config, dims)
-    _check_experts(cfg, model_config, dims)
+    _check_experts(cfg, model, dims)
     pp_microbatches, stages_per_rank = 1, 1
     if dims.pp > 1:
         pp_microbatches = dims.pp if p.pp_microbatches is None else p.pp_microbatches
         try:
-            check_pipeline_support(model_config)
+            check_pipeline_support(model)
             stages_per_rank = validate_pipeline(
                 num_layers=model_config.num_hidden_layers, pp=dims.pp, schedule=p.pp_schedule,
                 stages_per_rank=p.pp_stages_per_rank, n_microbatches=pp_microbatches,
@@ -133,15 +135,12 @@ def _check_model(cfg: Config) -> PretrainedConfig:
     return model_config
 
 
-def _has_correction_bias(model_config: PretrainedConfig) -> bool:
-    blocks = moe_blocks(build_meta_model(model_config))  # meta device: no memory, no weights
-    return any(getattr(block.router, "e_score_correction_bias", None) is not None for block in blocks)
-
-
-def _check_experts(cfg: Config, model_config: PretrainedConfig, dims: ParallelDims) -> None:
+def _check_experts(cfg: Config, model: nn.Module, dims: ParallelDims) -> None:
+    model_config, blocks = model.config, moe_blocks(model)
     if cfg.moe.bias_update_rate < 0:
         raise ConfigError(f"moe.bias_update_rate={cfg.moe.bias_update_rate}: must be >= 0")
-    if cfg.moe.bias_update_rate > 0 and not _has_correction_bias(model_config):
+    if cfg.moe.bias_update_rate > 0 and not any(getattr(block.router, "e_score_correction_bias", None) is not None
+                                                for block in blocks):
         raise ConfigError("moe.bias_update_rate: aux-loss-free balancing needs routers with an "
                           "e_score_correction_bias (e.g. deepseek_v3); set it to 0 for this model")
     if getattr(model_config, "output_router_logits", False) and dims.pp > 1:
@@ -156,7 +155,6 @@ def _check_experts(cfg: Config, model_config: PretrainedConfig, dims: ParallelDi
         raise ConfigError(f"parallel.ep={dims.ep}: must divide the model's {experts} experts")
     from moe.expert_parallel import check_expert_parallel_support
 
-    blocks = moe_blocks(build_meta_model(model_config))  # meta device: no memory, no weights
     if not blocks:
         raise ConfigError(f"parallel.ep={dims.ep}: {model_config.model_type}'s experts are not transformers' fused "
                           "experts modules (gate_up_proj/up_proj + down_proj); set parallel.ep=1")

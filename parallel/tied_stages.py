@@ -42,6 +42,11 @@ class TiedAcrossStages:
         self.last = last
         self.group = group
 
+    @property
+    def uncounted(self) -> list[nn.Parameter]:
+        """The copy a gradient norm must leave out: the weight is counted once, on the first stage."""
+        return [self.last] if self.last is not None else []
+
     def copy_first_to_last(self) -> None:
         """Makes the last stage's copy equal the first's (a collective over the first/last group),
         whatever each was initialised or loaded with."""

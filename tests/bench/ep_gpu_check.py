@@ -211,7 +211,8 @@ def check_expert_parallel(quick: bool = False) -> list[dict[str, Any]]:
             return json.load(f)
 
 
-def _print_table(rows: list[dict[str, Any]]) -> None:
+def print_table(rows: list[dict[str, Any]]) -> None:
+    """Rows of dicts as a markdown table (the union of their keys as columns)."""
     keys = list(dict.fromkeys(k for row in rows for k in row))
     print("| " + " | ".join(keys) + " |")
     print("|" + "---|" * len(keys))
@@ -234,7 +235,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"ep_gpu_check: skipped ({reason})")
         return 0
     rows = check_expert_parallel(args.quick)
-    _print_table(rows)
+    print_table(rows)
     os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
     with open(args.out, "w") as f:
         json.dump(rows, f, indent=2)

@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from tests.bench.ep_gpu_check import check_expert_parallel
+from tests.bench.ep_gpu_check import check_expert_parallel, print_table
 
 MiB = 2 ** 20
 
@@ -222,14 +222,8 @@ def check_training(quick: bool, out_dir: str) -> list[dict[str, Any]]:
 
 def _print_rows(title: str, rows: list[dict[str, Any]]) -> None:
     print(f"\n## {title}")
-    if not rows:
-        return
-    keys = list(dict.fromkeys(k for row in rows for k in row))
-    print("| " + " | ".join(keys) + " |")
-    print("|" + "---|" * len(keys))
-    for row in rows:
-        cells = [f"{v:.3f}" if isinstance(v, float) else str(v) for v in (row.get(k, "") for k in keys)]
-        print("| " + " | ".join(cells) + " |", flush=True)
+    if rows:
+        print_table(rows)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -8,17 +8,21 @@ from __future__ import annotations
 import importlib.util
 import os
 
+import torch
 from torch import nn
 from transformers import PretrainedConfig
 
 from harness.checkpoint import check_checkpoint, start_point
 from harness.config import AcMode, Config, ConfigError
 from harness.data_checks import check_corpus, check_data_config
+from harness.loss import token_loss_sum
 from harness.model_parts import check_pipeline_support, decoder_layers, expert_count, moe_blocks
 from harness.models import build_meta_model, check_weights, load_config as load_model_config
 from harness.plan import Plan
 from harness.run_folder import RunFolder, run_folder
 from harness.run_identity import first_difference, read_identity, run_identity
+from parallel.ac_budget import BudgetPlan, StepShape, choose_plan
+from parallel.fsdp import mixed_precision_policy
 from parallel.mesh import ParallelDims
 from parallel.pipeline import validate_pipeline
 
@@ -54,6 +58,7 @@ def validate(cfg: Config, world_size: int) -> Plan:
                 layers_per_stage=p.pp_layers_per_stage, local_batch_size=cfg.train.micro_batch_size)
         except ValueError as e:
             raise ConfigError(str(e)) from None
+    ac_budget = _check_activation_checkpointing(cfg, dims, model)
     _check_checkpoint(cfg, folder, model_config)
     check_corpus(cfg)  # last: it may tokenize the whole source
     # Under pipeline parallel a stage runs several microbatches back to back; resharding after
@@ -62,13 +67,45 @@ def validate(cfg: Config, world_size: int) -> Plan:
     return Plan(dims=dims, ac_mode=_ac_mode(cfg.ac.mode), micro_batch_size=cfg.train.micro_batch_size,
                 grad_accumulation=cfg.train.global_batch_size // (cfg.train.micro_batch_size * dims.dp),
                 pp_microbatches=pp_microbatches, pp_stages_per_rank=stages_per_rank, reshard_after_forward=reshard,
-                folder=folder)
+                folder=folder, ac_budget=ac_budget)
 
 
 def _ac_mode(mode: AcMode | bool) -> AcMode:
     if isinstance(mode, bool):
         return "full" if mode else "none"
     return mode
+
+
+def _check_activation_checkpointing(cfg: Config, dims: ParallelDims, model: nn.Module) -> BudgetPlan | None:
+    """The per-layer plan of ac.mode=budget (None for the uniform modes), predicted here on fake
+    tensors, so that a budget no plan meets is refused before any worker starts."""
+    mode, budget = _ac_mode(cfg.ac.mode), cfg.ac.budget_mib
+    if mode != "budget":
+        if budget is not None:
+            raise ConfigError(f"ac.budget_mib={budget:g}: only ac.mode=budget reads it (ac.mode is {mode}); "
+                              "set --ac.mode=budget or unset ac.budget_mib")
+        return None
+    if budget is None:
+        raise ConfigError("ac.budget_mib: ac.mode=budget needs the per-rank activation memory to fit; "
+                          "set e.g. --ac.budget_mib=4096")
+    if budget <= 0:
+        raise ConfigError(f"ac.budget_mib={budget:g}: must be > 0 (MiB of activation memory per rank)")
+    if dims.pp > 1:
+        raise ConfigError("ac.mode=budget: not supported under pipeline parallel (a stage holds several "
+                          "microbatches at once); use parallel.pp=1 or another ac.mode")
+    if cfg.train.compile:
+        raise ConfigError("ac.mode=budget: the plan is predicted for eager layers; set train.compile=false "
+                          "or use another ac.mode")
+    # What the workers will run: CUDA computes in FSDP's bf16, CPU in the parameters' fp32.
+    device_type = "cuda" if torch.cuda.is_available() else "cpu"
+    shape = StepShape(rows=cfg.train.micro_batch_size, seq_len=cfg.train.seq_len,
+                      dtype=mixed_precision_policy(device_type).param_dtype or torch.float32, device_type=device_type)
+    try:
+        return choose_plan(model, decoder_layers(model), int(budget * 2**20), shape, token_loss_sum)
+    except ValueError as e:
+        raise ConfigError(f"ac.budget_mib={budget:g}: too small for train.micro_batch_size={shape.rows} x "
+                          f"train.seq_len={shape.seq_len}: {e}; raise ac.budget_mib or lower the micro batch "
+                          "or sequence length") from None
 
 
 def _check_positive(cfg: Config) -> None:

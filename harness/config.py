@@ -20,7 +20,7 @@ from parallel.pipeline import ScheduleName
 
 # The closed sets of values a recipe may name. parallel/ and moe/ keep their own tables of what
 # they implement (they never import harness); tests/test_config_validation.py checks they agree.
-AcMode = Literal["none", "full", "selective", "submodule"]
+AcMode = Literal["none", "full", "selective", "submodule", "budget"]
 ModelPreset = Literal["llama", "qwen3_moe", "mixtral", "deepseek_v3"]
 DispatcherName = Literal["alltoall", "deepep", "hybridep"]
 
@@ -101,7 +101,10 @@ class ParallelConfig:
 
 @dataclass
 class ACConfig:
-    mode: bool | AcMode = option("none", "activation checkpointing; true = full, false = none")
+    mode: bool | AcMode = option("none", "activation checkpointing; true = full, false = none; budget = none, "
+                                         "selective or full per layer to fit ac.budget_mib")
+    budget_mib: float | None = option(None, "ac.mode=budget: per-rank activation memory (MiB) of one training "
+                                            "forward and backward that the per-layer plan must fit")
 
 
 @dataclass

@@ -12,6 +12,7 @@ from typing import Any
 
 from harness.config import AcMode, Config
 from harness.run_folder import RunFolder
+from parallel.ac_budget import BudgetPlan
 from parallel.mesh import ParallelDims
 
 
@@ -25,6 +26,7 @@ class Plan:
     pp_stages_per_rank: int  # pipeline stages each rank holds (1 without pipeline parallel)
     reshard_after_forward: bool  # FSDP2: free gathered parameters after each forward
     folder: RunFolder  # where the run's metrics, plot, checkpoints and recipe copy go
+    ac_budget: BudgetPlan | None = None  # ac_mode "budget": each decoder layer's mode, and the predicted peak
 
     @property
     def pipeline_microbatch_size(self) -> int:

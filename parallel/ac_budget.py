@@ -30,6 +30,9 @@ from torch.utils.flop_counter import flop_registry, sdpa_flop_count
 from parallel.activation_checkpointing import (_layer_slots, apply_activation_checkpointing,
                                                make_selective_checkpoint_context_fn)
 
+# The recipe's name of this mode, next to `activation_checkpointing.AC_MODES`'s uniform ones.
+BUDGET_MODE = "budget"
+
 # The modes a budget plan picks from, from most to least activation memory kept.
 BUDGET_MODES = ("none", "selective", "full")
 

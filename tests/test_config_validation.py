@@ -57,6 +57,14 @@ CASES = [
      "parallel.pp_stages_per_rank=-1"),
     (["--checkpoint.dir=ck", "--checkpoint.every=0"], 1, "checkpoint.every=0"),
     (["--checkpoint.keep=0"], 1, "checkpoint.keep=0"),
+    (["--ac.mode=budget"], 1, "ac.budget_mib: ac.mode=budget needs"),
+    (["--ac.mode=budget", "--ac.budget_mib=0"], 1, "ac.budget_mib=0: must be > 0"),
+    (["--ac.mode=budget", "--ac.budget_mib=-5"], 1, "ac.budget_mib=-5: must be > 0"),
+    (["--ac.mode=selective", "--ac.budget_mib=100"], 1, "ac.budget_mib=100: only ac.mode=budget reads it"),
+    (["--ac.mode=budget", "--ac.budget_mib=100", "--parallel.pp=2", "--parallel.dp_shard=1"], 2,
+     "ac.mode=budget: not supported under pipeline parallel"),
+    (["--ac.mode=budget", "--ac.budget_mib=100", "--train.compile=true"], 1, "ac.mode=budget: the plan is predicted"),
+    (["--ac.mode=budget", "--ac.budget_mib=0.01"], 1, "ac.budget_mib=0.01: too small"),
 ]
 
 
@@ -117,10 +125,11 @@ def test_tensorboard_dir_without_tensorboard_says_how_to_install(tmp_path):
 
 def test_recipe_choices_match_what_the_packages_implement():
     from moe.dispatch import DISPATCHERS
+    from parallel.ac_budget import BUDGET_MODE
     from parallel.activation_checkpointing import AC_MODES
     from parallel.pipeline import SCHEDULES
 
-    assert typing.get_args(AcMode) == AC_MODES
+    assert typing.get_args(AcMode) == (*AC_MODES, BUDGET_MODE)
     assert typing.get_args(DispatcherName) == DISPATCHERS
     assert typing.get_args(typing.get_type_hints(ParallelConfig)["pp_schedule"]) == SCHEDULES
 

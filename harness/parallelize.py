@@ -14,6 +14,7 @@ from harness.config import Config
 from harness.materialize import WeightSource, materialize
 from harness.plan import Plan
 from harness.model_parts import decoder_layers, expert_count, moe_blocks
+from parallel.ac_budget import apply_budget_plan
 from parallel.activation_checkpointing import apply_activation_checkpointing
 from parallel.compile import compile_layers, compile_unavailable_reason
 from parallel.fsdp import apply_fsdp
@@ -39,8 +40,11 @@ def parallelize(module: nn.Module, *, cfg: Config, plan: Plan, meshes: ParallelM
     # Like TorchTitan's DeepSeek-V3 parallelize: the MoE package names its own communication
     # ops, which selective AC saves on top of torch's.
     compile_blocks = cfg.train.compile and compile_unavailable_reason(device.type) is None
-    apply_activation_checkpointing(module, layers, plan.ac_mode, extra_save_ops=moe_save_ops,
-                                   enable_compile=compile_blocks)
+    if plan.ac_budget is not None:
+        apply_budget_plan(module, layers, plan.ac_budget.layer_modes, extra_save_ops=moe_save_ops)
+    else:
+        apply_activation_checkpointing(module, layers, plan.ac_mode, extra_save_ops=moe_save_ops,
+                                       enable_compile=compile_blocks)
     if compile_blocks:
         compile_layers(module, layers)
     block_list = list(layers.values()) if isinstance(layers, nn.ModuleDict) else list(layers)

@@ -53,8 +53,9 @@ def startup_summary(cfg: Config, plan: Plan, model_config: PretrainedConfig, mod
         lines.append(f"pipeline: {p.pp_schedule}, {plan.pp_microbatches} microbatches per micro batch")
         lines += [f"  rank {rank}: " + " | ".join(s) for rank, s in enumerate(per_rank)
                   if rank in dims.rank_groups()["pp"][0]]
-    lines.append(f"activation checkpointing: {plan.ac_mode}")
-    if plan.ac_mode == "selective":
+    ac = plan.ac_budget.describe() if plan.ac_budget is not None else plan.ac_mode
+    lines.append(f"activation checkpointing: {ac}")
+    if plan.ac_mode == "selective" or (plan.ac_budget is not None and "selective" in plan.ac_budget.layer_modes):
         from moe.ops import SAC_SAVE_OPS as moe_save_ops  # what harness/parallelize.py hands the AC module under EP
 
         extra = moe_save_ops if dispatcher is not None else ()

@@ -12,7 +12,10 @@ mask kinds, logit scales and soft-caps) is not re-implemented here:
   zeros and swaps the hidden states it received in at the input of its first module, so
   post-embedding scaling is not applied twice;
 - the last stage runs the causal LM's forward (head and logit processing) and returns logits;
-  the others run the base model and return its last hidden state.
+  the others run the base model and return its last hidden state;
+- with HF's router aux loss on, every stage also hands on the router statistics of the layers
+  so far (`moe.balance.router_statistics`), from which the last stage's loss takes the aux loss
+  of the whole model.
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
 
 from harness import model_parts
+from moe.balance import router_statistics
 from parallel.pipeline import PipelinePlan, stage_ids_for_rank
 from parallel.pipeline_split import EMBEDDINGS, FINAL_NORM, LM_HEAD, layer_name
 from parallel.tied_stages import TiedAcrossStages, first_last_stage_group
@@ -37,6 +41,7 @@ class _StageRole:
     takes_ids: bool  # owns the embeddings
     returns_logits: bool  # owns the head
     entry: str  # where received hidden states enter: "layer:<i>", "norm" or "head"
+    router_stats: tuple[int, int] | None  # (experts, top-k) when stages carry router statistics
 
 
 def _entry_module(stage: nn.Module, entry: str) -> nn.Module:
@@ -51,7 +56,8 @@ def _swap_in(received: torch.Tensor, module: nn.Module, args: tuple, kwargs: dic
     return args, {**kwargs, "hidden_states": received}
 
 
-def _stage_forward(self: nn.Module, inputs: torch.Tensor) -> torch.Tensor:
+def _stage_forward(self: nn.Module, inputs: torch.Tensor,
+                   received_stats: torch.Tensor | None = None) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     role: _StageRole = self._pipeline_stage_role
     if role.takes_ids:
         kwargs, hook = {"input_ids": inputs}, None
@@ -61,11 +67,21 @@ def _stage_forward(self: nn.Module, inputs: torch.Tensor) -> torch.Tensor:
             lambda module, args, kw: _swap_in(inputs, module, args, kw), with_kwargs=True)
     try:
         if role.returns_logits:
-            return type(self).forward(self, **kwargs, use_cache=False).logits
-        return model_parts.base_model(self)(**kwargs, use_cache=False).last_hidden_state
+            outputs = type(self).forward(self, **kwargs, use_cache=False)
+            result = outputs.logits
+        else:
+            outputs = model_parts.base_model(self)(**kwargs, use_cache=False)
+            result = outputs.last_hidden_state
     finally:
         if hook is not None:
             hook.remove()
+    if role.router_stats is None:
+        return result
+    stats = router_statistics(tuple(outputs.router_logits or ()), *role.router_stats).to(result.device)
+    if received_stats is None:
+        # A leaf that asks for gradients: the schedule sends every stage output's gradient back.
+        received_stats = torch.zeros_like(stats, requires_grad=True)
+    return result, received_stats + stats
 
 
 def _prune(causal_lm: nn.Module, module_names: list[str]) -> _StageRole:
@@ -85,7 +101,10 @@ def _prune(causal_lm: nn.Module, module_names: list[str]) -> _StageRole:
         causal_lm.lm_head = None
     entry = f"layer:{kept[0]}" if kept else "norm" if FINAL_NORM in owned else "head"
     assert inner is model_parts.base_model(causal_lm)
-    return _StageRole(takes_ids=EMBEDDINGS in owned, returns_logits=LM_HEAD in owned, entry=entry)
+    config = causal_lm.config
+    stats = ((model_parts.expert_count(config), model_parts.experts_per_token(config))
+             if getattr(config, "output_router_logits", False) else None)
+    return _StageRole(takes_ids=EMBEDDINGS in owned, returns_logits=LM_HEAD in owned, entry=entry, router_stats=stats)
 
 
 def stage_builder(model: nn.Module) -> Callable[[list[str]], nn.Module]:
@@ -119,3 +138,13 @@ def tied_embedding_copies(model: nn.Module, pipeline: PipelinePlan, world: Devic
                             group=first_last_stage_group(world, last_rank))
     tied.copy_first_to_last()
     return tied
+
+
+def carried_examples(model: nn.Module) -> tuple[torch.Tensor, ...]:
+    """Meta examples of what stages hand on besides hidden states: the router statistics when
+    HF's router aux loss is on, else nothing."""
+    config = model.config
+    if not getattr(config, "output_router_logits", False):
+        return ()
+    experts = model_parts.expert_count(config)
+    return (torch.empty(2, experts + 1, dtype=torch.float32, device="meta", requires_grad=True),)

@@ -8,6 +8,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import partial
+from typing import TYPE_CHECKING
 
 import torch
 import torch.distributed as dist
@@ -24,7 +25,7 @@ from harness.flops import flops_per_token, peak_flops_per_rank
 from harness.loss import count_tokens, token_loss_sum
 from harness.memory import peak_mib, state_mib
 from harness.metrics import MetricsLog, report_outputs
-from harness.model_parts import decoder_layers, moe_blocks
+from harness.model_parts import decoder_layers, expert_count, moe_blocks
 from harness.models import build_meta_model, load_config as load_model_config, weight_source
 from harness.parallelize import parallelize
 from harness.plan import Plan, resolved_recipe
@@ -33,11 +34,14 @@ from harness.run_folder import save_recipe
 from harness.run_identity import IDENTITY_FILE, identity_file_text, run_identity
 from harness.schedule import lr_factor
 from harness.summary import startup_summary
-from moe.balance import aux_loss_term, update_expert_bias
+from moe.balance import aux_loss_term, switch_aux_loss, update_expert_bias
 from moe.load_meter import ExpertLoadMeter, expert_load_row
 from parallel.fsdp import mixed_precision_policy
 from parallel.grad_clip import clip_grad_norm_
 from parallel.tied_stages import TiedAcrossStages
+
+if TYPE_CHECKING:
+    from parallel.pipeline import PipelinePlan
 
 logger = logging.getLogger(__name__)
 
@@ -54,6 +58,32 @@ class GlobalTokenLoss:
 
     def __call__(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         return token_loss_sum(logits, labels) / self.global_tokens
+
+
+class LastStageAuxLoss:
+    """The last pipeline stage's loss with HF's router aux loss on: the token loss plus the aux
+    loss of the router statistics every stage added to, scaled as `aux_loss_term` scales it over
+    the step's `num_terms` microbatch forwards (all ranks). The token losses are kept apart: they
+    are what the step reports."""
+
+    def __init__(self, token_loss: GlobalTokenLoss, config, num_terms: int) -> None:
+        self.token_loss, self.num_terms = token_loss, num_terms
+        self.coefficient, self.num_experts = config.router_aux_loss_coef, expert_count(config)
+        self.token_losses: list[torch.Tensor] = []
+
+    def __call__(self, output: tuple[torch.Tensor, torch.Tensor], labels: torch.Tensor) -> torch.Tensor:
+        logits, router_stats = output
+        loss = self.token_loss(logits, labels)
+        self.token_losses.append(loss.detach())
+        return loss + self.coefficient * switch_aux_loss(router_stats, self.num_experts) / self.num_terms
+
+    def step(self, pipeline: PipelinePlan, inputs: torch.Tensor, labels: torch.Tensor) -> torch.Tensor | None:
+        """`pipeline.step`, returning the token loss alone."""
+        pipeline.step(inputs, labels)
+        if not pipeline.has_last_stage:
+            return None
+        losses, self.token_losses = self.token_losses, []
+        return torch.stack(losses).sum()
 
 
 @dataclass
@@ -104,17 +134,22 @@ def build_run(cfg: Config, plan: Plan) -> Run:
     loss_fn = GlobalTokenLoss()
     t = cfg.train
     if dims.pp > 1:
-        from harness.pipeline_stage import stage_builder, tied_embedding_copies
+        from harness.pipeline_stage import carried_examples, stage_builder, tied_embedding_copies
         from parallel.pipeline import pipeline_model
 
         p = cfg.parallel
+        carried = carried_examples(model)
+        aux_loss = (LastStageAuxLoss(loss_fn, model_config, t.global_batch_size // plan.pipeline_microbatch_size)
+                    if carried else None)
         pipeline = pipeline_model(stage_builder(model), len(decoder_layers(model)), meshes.pp,
                                   schedule=p.pp_schedule, n_microbatches=plan.pp_microbatches,
                                   stages_per_rank=plan.pp_stages_per_rank, layers_per_stage=p.pp_layers_per_stage,
-                                  parallelize_fn=parallelize_fn, device=device, loss_fn=loss_fn,
+                                  parallelize_fn=parallelize_fn, device=device, loss_fn=aux_loss or loss_fn,
                                   microbatch_shape=(plan.pipeline_microbatch_size, t.seq_len),
-                                  activation_dtype=mixed_precision_policy(device.type).param_dtype or torch.float32)
-        modules, forward_backward = list(pipeline.stage_modules), pipeline.step
+                                  activation_dtype=mixed_precision_policy(device.type).param_dtype or torch.float32,
+                                  carried=carried)
+        modules = list(pipeline.stage_modules)
+        forward_backward = partial(aux_loss.step, pipeline) if aux_loss is not None else pipeline.step
         tied = tied_embedding_copies(model, pipeline, meshes.world, p.pp_schedule, plan.pp_stages_per_rank)
     else:
         parallelize_fn(model)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import sys
 
 import torch
 from torch import nn
@@ -16,11 +17,12 @@ from harness.checkpoint import check_checkpoint, start_point
 from harness.config import AcMode, Config, ConfigError
 from harness.data_checks import check_corpus, check_data_config
 from harness.loss import token_loss_sum
-from harness.model_parts import check_pipeline_support, decoder_layers, expert_count, moe_blocks
+from harness.model_parts import check_pipeline_support, decoder_layers, expert_count, experts_per_token, moe_blocks
 from harness.models import build_meta_model, check_weights, load_config as load_model_config
 from harness.plan import Plan
 from harness.run_folder import RunFolder, run_folder
 from harness.run_identity import first_difference, read_identity, run_identity
+from moe.balance import splits_over_stages
 from parallel.ac_budget import BudgetPlan, StepShape, choose_plan
 from parallel.fsdp import mixed_precision_policy
 from parallel.mesh import ParallelDims
@@ -181,8 +183,12 @@ def _check_experts(cfg: Config, model: nn.Module, dims: ParallelDims) -> None:
         raise ConfigError("moe.bias_update_rate: aux-loss-free balancing needs routers with an "
                           "e_score_correction_bias (e.g. deepseek_v3); set it to 0 for this model")
     if getattr(model_config, "output_router_logits", False) and dims.pp > 1:
-        raise ConfigError("model.overrides.output_router_logits: the auxiliary loss is not supported under "
-                          "pipeline parallel; use parallel.pp=1 or aux-loss-free balancing")
+        family_loss = getattr(sys.modules[type(model).__module__], "load_balancing_loss_func", None)
+        if family_loss is None or not splits_over_stages(family_loss, expert_count(model_config),
+                                                         experts_per_token(model_config)):
+            raise ConfigError(f"model.overrides.output_router_logits: {model_config.model_type}'s router aux loss "
+                              "is not HF's switch loss, which pipeline stages compute from per-stage statistics; "
+                              "use parallel.pp=1 or aux-loss-free balancing")
     if dims.ep == 1:
         return
     experts = expert_count(model_config)

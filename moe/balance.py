@@ -2,6 +2,10 @@
 
 Auxiliary loss: HF's own. With `config.output_router_logits = True` the model returns
 `outputs.aux_loss` (unscaled, over the tokens this forward saw); `aux_loss_term` scales it.
+HF's switch loss couples every layer of a forward (picks summed over all layers times
+probabilities summed over all layers), so under pipeline parallel each stage adds its layers'
+`router_statistics` to those it received and the last stage takes `switch_aux_loss` of the
+total; the probabilities' gradient flows back through the stages with the activations.
 
 Aux-loss-free (DeepSeek-V3): the router's `e_score_correction_bias` biases expert selection
 only. Tokens per expert are counted at the experts' input (any layout: one process, FSDP,
@@ -11,6 +15,7 @@ distinct tokens; then bias += rate * sign(mean - count).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -29,6 +34,43 @@ def aux_loss_term(outputs, config: PretrainedConfig, num_loss_terms: int) -> tor
     if outputs.aux_loss is None:
         raise ValueError("model returned no aux_loss: set config.output_router_logits = True")
     return config.router_aux_loss_coef * outputs.aux_loss / num_loss_terms
+
+
+def router_statistics(router_logits: tuple[torch.Tensor, ...], num_experts: int, top_k: int) -> torch.Tensor:
+    """[2, num_experts + 1] float32 sums over these layers' router rows: row 0 the routing
+    probability per expert (differentiable), row 1 the top-k picks per expert then the rows."""
+    stats = torch.zeros(2, num_experts + 1, dtype=torch.float32,
+                        device=router_logits[0].device if router_logits else None)
+    for logits in router_logits:
+        probs = torch.softmax(logits.float(), dim=-1)
+        picks = torch.zeros(num_experts, dtype=torch.float32, device=probs.device)
+        picks.scatter_add_(0, torch.topk(probs, top_k, dim=-1).indices.flatten(),
+                           torch.ones(probs.shape[0] * top_k, device=probs.device))
+        rows = torch.tensor([float(probs.shape[0])], device=probs.device)
+        stats = stats + torch.stack([torch.cat([probs.sum(dim=0), rows.new_zeros(1)]),
+                                     torch.cat([picks, rows])])
+    return stats
+
+
+def switch_aux_loss(stats: torch.Tensor, num_experts: int) -> torch.Tensor:
+    """HF's `load_balancing_loss_func` (no attention mask) from summed `router_statistics`:
+    num_experts * sum_e (picks_e / rows) * (probability_e / rows)."""
+    probs, picks, rows = stats[0, :-1], stats[1, :-1].detach(), stats[1, -1].detach()
+    return num_experts * torch.sum(picks / rows * probs / rows)
+
+
+def splits_over_stages(family_loss: Callable, num_experts: int, top_k: int) -> bool:
+    """Whether a family's own aux loss function equals `switch_aux_loss` of statistics summed
+    over groups of layers (checked on random logits, so a family with its own variant is refused
+    under pipeline parallel rather than trained on another loss)."""
+    generator = torch.Generator().manual_seed(0)
+    logits = tuple(torch.randn(7, num_experts, generator=generator) for _ in range(3))
+    try:
+        expected = torch.as_tensor(family_loss(logits, num_experts, top_k, None), dtype=torch.float32)
+    except (TypeError, ValueError, RuntimeError):
+        return False
+    split = router_statistics(logits[:1], num_experts, top_k) + router_statistics(logits[1:], num_experts, top_k)
+    return bool(torch.allclose(expected, switch_aux_loss(split, num_experts), rtol=1e-5, atol=1e-7))
 
 
 def is_recomputing() -> bool:

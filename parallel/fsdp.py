@@ -8,6 +8,7 @@ as dense ones.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Iterable
 
 import torch
@@ -45,8 +46,11 @@ def apply_fsdp(model: nn.Module, layers: Iterable[nn.Module], mesh: DeviceMesh, 
     for layer in layers:
         fully_shard(layer, mesh=mesh, mp_policy=policy, reshard_after_forward=reshard_after_forward)
     # The root keeps its parameters (embeddings, final norm, lm_head) gathered after forward:
-    # backward needs them again at once.
-    fully_shard(model, mesh=mesh, mp_policy=policy, reshard_after_forward=False)
+    # backward needs them again at once. Its inputs stay as they come: token ids, hidden states
+    # already in the compute dtype, and statistics a pipeline stage carries in float32 (counts
+    # past 256 are not exact in bf16).
+    fully_shard(model, mesh=mesh, mp_policy=dataclasses.replace(policy, cast_forward_inputs=False),
+                reshard_after_forward=False)
     for module in model.modules():
         if isinstance(module, FSDPModule):
             module.set_gradient_divide_factor(1.0)

@@ -124,16 +124,19 @@ class PipelinePlan:
 
 
 def _stage_io(config, stage_id: int, num_stages: int, microbatch_shape: tuple[int, int],
-              dtype: torch.dtype) -> dict[str, torch.Tensor]:
-    """Meta examples of a stage's input (token ids or hidden states) and output (hidden or logits)."""
+              dtype: torch.dtype, carried: tuple[torch.Tensor, ...]) -> dict[str, torch.Tensor | tuple[torch.Tensor, ...]]:
+    """Meta examples of a stage's input (token ids or hidden states) and output (hidden or
+    logits), each followed by the `carried` tensors except the first stage's input."""
     rows, seq = microbatch_shape
     meta = torch.device("meta")
     # requires_grad tells the stage that gradients flow back through these tensors.
     hidden = torch.empty(rows, seq, config.hidden_size, dtype=dtype, device=meta, requires_grad=True)
     ids = torch.empty(rows, seq, dtype=torch.long, device=meta)
     logits = torch.empty(rows, seq, config.vocab_size, dtype=dtype, device=meta, requires_grad=True)
-    return {"input_args": ids if stage_id == 0 else hidden,
-            "output_args": logits if stage_id == num_stages - 1 else hidden}
+    received = ids if stage_id == 0 else hidden
+    sent = logits if stage_id == num_stages - 1 else hidden
+    return {"input_args": (received, *carried) if carried and stage_id > 0 else received,
+            "output_args": (sent, *carried) if carried else sent}
 
 
 def pipeline_model(build_stage: Callable[[list[str]], nn.Module], num_layers: int, pp_mesh: DeviceMesh, *,
@@ -141,13 +144,18 @@ def pipeline_model(build_stage: Callable[[list[str]], nn.Module], num_layers: in
                    stages_per_rank: int | None, layers_per_stage: LayerSpec,
                    parallelize_fn: Callable[[nn.Module], None], device: torch.device | str,
                    loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
-                   microbatch_shape: tuple[int, int], activation_dtype: torch.dtype = torch.float32) -> PipelinePlan:
+                   microbatch_shape: tuple[int, int], activation_dtype: torch.dtype = torch.float32,
+                   carried: tuple[torch.Tensor, ...] = ()) -> PipelinePlan:
     """Build this rank's stages (`build_stage(module names)`, normally on meta, for a model of
-    `num_layers` decoder layers), parallelize them, and build the schedule. `loss_fn(logits, labels)` is the microbatch's share of the step loss.
+    `num_layers` decoder layers), parallelize them, and build the schedule. `loss_fn(output,
+    labels)` is the microbatch's share of the step loss, where `output` is the last stage's
+    logits, or a tuple of them and the `carried` tensors.
 
     `microbatch_shape` (rows, seq_len) and `activation_dtype` describe what travels between
     stages up front: without them torch infers it by running the first microbatch through an
-    extra forward and backward, which side effects (expert load counts) would see."""
+    extra forward and backward, which side effects (expert load counts) would see. `carried`:
+    meta examples of tensors each stage hands the next after its hidden states, with gradients
+    flowing back (statistics a loss at the end needs from every stage)."""
     pp, rank = pp_mesh.size(), pp_mesh.get_local_rank()
     per_rank = _validate_layout(num_layers, pp, schedule, stages_per_rank, n_microbatches, layers_per_stage)
     num_stages = pp * per_rank
@@ -158,7 +166,8 @@ def pipeline_model(build_stage: Callable[[list[str]], nn.Module], num_layers: in
         parallelize_fn(module)
     group = pp_mesh.get_group()
     stages = [PipelineStage(module, stage_id, num_stages, torch.device(device), group=group,
-                            **_stage_io(module.config, stage_id, num_stages, microbatch_shape, activation_dtype))
+                            **_stage_io(module.config, stage_id, num_stages, microbatch_shape, activation_dtype,
+                                          carried))
               for module, stage_id in zip(modules, stage_ids)]
     schedule_class = get_schedule_class(schedule)
     if schedule in SINGLE_STAGE:

@@ -65,7 +65,7 @@ def reference_run(cfg: Config) -> tuple[list[float], list[float], dict[str, torc
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, t))
     sampler = BatchSampler(load_tokens(cfg.data), t.seq_len, t.global_batch_size, t.seed)
     loads = _count_expert_loads(model)
-    chunk = t.micro_batch_size if getattr(model.config, "output_router_logits", False) else None
+    chunk = _aux_loss_rows(cfg) if getattr(model.config, "output_router_logits", False) else None
     losses, grad_norms = [], []
     for step in range(t.steps):
         loss, grad_norm = reference_step(model, optimizer, *sampler.global_batch(step), t.max_grad_norm, chunk)
@@ -75,6 +75,13 @@ def reference_run(cfg: Config) -> tuple[list[float], list[float], dict[str, torc
         losses.append(loss)
         grad_norms.append(grad_norm)
     return losses, grad_norms, {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def _aux_loss_rows(cfg: Config) -> int:
+    """Rows per forward the trainer takes HF's aux loss over: a micro batch, or under pipeline
+    parallel one pipeline microbatch of it."""
+    p = cfg.parallel
+    return cfg.train.micro_batch_size // (p.pp_microbatches or p.pp) if p.pp > 1 else cfg.train.micro_batch_size
 
 
 def _count_expert_loads(model: torch.nn.Module) -> dict[torch.nn.Module, torch.Tensor]:

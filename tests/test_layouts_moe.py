@@ -34,7 +34,14 @@ def test_expert_parallel_layout_matches_single_process(world_size, layout):
          "--model.overrides.output_router_logits=true", "--model.overrides.router_aux_loss_coef=0.1", STEADY_SEED]),
     (2, ["--model.preset=deepseek_v3", "--parallel.dp_shard=2", "--parallel.ep=2", "--moe.bias_update_rate=0.01",
          "--ac.mode=selective"]),
-], ids=["qwen3_moe-aux-loss", "deepseek_v3-aux-free-bias-sac"])
+    # HF's aux loss couples every layer's router: the stages carry its statistics to the last one.
+    (2, ["--model.preset=qwen3_moe", "--parallel.pp=2", "--parallel.pp_microbatches=2", "--ac.mode=selective",
+         "--model.overrides.output_router_logits=true", "--model.overrides.router_aux_loss_coef=0.1", STEADY_SEED]),
+    (4, ["--model.preset=mixtral", "--parallel.pp=2", "--parallel.pp_schedule=Interleaved1F1B",
+         "--parallel.dp_shard=2", "--parallel.ep=2", "--ac.mode=full",
+         "--model.overrides.output_router_logits=true", "--model.overrides.router_aux_loss_coef=0.1", STEADY_SEED]),
+], ids=["qwen3_moe-aux-loss", "deepseek_v3-aux-free-bias-sac", "qwen3_moe-pp2-aux-loss-sac",
+        "mixtral-pp2-interleaved-ep2-aux-loss-full-ac"])
 def test_load_balancing_matches_single_process(world_size, layout):
     cfg = tiny_config(*layout)
     assert_matches_reference(run_ranks(train_layout, world_size, cfg), reference_run(cfg))

@@ -9,12 +9,18 @@ uses the counts of every rank: all ranks end with the bias the global routing im
 
 from __future__ import annotations
 
+import importlib
+import os
+
+import pytest
 import torch
 import torch.distributed as dist
+import transformers
 
 from harness.loss import token_loss_sum
 from harness.models import load_config, reference_model
-from moe.balance import aux_loss_term, update_expert_bias
+from moe.balance import aux_loss_term, router_statistics, splits_over_stages, switch_aux_loss, update_expert_bias
+from tests.families import decoder_only_families
 from tests.moe_common import SEED, batch, canonical, ep_model, full_grads
 from tests.layout_run import assert_matches_reference, train_layout
 from tests.multiproc import run_ranks
@@ -49,6 +55,49 @@ def _aux_loss(rank: int, world: int) -> tuple[float, float]:
 def test_hf_aux_loss_matches_single_process() -> None:
     loss_diff, grad_diff = run_ranks(_aux_loss, 2)[0]
     assert loss_diff < 1e-6 and grad_diff < 1e-5, (loss_diff, grad_diff)
+
+
+def _families_with_switch_loss() -> list[str]:
+    """Decoder-only families whose modeling module defines HF's `load_balancing_loss_func`."""
+    root = os.path.join(os.path.dirname(transformers.__file__), "models")
+    found = []
+    for family in decoder_only_families():
+        path = os.path.join(root, family, f"modeling_{family}.py")
+        if os.path.exists(path) and "def load_balancing_loss_func(" in open(path).read():
+            found.append(family)
+    return found
+
+
+# Families whose function of that name is another loss (Doge's takes its own router outputs):
+# validation refuses their aux loss under pipeline parallel.
+OTHER_AUX_LOSSES = {"doge"}
+
+
+@pytest.mark.parametrize("family", _families_with_switch_loss())
+def test_router_statistics_split_the_family_aux_loss(family: str) -> None:
+    """Any split of the layers into stages gives the family's own aux loss and its gradients."""
+    family_loss = importlib.import_module(f"transformers.models.{family}.modeling_{family}").load_balancing_loss_func
+    experts, top_k = 6, 2
+    if family in OTHER_AUX_LOSSES:
+        assert not splits_over_stages(family_loss, experts, top_k)
+        return
+    generator = torch.Generator().manual_seed(1)
+    logits = tuple(torch.randn(9, experts, generator=generator, requires_grad=True) for _ in range(4))
+    expected = family_loss(logits, experts, top_k, None)
+    stats = router_statistics(logits[:1], experts, top_k) + router_statistics(logits[1:3], experts, top_k)
+    split = switch_aux_loss(stats + router_statistics(logits[3:], experts, top_k), experts)
+    torch.testing.assert_close(split, expected, rtol=1e-6, atol=0)
+    for got, want in zip(torch.autograd.grad(split, logits), torch.autograd.grad(expected, logits)):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-8)
+    assert splits_over_stages(family_loss, experts, top_k)
+
+
+def test_another_aux_loss_does_not_split() -> None:
+    def doubled(logits, experts, top_k, mask):
+        return 2 * switch_aux_loss(router_statistics(logits, experts, top_k), experts)
+
+    assert not splits_over_stages(doubled, 6, 2)
+    assert not splits_over_stages(lambda logits, experts: 0.0, 6, 2)  # another signature
 
 
 def _reference_counts(config, inputs) -> list[torch.Tensor]:

@@ -9,6 +9,7 @@ from transformers import AutoConfig
 
 from harness.config import ConfigError
 from harness.validation import validate
+from tests.families import tiny_config as family_config
 from tests.reference import tiny_config
 
 _SMALL = dict(hidden_size=32, intermediate_size=16, num_hidden_layers=2, num_attention_heads=2,
@@ -31,3 +32,22 @@ def test_unsupported_experts_refused_under_ep(tmp_path, model_type: str, reason:
 def test_gpt_oss_accepted_under_ep(tmp_path) -> None:
     AutoConfig.for_model("gpt_oss", **_SMALL, num_local_experts=4, num_experts_per_tok=2).save_pretrained(tmp_path)
     validate(tiny_config(f"--model.path={tmp_path}", "--parallel.dp_shard=2", "--parallel.ep=2"), 2)
+
+
+@pytest.mark.parametrize("model_type, extra", [
+    ("qwen3_moe", dict(num_experts=4, num_experts_per_tok=2)),
+    ("olmoe", dict(num_experts=4, num_experts_per_tok=2)),
+])
+def test_aux_loss_accepted_under_pp(tmp_path, model_type: str, extra: dict) -> None:
+    AutoConfig.for_model(model_type, **{**_SMALL, "num_hidden_layers": 4}, **extra).save_pretrained(tmp_path)
+    validate(tiny_config(f"--model.path={tmp_path}", "--parallel.pp=2",
+                         "--model.overrides.output_router_logits=true"), 2)
+
+
+def test_aux_loss_of_another_kind_refused_under_pp(tmp_path) -> None:
+    """AFMoE has a router-logit output but no switch loss of its own to split over stages."""
+    family_config("afmoe").save_pretrained(tmp_path)
+    cfg = tiny_config(f"--model.path={tmp_path}", "--parallel.pp=2", "--model.overrides.output_router_logits=true")
+    with pytest.raises(ConfigError, match="afmoe's router aux loss is not HF's switch loss") as error:
+        validate(cfg, 2)
+    assert "\n" not in str(error.value) and "use parallel.pp=1" in str(error.value)

@@ -75,6 +75,15 @@ def experts_per_token(config: PretrainedConfig) -> int:
     return 0
 
 
+def training_randomness(config: PretrainedConfig) -> dict[str, float]:
+    """Config fields > 0 that make the training forward draw random numbers (dropout, router and
+    input jitter): those draws differ between ranks and microbatches, so such runs match
+    another layout in distribution only."""
+    return {key: value for key, value in config.to_dict().items()
+            if isinstance(value, float) and value > 0
+            and ("dropout" in key or "pdrop" in key or key.endswith("jitter_noise"))}
+
+
 def base_model(model: nn.Module) -> nn.Module:
     """The decoder stack under the LM head (`model.model` for most families)."""
     decoder = model.get_decoder() if hasattr(model, "get_decoder") else model

@@ -67,6 +67,11 @@ def startup_summary(cfg: Config, plan: Plan, model_config: PretrainedConfig, mod
         lines.append("  not available: " + (", ".join(n for n, ok in optional.items() if not ok) or "none"))
     if dispatcher is not None:
         lines.append(f"moe: ep={dims.ep}, dispatcher {dispatcher}")
+    randomness = model_parts.training_randomness(model_config)
+    if randomness:
+        lines.append("randomness: " + ", ".join(f"{k}={v}" for k, v in randomness.items())
+                     + " drawn per rank and microbatch: another layout matches this run in distribution, not "
+                       "bitwise")
     lines.append(f"kernels: {_kernels(device_type)}")
     lines.append(f"compile: {_compile_line(cfg.train.compile, device_type)}")
     source = "Python standard library sources (bytes)" if cfg.data.source == "stdlib" else cfg.data.source

@@ -15,6 +15,8 @@ import torch
 from transformers import AutoConfig, PretrainedConfig
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
+from harness.model_parts import training_randomness
+
 VOCAB = 256
 SIZES: dict[str, Any] = dict(
     hidden_size=64, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
@@ -59,9 +61,8 @@ def tiny_config(family: str, tied: bool | None = None) -> PretrainedConfig:
             setattr(config, key, [pattern[i % len(pattern)] for i in range(config.num_hidden_layers)])
     # Dropout and router jitter draw random numbers in training, which no two layouts draw alike:
     # off here, as the README's supported-models section says.
-    for key, value in config.to_dict().items():
-        if isinstance(value, float) and value > 0 and ("dropout" in key or "pdrop" in key or key == "router_jitter_noise"):
-            setattr(config, key, 0.0)
+    for key in training_randomness(config):
+        setattr(config, key, 0.0)
     if tied is not None:
         config.tie_word_embeddings = tied
     return config

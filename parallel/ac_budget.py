@@ -74,7 +74,7 @@ class BudgetPlan:
     def describe(self) -> str:
         """E.g. "budget 300 MiB -> 2 none, 1 selective, 1 full (predicted 287 MiB)"."""
         counts = ", ".join(f"{self.layer_modes.count(m)} {m}" for m in BUDGET_MODES if m in self.layer_modes)
-        return f"budget {self.budget_bytes / 2**20:g} MiB -> {counts} (predicted {self.predicted_bytes / 2**20:.0f} MiB)"
+        return f"budget {self.budget_bytes / 2**20:g} MiB -> {counts} (predicted {self.predicted_bytes / 2**20:.1f} MiB)"
 
 
 @contextlib.contextmanager
@@ -222,16 +222,23 @@ def simulate(model: nn.Module, layers: Sequence[nn.Module], layer_modes: Sequenc
     return _Simulation(peak_bytes=peak, kept_bytes=kept, recompute=recompute)
 
 
+@dataclass(frozen=True)
+class Measurement:
+    layers: list[LayerCost]
+    uniform_peak_bytes: dict[str, int]  # per mode: the simulated peak with every layer in that mode
+
+
 def measure_layers(model: nn.Module, layers: Sequence[nn.Module], shape: StepShape, loss_fn: LossFn,
-                   extra_save_ops: Collection[Any] = ()) -> list[LayerCost]:
+                   extra_save_ops: Collection[Any] = ()) -> Measurement:
     """Each layer's kept bytes and recompute cost under each of `BUDGET_MODES`, from one fake
     step per mode (every layer in that mode)."""
     runs = {mode: simulate(model, layers, [mode] * len(layers), shape, loss_fn, extra_save_ops,
                            price_ops=mode == "none") for mode in BUDGET_MODES}
     prices = runs["none"].recompute
-    return [LayerCost(kept_bytes={mode: runs[mode].kept_bytes[i] for mode in BUDGET_MODES},
-                      recompute_cost={"none": 0.0, "selective": prices.selective[i], "full": prices.full[i]})
-            for i in range(len(layers))]
+    costs = [LayerCost(kept_bytes={mode: runs[mode].kept_bytes[i] for mode in BUDGET_MODES},
+                       recompute_cost={"none": 0.0, "selective": prices.selective[i], "full": prices.full[i]})
+             for i in range(len(layers))]
+    return Measurement(layers=costs, uniform_peak_bytes={mode: run.peak_bytes for mode, run in runs.items()})
 
 
 def greedy_sequence(costs: Sequence[LayerCost]) -> list[tuple[str, ...]]:
@@ -259,16 +266,17 @@ def greedy_sequence(costs: Sequence[LayerCost]) -> list[tuple[str, ...]]:
 
 def choose_plan(model: nn.Module, layers: Sequence[nn.Module], budget_bytes: int, shape: StepShape,
                 loss_fn: LossFn, extra_save_ops: Collection[Any] = (),
-                costs: Sequence[LayerCost] | None = None) -> BudgetPlan:
+                measurement: Measurement | None = None) -> BudgetPlan:
     """The cheapest plan along the greedy sequence whose simulated peak fits `budget_bytes`.
 
     The sequence is (nearly) monotone in memory, so a binary search over it needs only a few fake
     steps. Raises ValueError naming the smallest achievable peak when even its end does not fit.
-    `costs`: `measure_layers`' answer, when already at hand.
+    `measurement`: `measure_layers`' answer, when already at hand.
     """
-    costs = costs if costs is not None else measure_layers(model, layers, shape, loss_fn, extra_save_ops)
-    plans = greedy_sequence(costs)
-    peaks: dict[int, int] = {}
+    measurement = measurement or measure_layers(model, layers, shape, loss_fn, extra_save_ops)
+    plans = greedy_sequence(measurement.layers)
+    uniform = {(mode,) * len(layers): peak for mode, peak in measurement.uniform_peak_bytes.items()}
+    peaks = {index: uniform[plan] for index, plan in enumerate(plans) if plan in uniform}
 
     def peak(index: int) -> int:
         if index not in peaks:

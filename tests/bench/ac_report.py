@@ -56,7 +56,7 @@ def _step(model: torch.nn.Module, input_ids: torch.Tensor) -> torch.Tensor:
     return loss.detach()
 
 
-def _peak_activation_bytes(model: torch.nn.Module, input_ids: torch.Tensor) -> int:
+def peak_activation_bytes(model: torch.nn.Module, input_ids: torch.Tensor) -> int:
     tracker = MemTracker()
     tracker.track_external(model, input_ids)
     with tracker:
@@ -81,7 +81,7 @@ def measure(preset: str, hidden: int, layers: int, seq: int, batch: int, steps: 
             start = time.perf_counter()
             _step(model, input_ids)
             times[mode].append(time.perf_counter() - start)
-    rows = [dict(mode=mode, activation_mib=_peak_activation_bytes(model, input_ids) / MiB,
+    rows = [dict(mode=mode, activation_mib=peak_activation_bytes(model, input_ids) / MiB,
                  step_s=statistics.median(times[mode]), loss=losses[mode]) for mode, model in models.items()]
     base = rows[0]
     for row in rows:

@@ -71,10 +71,13 @@ class BudgetPlan:
     layer_modes: tuple[str, ...]
     predicted_bytes: int  # simulated peak activation memory of a step under `layer_modes`
 
+    def mode_counts(self) -> str:
+        """E.g. "2 none, 1 selective, 1 full"."""
+        return ", ".join(f"{self.layer_modes.count(m)} {m}" for m in BUDGET_MODES if m in self.layer_modes)
+
     def describe(self) -> str:
-        """E.g. "budget 300 MiB -> 2 none, 1 selective, 1 full (predicted 287 MiB)"."""
-        counts = ", ".join(f"{self.layer_modes.count(m)} {m}" for m in BUDGET_MODES if m in self.layer_modes)
-        return f"budget {self.budget_bytes / 2**20:g} MiB -> {counts} (predicted {self.predicted_bytes / 2**20:.1f} MiB)"
+        """E.g. "budget 300 MiB -> 2 none, 1 selective, 1 full (predicted 287.0 MiB)"."""
+        return f"budget {self.budget_bytes / 2**20:g} MiB -> {self.mode_counts()} (predicted {self.predicted_bytes / 2**20:.1f} MiB)"
 
 
 @contextlib.contextmanager

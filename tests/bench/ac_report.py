@@ -1,11 +1,14 @@
 """Activation memory and step time of each activation-checkpointing mode on one HF model.
 
     python -m tests.bench.ac_report [--preset llama] [--hidden 512 --layers 4 --seq 512 --batch 8]
+                                    [--budget-mib 300 450]
 
 Memory is measured at the tensor level with PyTorch's `MemTracker` (not process RSS, which the
 CPU allocator's caching makes meaningless): "activations" is everything tracked at the peak
 that is not a parameter, gradient or buffer. Step time (forward + backward) is the median of a
-few untracked steps. Defaults are small enough for a CPU box.
+few untracked steps. Defaults are small enough for a CPU box. Each `--budget-mib` adds a row for
+ac.mode=budget: the chosen per-layer plan, its predicted and measured MiB, and its step time
+against the fastest uniform mode whose measured memory fits the same budget.
 """
 
 from __future__ import annotations
@@ -16,7 +19,7 @@ import os
 import statistics
 import time
 from functools import partial
-from typing import Any
+from typing import Any, Sequence
 
 import torch
 from torch.distributed._tools.mem_tracker import MemTracker, _MemRefType
@@ -28,7 +31,8 @@ from torch.utils.checkpoint import CheckpointPolicy, SelectiveCheckpointContext
 from harness.loss import token_loss_sum
 from harness.memory import MiB
 from harness.model_parts import decoder_layers
-from harness.models import PRESETS, load_config, reference_model
+from harness.models import PRESETS, build_meta_model, load_config, reference_model
+from parallel.ac_budget import BudgetPlan, StepShape, apply_budget_plan, choose_plan, measure_layers
 from parallel.activation_checkpointing import (AC_MODES, apply_activation_checkpointing,
                                                make_selective_checkpoint_context_fn)
 
@@ -65,17 +69,33 @@ def peak_activation_bytes(model: torch.nn.Module, input_ids: torch.Tensor) -> in
     return max(snap["Total"] - sum(snap.get(key, 0) for key in _STATE_CATEGORIES) for snap in peaks.values())
 
 
-def measure(preset: str, hidden: int, layers: int, seq: int, batch: int, steps: int) -> list[dict[str, Any]]:
-    """One row per AC mode: peak activation MiB, median step seconds, loss."""
+def budget_plans(config: Any, seq: int, batch: int, budgets_mib: Sequence[float]) -> dict[str, BudgetPlan]:
+    """ac.mode=budget's plan for each budget, predicted as the harness predicts it (fp32 on CPU)."""
+    meta = build_meta_model(config)
+    layers = decoder_layers(meta)
+    shape = StepShape(rows=batch, seq_len=seq, dtype=torch.float32, device_type="cpu")
+    measurement = measure_layers(meta, layers, shape, token_loss_sum)
+    return {f"budget {budget:g}": choose_plan(meta, layers, int(budget * MiB), shape, token_loss_sum,
+                                              measurement=measurement) for budget in budgets_mib}
+
+
+def measure(preset: str, hidden: int, layers: int, seq: int, batch: int, steps: int,
+            budgets_mib: Sequence[float] = ()) -> list[dict[str, Any]]:
+    """One row per AC mode, then one per budget: peak activation MiB, median step seconds, loss;
+    budget rows also carry the plan and its predicted MiB."""
     config = load_config(preset, None, _scaled_overrides(preset, hidden, layers, seq))
     input_ids = torch.randint(0, config.vocab_size, (batch, seq + 1), generator=torch.Generator().manual_seed(0))
+    plans = budget_plans(config, seq, batch, budgets_mib)
     models = {}
     for mode in AC_MODES:
         models[mode] = reference_model(config, seed=0)
         apply_activation_checkpointing(models[mode], decoder_layers(models[mode]), mode)
+    for name, plan in plans.items():
+        models[name] = reference_model(config, seed=0)
+        apply_budget_plan(models[name], decoder_layers(models[name]), plan.layer_modes)
     losses = {mode: _step(model, input_ids).item() for mode, model in models.items()}  # also warm-up
     # Modes take turns within each round, so load from other processes hits all modes alike.
-    times: dict[str, list[float]] = {mode: [] for mode in AC_MODES}
+    times: dict[str, list[float]] = {mode: [] for mode in models}
     for _ in range(steps):
         for mode, model in models.items():
             start = time.perf_counter()
@@ -87,6 +107,13 @@ def measure(preset: str, hidden: int, layers: int, seq: int, batch: int, steps: 
     for row in rows:
         row["memory_ratio"] = row["activation_mib"] / base["activation_mib"]
         row["time_ratio"] = row["step_s"] / base["step_s"]
+    uniform = rows[:len(AC_MODES)]
+    for row, plan in zip(rows[len(AC_MODES):], plans.values()):
+        fitting = [r for r in uniform if r["activation_mib"] <= plan.budget_bytes / MiB]
+        best = min(fitting, key=lambda r: r["step_s"]) if fitting else None
+        row.update(budget_mib=plan.budget_bytes / MiB, plan=plan.mode_counts(),
+                   predicted_mib=plan.predicted_bytes / MiB, best_uniform=best["mode"] if best else None,
+                   vs_best_uniform=row["step_s"] / best["step_s"] if best else None)
     return rows
 
 
@@ -170,10 +197,25 @@ def format_op_table(rows: list[dict[str, Any]]) -> str:
 
 
 def format_table(rows: list[dict[str, Any]]) -> str:
-    lines = [f"{'mode':<10} {'act MiB':>9} {'x none':>7} {'step s':>8} {'x none':>7} {'loss':>10}"]
+    lines = [f"{'mode':<12} {'act MiB':>9} {'x none':>7} {'step s':>8} {'x none':>7} {'loss':>10}"]
     for r in rows:
-        lines.append(f"{r['mode']:<10} {r['activation_mib']:>9.1f} {r['memory_ratio']:>7.2f} "
+        lines.append(f"{r['mode']:<12} {r['activation_mib']:>9.1f} {r['memory_ratio']:>7.2f} "
                      f"{r['step_s']:>8.3f} {r['time_ratio']:>7.2f} {r['loss']:>10.6f}")
+    return "\n".join(lines)
+
+
+def format_budget_table(rows: list[dict[str, Any]]) -> str:
+    """The budget rows: plan, predicted vs measured MiB, step time against the fastest uniform mode
+    that fits the same budget."""
+    lines = [f"{'budget MiB':>10} {'plan':<34} {'predicted':>9} {'measured':>9} {'step s':>7} "
+             f"{'best uniform that fits':>22} {'x it':>6}"]
+    for r in rows:
+        if "budget_mib" not in r:
+            continue
+        best = r["best_uniform"] or "none fits"
+        ratio = f"{r['vs_best_uniform']:.2f}" if r["vs_best_uniform"] is not None else "-"
+        lines.append(f"{r['budget_mib']:>10g} {r['plan']:<34} {r['predicted_mib']:>9.1f} {r['activation_mib']:>9.1f} "
+                     f"{r['step_s']:>7.3f} {best:>22} {ratio:>6}")
     return "\n".join(lines)
 
 
@@ -185,6 +227,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--seq", type=int, default=128)
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--steps", type=int, default=3, help="timed steps per mode (median reported)")
+    parser.add_argument("--budget-mib", type=float, nargs="+", default=[],
+                        help="add an ac.mode=budget row for each of these budgets (MiB)")
     parser.add_argument("--out", default=os.path.join("runs", "bench_ac_report.json"))
     args = parser.parse_args(argv)
     base_hidden = PRESETS[args.preset]["hidden_size"]
@@ -192,14 +236,21 @@ def main(argv: list[str] | None = None) -> None:
         parser.error(f"--hidden must be a multiple of {base_hidden} for preset {args.preset}")
     if min(args.layers, args.seq, args.batch, args.steps) < 1:
         parser.error("--layers, --seq, --batch and --steps must be positive")
+    if any(budget <= 0 for budget in args.budget_mib):
+        parser.error("--budget-mib values must be positive")
 
     ops = op_table(args.preset, args.hidden, args.layers, args.seq, args.batch)
     print(f"{args.preset}: hidden {args.hidden}, {args.layers} layers, seq {args.seq}, batch {args.batch}, "
           f"{torch.get_num_threads()} threads, load average {os.getloadavg()[0]:.1f}")
     print("selective AC, per op (first decoder layer; ops outside the layers are never checkpointed)")
     print(format_op_table(ops))
-    rows = measure(args.preset, args.hidden, args.layers, args.seq, args.batch, args.steps)
+    try:
+        rows = measure(args.preset, args.hidden, args.layers, args.seq, args.batch, args.steps, args.budget_mib)
+    except ValueError as e:  # a budget below what every layer fully checkpointed needs
+        parser.error(f"--budget-mib: {e}")
     print(format_table(rows))
+    if args.budget_mib:
+        print(format_budget_table(rows))
     os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
     with open(args.out, "w") as f:
         json.dump(dict(config=vars(args), load_average=os.getloadavg()[0], rows=rows, ops=ops), f, indent=2)

@@ -40,18 +40,9 @@ _WRAPPER_KWARGS: dict[str, Any] = dict(
     checkpoint_impl=CheckpointImpl.NO_REENTRANT, preserve_rng_state=True, early_stop=False
 )
 
-# Sub-module names used by HF decoder layers. Attention children come first because a
-# KV-shared model must not recompute them (see `apply_submodule_checkpointing`).
+# Attention children of HF decoder layers: a KV-shared model must not recompute them (see
+# `apply_submodule_checkpointing`).
 _ATTENTION_CHILDREN = ("self_attn",)
-_OTHER_CHILDREN = (
-    "mlp",
-    "block_sparse_moe",
-    "feed_forward",
-    "input_layernorm",
-    "post_attention_layernorm",
-    "pre_feedforward_layernorm",
-    "post_feedforward_layernorm",
-)
 
 # Ops saved on top of PyTorch's compute-intensive list, as `torch.ops` paths
 # (<namespace>.<name>.<overload>). Each is optional: absent ones are left out.
@@ -326,20 +317,24 @@ def apply_selective_checkpointing_to_layers(model: nn.Module, layers: nn.ModuleL
 
 
 def apply_submodule_checkpointing(layers: nn.ModuleList | nn.ModuleDict | list[nn.Module], has_kv_sharing: bool) -> None:
-    """Wrap each transformer block's attention, MLP and norm children with `checkpoint_wrapper`.
+    """Wrap each child of each transformer block that holds parameters (attention, linear-attention
+    and Mamba mixers, convolutions, MLPs and MoE blocks, norms) with `checkpoint_wrapper`.
 
-    `self_attn` is skipped for KV-shared models: recomputing attention in backward would write
-    the `DynamicCache` twice, corrupting the K/V that later shared layers read. State-dict keys
-    stay canonical (the wrapper's state-dict hooks strip `_checkpoint_wrapped_module.`).
+    Containers (`ModuleList`, `ModuleDict`) are left alone: the block indexes them rather than
+    calling them. `self_attn` is skipped for KV-shared models: recomputing attention in backward
+    would write the `DynamicCache` twice, corrupting the K/V that later shared layers read.
+    State-dict keys stay canonical (the wrapper's state-dict hooks strip
+    `_checkpoint_wrapped_module.`).
     """
-    names = _OTHER_CHILDREN if has_kv_sharing else _ATTENTION_CHILDREN + _OTHER_CHILDREN
+    skipped = _ATTENTION_CHILDREN if has_kv_sharing else ()
     for _, layer in _layer_slots(layers):
         if isinstance(layer, CheckpointWrapper):
             continue
-        for name in names:
-            child = layer._modules.get(name)
-            if child is not None and not isinstance(child, CheckpointWrapper):
-                setattr(layer, name, checkpoint_wrapper(child, **_WRAPPER_KWARGS))
+        for name, child in list(layer.named_children()):
+            if (name in skipped or isinstance(child, (CheckpointWrapper, nn.ModuleList, nn.ModuleDict))
+                    or next(child.parameters(), None) is None):
+                continue
+            setattr(layer, name, checkpoint_wrapper(child, **_WRAPPER_KWARGS))
 
 
 def _configs(model: nn.Module) -> list[Any]:

@@ -102,3 +102,32 @@ if __name__ == "__main__":
             except multiprocessing.TimeoutError:
                 result = "timeout"
             print(f"{name:28s} {result}", flush=True)
+
+
+# Hand-shrunk configs of families with unusual blocks (hybrid mixers, per-layer-type rotary and
+# masks), whose family pieces are away from their neutral values.
+_HAND_TINY = dict(hidden_size=64, num_attention_heads=4, num_key_value_heads=2, head_dim=16, num_hidden_layers=4,
+                  vocab_size=256, intermediate_size=96, max_position_embeddings=256, tie_word_embeddings=False,
+                  pad_token_id=0, bos_token_id=1, eos_token_id=2)
+HAND_SHRUNK: dict[str, dict[str, Any]] = {
+    "cohere": dict(logit_scale=0.25),
+    "cohere2": dict(logit_scale=0.25, sliding_window=8),
+    "granite": dict(embedding_multiplier=3.0, logits_scaling=2.5, residual_multiplier=0.7, attention_multiplier=0.3),
+    "gemma2": dict(final_logit_softcapping=5.0, attn_logit_softcapping=3.0, sliding_window=8),
+    "gemma3_text": dict(final_logit_softcapping=5.0, sliding_window=8, sliding_window_pattern=2),
+    "olmo3": dict(sliding_window=8),
+    "qwen3_next": dict(linear_num_value_heads=4, linear_num_key_heads=2, linear_key_head_dim=16,
+                       linear_value_head_dim=16, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32,
+                       shared_expert_intermediate_size=32),
+    "lfm2": dict(layer_types=["conv", "full_attention", "conv", "full_attention"]),
+    "nemotron_h": dict(hybrid_override_pattern="M*M*", mamba_num_heads=4, mamba_head_dim=16, ssm_state_size=8,
+                       n_groups=1),
+    "granitemoehybrid": dict(embedding_multiplier=3.0, logits_scaling=2.5, num_local_experts=4,
+                             num_experts_per_tok=2),
+}
+
+
+def hand_shrunk_config(family: str) -> PretrainedConfig:
+    config = AutoConfig.for_model(family, **{**_HAND_TINY, **HAND_SHRUNK[family]})
+    config.use_cache = False
+    return config

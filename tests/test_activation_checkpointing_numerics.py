@@ -90,3 +90,27 @@ def test_ac_report_measures_every_mode(tmp_path) -> None:
     assert len({row["loss"] for row in rows.values()}) == 1
     # Checkpointing must show up in the tensor-level measurement: full < selective < none.
     assert rows["full"]["activation_mib"] < rows["selective"]["activation_mib"] < rows["none"]["activation_mib"]
+
+
+# Hybrid blocks: the mixer each family's layers hold besides (or instead of) attention.
+_MIXERS = {"qwen3_next": "linear_attn", "nemotron_h": "mixer", "lfm2": "conv", "granitemoehybrid": "mamba",
+           "jamba": "mamba", "falcon_h1": "mamba"}
+
+
+@pytest.mark.parametrize("family", sorted(_MIXERS))
+def test_submodule_ac_wraps_hybrid_mixers_bitwise(family: str) -> None:
+    """Sub-module AC checkpoints every child of a block that holds parameters, so linear-attention,
+    Mamba and convolution mixers are recomputed too, and the result stays bitwise."""
+    from tests.families import HAND_SHRUNK, hand_shrunk_config, tiny_config as family_config
+
+    config = hand_shrunk_config(family) if family in HAND_SHRUNK else family_config(family)
+    reference, model = reference_model(config, seed=0), reference_model(config, seed=0)
+    apply_activation_checkpointing(model, decoder_layers(model), "submodule")
+    wrapped = [getattr(layer, _MIXERS[family], None) for layer in decoder_layers(model)]
+    assert any(isinstance(child, CheckpointWrapper) for child in wrapped), f"{family}: no {_MIXERS[family]} wrapped"
+    assert model.state_dict().keys() == reference.state_dict().keys()
+    input_ids = torch.randint(0, config.vocab_size, (2, 17), generator=torch.Generator().manual_seed(1))
+    expected_loss, expected = lm_loss_and_grads(reference, input_ids)
+    loss, grads = lm_loss_and_grads(model, input_ids)
+    assert torch.equal(expected_loss, loss)
+    assert_bitwise(expected, grads)

@@ -15,7 +15,7 @@ from harness.pipeline_stage import stage_builder
 from harness.validation import validate
 from parallel.pipeline import stage_ids_for_rank
 from parallel.pipeline_split import stage_module_names
-from tests.families import tiny_config as tiny_family
+from tests.families import HAND_SHRUNK, hand_shrunk_config, tiny_config as tiny_family
 from tests.reference import tiny_config
 
 E, N, H = "model.embed_tokens", "model.norm", "lm_head"
@@ -106,34 +106,11 @@ def test_tied_stages_hold_their_own_copy_of_the_shared_weight():
     assert "lm_head.weight" in last.state_dict() and "model.embed_tokens.weight" not in last.state_dict()
 
 
-# Tiny configs whose family-specific pieces are away from their neutral values, so a stage that
-# dropped one (a logit scale, a soft-cap, an embedding multiplier, a per-layer-type rotary or
-# mask, a non-attention mixer) would not reproduce the whole model.
-_TINY = dict(hidden_size=64, num_attention_heads=4, num_key_value_heads=2, head_dim=16, num_hidden_layers=4,
-             vocab_size=256, intermediate_size=96, max_position_embeddings=256, tie_word_embeddings=False,
-             pad_token_id=0, bos_token_id=1, eos_token_id=2)
-FAMILIES = {
-    "cohere": dict(logit_scale=0.25),
-    "cohere2": dict(logit_scale=0.25, sliding_window=8),
-    "granite": dict(embedding_multiplier=3.0, logits_scaling=2.5, residual_multiplier=0.7, attention_multiplier=0.3),
-    "gemma2": dict(final_logit_softcapping=5.0, attn_logit_softcapping=3.0, sliding_window=8),
-    "gemma3_text": dict(final_logit_softcapping=5.0, sliding_window=8, sliding_window_pattern=2),
-    "olmo3": dict(sliding_window=8),
-    "qwen3_next": dict(linear_num_value_heads=4, linear_num_key_heads=2, linear_key_head_dim=16,
-                       linear_value_head_dim=16, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32,
-                       shared_expert_intermediate_size=32),
-    "lfm2": dict(),
-    "nemotron_h": dict(hybrid_override_pattern="M*M*", mamba_num_heads=4, mamba_head_dim=16, ssm_state_size=8,
-                       n_groups=1),
-    "granitemoehybrid": dict(embedding_multiplier=3.0, logits_scaling=2.5, num_local_experts=4,
-                             num_experts_per_tok=2),
-}
-
-
-@pytest.mark.parametrize("family", sorted(FAMILIES))
+# A stage that dropped a family piece (a logit scale, a soft-cap, an embedding multiplier, a
+# per-layer-type rotary or mask, a non-attention mixer) would not reproduce the whole model.
+@pytest.mark.parametrize("family", sorted(HAND_SHRUNK))
 def test_stages_of_every_family_chain_to_the_whole_model(family):
-    config = AutoConfig.for_model(family, **{**_TINY, **FAMILIES[family]})
-    config.use_cache = False
+    config = hand_shrunk_config(family)
     torch.manual_seed(0)
     reference = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     build = stage_builder(build_meta_model(config))

@@ -83,25 +83,26 @@ def probe(family: str) -> str:
         return f"{type(e).__name__}: {str(e).splitlines()[0][:120] if str(e) else ''}"
 
 
+def probe_all(families: list[str]) -> dict[str, str]:
+    """`probe` of each family in a child process capped at 4 GiB and 60 s."""
+    import multiprocessing
+
+    results = {}
+    with multiprocessing.get_context("fork").Pool(1, maxtasksperchild=1) as pool:
+        for name in families:
+            try:
+                results[name] = pool.apply_async(_probe_limited, (name,)).get(timeout=60)
+            except multiprocessing.TimeoutError:
+                results[name] = "timeout"
+    return results
+
+
 def _probe_limited(family: str) -> str:
     import resource
 
     # A family whose config ignores the size fields can build a multi-GB model: cap the child.
     resource.setrlimit(resource.RLIMIT_AS, (4 << 30, 4 << 30))
     return probe(family)
-
-
-if __name__ == "__main__":
-    import multiprocessing
-    import sys
-
-    with multiprocessing.get_context("fork").Pool(1, maxtasksperchild=1) as pool:
-        for name in sys.argv[1:] or decoder_only_families():
-            try:
-                result = pool.apply_async(_probe_limited, (name,)).get(timeout=60)
-            except multiprocessing.TimeoutError:
-                result = "timeout"
-            print(f"{name:28s} {result}", flush=True)
 
 
 # Hand-shrunk configs of families with unusual blocks (hybrid mixers, per-layer-type rotary and
@@ -131,3 +132,10 @@ def hand_shrunk_config(family: str) -> PretrainedConfig:
     config = AutoConfig.for_model(family, **{**_HAND_TINY, **HAND_SHRUNK[family]})
     config.use_cache = False
     return config
+
+
+if __name__ == "__main__":
+    import sys
+
+    for name, result in probe_all(sys.argv[1:] or decoder_only_families()).items():
+        print(f"{name:28s} {result}", flush=True)

@@ -19,7 +19,7 @@ import traceback
 from typing import Any
 
 from harness.config import Config, ConfigError
-from tests.families import decoder_only_families, probe, tiny_config as family_config
+from tests.families import decoder_only_families, probe_all, tiny_config as family_config
 from tests.layout_run import train_layout
 from tests.multiproc import run_ranks
 from tests.reference import reference_run, tiny_config
@@ -101,7 +101,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", default=os.path.join("runs", "family_matrix.json"))
     args = parser.parse_args(argv)
     families = args.families or decoder_only_families()
-    built = {family: probe(family) for family in families}
+    built = probe_all(families)
     matrix: dict[str, dict[str, str]] = {f: {} for f in families}
     with tempfile.TemporaryDirectory() as folder:
         runnable = [f for f in families if built[f] == "ok"]

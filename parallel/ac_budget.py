@@ -77,7 +77,8 @@ class BudgetPlan:
 
     def describe(self) -> str:
         """E.g. "budget 300 MiB -> 2 none, 1 selective, 1 full (predicted 287.0 MiB)"."""
-        return f"budget {self.budget_bytes / 2**20:g} MiB -> {self.mode_counts()} (predicted {self.predicted_bytes / 2**20:.1f} MiB)"
+        return (f"budget {self.budget_bytes / 2**20:g} MiB -> {self.mode_counts()} "
+                f"(predicted {self.predicted_bytes / 2**20:.1f} MiB)")
 
 
 @contextlib.contextmanager
@@ -88,7 +89,7 @@ def _fake_friendly_transformers() -> Iterator[None]:
       row and builds an explicit mask (more memory, another attention kernel). The simulated
       batch is one sequence per row, as the training batches are.
     - Grouped GEMM: torch's meta kernel accepts only bf16 while the CPU kernel also runs fp32;
-      transformers' fallback op keeps the same shapes and saves the same tensors.
+      transformers' fallback op keeps the same shapes and saves the same tensors (input, weight).
     """
     import transformers.integrations.moe as hf_moe
     import transformers.masking_utils as hf_masks
@@ -96,7 +97,11 @@ def _fake_friendly_transformers() -> Iterator[None]:
     saved = hf_masks.find_packed_sequence_indices, hf_moe._can_use_grouped_mm
     hf_masks.find_packed_sequence_indices = lambda position_ids: None
     can_use = saved[1]
-    hf_moe._can_use_grouped_mm = lambda input, weight, offs: weight.dtype == torch.bfloat16 and can_use(input, weight, offs)
+
+    def can_use_on_fake(input: torch.Tensor, weight: torch.Tensor, offs: torch.Tensor) -> bool:
+        return weight.dtype == torch.bfloat16 and can_use(input, weight, offs)
+
+    hf_moe._can_use_grouped_mm = can_use_on_fake
     try:
         yield
     finally:

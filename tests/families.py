@@ -26,7 +26,7 @@ SIZES: dict[str, Any] = dict(
     qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=16, sliding_window=8, first_k_dense_replace=1,
     linear_num_value_heads=4, linear_num_key_heads=2, linear_key_head_dim=16, linear_value_head_dim=16,
     mamba_num_heads=4, mamba_head_dim=16, ssm_state_size=8, n_groups=1, mamba_d_state=8, mamba_n_heads=4,
-    mamba_d_head=16, mamba_d_ssm=64, mamba_n_groups=1, mamba_expand=2, pad_token_id=0, bos_token_id=1,
+    mamba_d_head=32, mamba_d_ssm=128, mamba_n_groups=1, mamba_expand=2, rotary_dim=8, n_shared_experts=1, pad_token_id=0, bos_token_id=1,
     eos_token_id=2, use_cache=False,
 )
 # Away from neutral: a dropped multiplier or cap changes the logits.
@@ -51,14 +51,17 @@ def tiny_config(family: str, tied: bool | None = None) -> PretrainedConfig:
     """The family's default config, shrunk, with its scalars away from neutral."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        config = AutoConfig.for_model(family)
-        fields = {**SIZES, **SCALARS}
-        values = {key: value for key, value in fields.items() if hasattr(config, key)}
-        config = AutoConfig.for_model(family, **values)
-    for key in ("layer_types", "mlp_layer_types"):
-        pattern = getattr(config, key, None)
-        if isinstance(pattern, list) and len(pattern) != config.num_hidden_layers:
-            setattr(config, key, [pattern[i % len(pattern)] for i in range(config.num_hidden_layers)])
+        default = AutoConfig.for_model(family)
+        values = {key: value for key, value in {**SIZES, **SCALARS}.items()
+                  if hasattr(default, key) and not isinstance(getattr(type(default), key, None), property)}
+        if "qk_rope_head_dim" in values:  # multi-head latent attention: rotary runs on the rope part
+            values["head_dim"] = values["qk_rope_head_dim"]
+        try:
+            config = AutoConfig.for_model(family, **values)
+        except ValueError:  # configs that check their per-layer patterns against the layer count
+            config = AutoConfig.for_model(family, **values, **_resized_patterns(default, SIZES["num_hidden_layers"]))
+    for key, pattern in _resized_patterns(config, config.num_hidden_layers).items():
+        setattr(config, key, pattern)
     # Dropout and router jitter draw random numbers in training, which no two layouts draw alike:
     # off here, as the README's supported-models section says.
     for key in training_randomness(config):
@@ -66,6 +69,16 @@ def tiny_config(family: str, tied: bool | None = None) -> PretrainedConfig:
     if tied is not None:
         config.tie_word_embeddings = tied
     return config
+
+
+def _resized_patterns(config: PretrainedConfig, layers: int) -> dict[str, list]:
+    """Per-layer type lists of another length, repeated or cut to `layers`."""
+    resized = {}
+    for key in ("layer_types", "mlp_layer_types"):
+        pattern = getattr(config, key, None)
+        if isinstance(pattern, list) and pattern and len(pattern) != layers:
+            resized[key] = [pattern[i % len(pattern)] for i in range(layers)]
+    return resized
 
 
 def probe(family: str) -> str:

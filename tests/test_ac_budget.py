@@ -14,7 +14,8 @@ import torch
 from harness.loss import token_loss_sum
 from harness.model_parts import decoder_layers
 from harness.models import build_meta_model, load_config, reference_model
-from parallel.ac_budget import (BUDGET_MODES, LayerCost, StepShape, apply_budget_plan, choose_plan, measure_layers)
+from parallel.ac_budget import (BUDGET_MODES, LayerCost, StepShape, apply_budget_plan, choose_plan, greedy_sequence,
+                                measure_layers)
 from tests.ac_helpers import assert_bitwise, lm_loss_and_grads
 from tests.bench.ac_report import peak_activation_bytes
 
@@ -90,6 +91,19 @@ def test_plan_gets_cheaper_as_the_budget_grows() -> None:
     assert _plan(peaks["none"] * 10).layer_modes == ("none",) * len(costs)
     with pytest.raises(ValueError, match="smallest predicted activation memory"):
         _plan(peaks["full"] // 2)
+
+
+def test_greedy_takes_the_most_bytes_per_recompute_cost_first() -> None:
+    cheap_selective = LayerCost(kept_bytes={"none": 100, "selective": 20, "full": 0},
+                                recompute_cost={"none": 0.0, "selective": 1.0, "full": 10.0})
+    costly_selective = LayerCost(kept_bytes={"none": 100, "selective": 90, "full": 0},
+                                 recompute_cost={"none": 0.0, "selective": 5.0, "full": 6.0})
+    assert greedy_sequence([cheap_selective, costly_selective]) == [
+        ("none", "none"),
+        ("selective", "none"),  # 80 bytes per unit of cost
+        ("selective", "full"),  # 100 / 6
+        ("full", "full"),  # 20 / 9
+    ]
 
 
 def test_dense_and_moe_layers_get_their_own_predictions() -> None:

@@ -35,7 +35,7 @@ from harness.run_identity import IDENTITY_FILE, identity_file_text, run_identity
 from harness.schedule import lr_factor
 from harness.summary import startup_summary
 from moe.balance import aux_loss_term, switch_aux_loss, update_expert_bias
-from moe.load_meter import ExpertLoadMeter, expert_load_row
+from moe.load_meter import ExpertLoadMeter, expert_load_row, takes_routing
 from parallel.fsdp import mixed_precision_policy
 from parallel.grad_clip import clip_grad_norm_
 from parallel.tied_stages import TiedAcrossStages
@@ -166,6 +166,9 @@ def build_run(cfg: Config, plan: Plan) -> Run:
     experts = [block.experts for module in modules for block in moe_blocks(module)]
     expert_modules = experts if dims.ep > 1 else []
     dispatcher = expert_modules[0]._expert_parallel.dispatcher_reason if expert_modules else None
+    # Decided on the whole model, so every rank reports counts, with MoE layers in its stages or not.
+    counted = any(takes_routing(block.experts) for block in moe_blocks(model))
+    expert_load = ExpertLoadMeter(experts, expert_count(model_config)) if counted else None
     summary = startup_summary(cfg, plan, model_config, model_class, parameters, modules, len(tokens), dispatcher)
     if dist.get_rank() == 0:
         logger.info("\n".join(summary))
@@ -175,7 +178,7 @@ def build_run(cfg: Config, plan: Plan) -> Run:
                peak_flops_per_rank=peak_flops_per_rank(cfg.logging.peak_tflops,
                                                        int(os.environ.get("LOCAL_WORLD_SIZE", "1"))),
                expert_modules=expert_modules,
-               expert_load=ExpertLoadMeter(experts) if experts else None, eval_sampler=eval_sampler,
+               expert_load=expert_load, eval_sampler=eval_sampler,
                tied=tied)
 
 

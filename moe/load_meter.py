@@ -3,6 +3,8 @@ receive (`top_k_index`), summed over layers, ranks and the microbatches of a ste
 
 from __future__ import annotations
 
+import inspect
+
 import torch
 from torch import nn
 from torch.utils._python_dispatch import _disable_current_modes
@@ -10,13 +12,23 @@ from torch.utils._python_dispatch import _disable_current_modes
 from moe.balance import is_recomputing
 
 
+def takes_routing(experts: nn.Module) -> bool:
+    """Whether an experts module is called with the routing (`forward(hidden_states, top_k_index,
+    top_k_weights)`, transformers' experts interface); Llama 4's takes pre-weighted copies of the
+    tokens only, so there is nothing to count at its input."""
+    return len(inspect.signature(experts.forward).parameters) >= 2
+
+
 class ExpertLoadMeter:
-    def __init__(self, experts: list[nn.Module]) -> None:
-        self.experts = experts
-        self.num_experts = self.experts[0].num_experts if self.experts else 0
+    """Counts at the input of this rank's `experts` that `takes_routing` (none, on a pipeline
+    stage without MoE layers: every rank still reports a vector of `num_experts`)."""
+
+    def __init__(self, experts: list[nn.Module], num_experts: int) -> None:
+        self.num_experts = num_experts
         self.counts: torch.Tensor | None = None  # on the routing's device: counting never waits for it
-        for experts in self.experts:
-            experts.register_forward_pre_hook(self._count)
+        for module in experts:
+            if takes_routing(module):
+                module.register_forward_pre_hook(self._count)
 
     def _count(self, experts: nn.Module, args: tuple) -> None:
         if not torch.is_grad_enabled() or is_recomputing():
@@ -24,7 +36,8 @@ class ExpertLoadMeter:
         # Bookkeeping, hidden from an active selective-checkpoint mode, which matches forward and
         # recompute ops by their order of appearance.
         with _disable_current_modes(), torch.no_grad():
-            counts = torch.bincount(args[1].flatten(), minlength=self.num_experts)
+            # Ids past the routed experts (LongCat-Flash's zero-computation experts) are not counted.
+            counts = torch.bincount(args[1].flatten(), minlength=self.num_experts)[:self.num_experts]
             self.counts = counts if self.counts is None else self.counts + counts
 
     def take_counts(self) -> torch.Tensor:

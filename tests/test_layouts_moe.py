@@ -3,6 +3,8 @@ the single-process HF MoE model (fp32, CPU, gloo)."""
 
 import pytest
 
+from tests.families import tiny_config as family_config
+from tests.family_matrix import compare
 from tests.layout_run import assert_matches_reference, train_layout
 from tests.multiproc import run_ranks
 from tests.reference import reference_run, tiny_config
@@ -23,7 +25,11 @@ STEADY_SEED = "--train.seed=3"
     # One expert per rank, two FSDP shards of it: experts are sharded along dim 1.
     (4, ["--model.preset=qwen3_moe", "--model.overrides.num_experts=2", "--parallel.dp_shard=4", "--parallel.ep=2",
          STEADY_SEED]),
-], ids=["mixtral-ep2", "qwen3_moe-fsdp4-ep2-sac", "deepseek_v3-hsdp2x2-ep2", "qwen3_moe-experts-shard-dim1"])
+    # The first stage holds only dense layers: it still reports (zero) expert counts with the others.
+    (2, ["--model.preset=deepseek_v3", "--model.overrides.first_k_dense_replace=2", "--parallel.pp=2",
+         "--parallel.pp_microbatches=2"]),
+], ids=["mixtral-ep2", "qwen3_moe-fsdp4-ep2-sac", "deepseek_v3-hsdp2x2-ep2", "qwen3_moe-experts-shard-dim1",
+        "deepseek_v3-pp2-dense-first-stage"])
 def test_expert_parallel_layout_matches_single_process(world_size, layout):
     cfg = tiny_config(*layout)
     assert_matches_reference(run_ranks(train_layout, world_size, cfg), reference_run(cfg))
@@ -45,3 +51,11 @@ def test_expert_parallel_layout_matches_single_process(world_size, layout):
 def test_load_balancing_matches_single_process(world_size, layout):
     cfg = tiny_config(*layout)
     assert_matches_reference(run_ranks(train_layout, world_size, cfg), reference_run(cfg))
+
+
+def test_experts_without_routing_input_train_on_one_process(tmp_path):
+    """Llama 4's experts take pre-weighted token copies, not the routing: nothing to count there,
+    and the run trains as the plain HF loop does."""
+    family_config("llama4_text").save_pretrained(tmp_path)
+    cfg = tiny_config(f"--model.path={tmp_path}/config.json")
+    assert compare(run_ranks(train_layout, 1, cfg)[0], reference_run(cfg)) == "ok"

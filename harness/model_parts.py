@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import inspect
 import re
+import sys
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -20,6 +22,8 @@ from transformers import PretrainedConfig
 _EXPERT_COUNT_FIELDS = ("num_experts", "num_local_experts", "n_routed_experts", "moe_num_experts")
 # Experts each token is routed to, by the config field each family uses.
 _TOP_K_FIELDS = ("num_experts_per_tok", "moe_topk", "moe_top_k", "top_k", "num_experts_per_token")
+# The router aux loss's weight, by the config field each family uses (JetMoE: aux_loss_coef).
+_AUX_LOSS_COEF_FIELDS = ("router_aux_loss_coef", "aux_loss_coef")
 # Final norm of the base model, by family naming (Llama-style first; LFM2 calls its final norm
 # `embedding_norm`).
 _FINAL_NORM_NAMES = ("norm", "final_layernorm", "norm_f", "ln_f", "embedding_norm", "final_layer_norm",
@@ -73,6 +77,20 @@ def experts_per_token(config: PretrainedConfig) -> int:
         if getattr(config, key, None):
             return int(getattr(config, key))
     return 0
+
+
+def aux_loss_coefficient(config: PretrainedConfig) -> float:
+    """The weight of HF's router aux loss in the training loss."""
+    for key in _AUX_LOSS_COEF_FIELDS:
+        if getattr(config, key, None) is not None:
+            return float(getattr(config, key))
+    raise ValueError(f"{config.model_type}: no router aux loss coefficient (one of {_AUX_LOSS_COEF_FIELDS})")
+
+
+def router_aux_loss_function(model: nn.Module) -> Callable | None:
+    """The family's own switch loss (`load_balancing_loss_func` of its modeling module), which its
+    forward adds with `output_router_logits`; None for a family whose forward has none."""
+    return getattr(sys.modules[type(model).__module__], "load_balancing_loss_func", None)
 
 
 def training_randomness(config: PretrainedConfig) -> dict[str, float]:

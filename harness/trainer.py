@@ -25,7 +25,7 @@ from harness.flops import flops_per_token, peak_flops_per_rank
 from harness.loss import count_tokens, token_loss_sum
 from harness.memory import peak_mib, state_mib
 from harness.metrics import MetricsLog, report_outputs
-from harness.model_parts import decoder_layers, expert_count, moe_blocks
+from harness.model_parts import aux_loss_coefficient, decoder_layers, expert_count, moe_blocks
 from harness.models import build_meta_model, load_config as load_model_config, weight_source
 from harness.parallelize import parallelize
 from harness.plan import Plan, resolved_recipe
@@ -68,7 +68,7 @@ class LastStageAuxLoss:
 
     def __init__(self, token_loss: GlobalTokenLoss, config, num_terms: int) -> None:
         self.token_loss, self.num_terms = token_loss, num_terms
-        self.coefficient, self.num_experts = config.router_aux_loss_coef, expert_count(config)
+        self.coefficient, self.num_experts = aux_loss_coefficient(config), expert_count(config)
         self.token_losses: list[torch.Tensor] = []
 
     def __call__(self, output: tuple[torch.Tensor, torch.Tensor], labels: torch.Tensor) -> torch.Tensor:
@@ -189,7 +189,7 @@ def _forward_backward(model: nn.Module, loss_fn: GlobalTokenLoss, aux_terms: int
     `position_ids` (data.document_mask) restart at each document: HF masks attention across them."""
     outputs = model(input_ids=inputs, **position_ids)
     loss = loss_fn(outputs.logits, labels)
-    total = loss + aux_loss_term(outputs, model.config, aux_terms) if aux_terms else loss
+    total = loss + aux_loss_term(outputs, aux_loss_coefficient(model.config), aux_terms) if aux_terms else loss
     total.backward()
     return loss.detach()
 

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import importlib.util
 import os
-import sys
 
 import torch
 from torch import nn
@@ -17,7 +16,8 @@ from harness.checkpoint import check_checkpoint, start_point
 from harness.config import AcMode, Config, ConfigError
 from harness.data_checks import check_corpus, check_data_config
 from harness.loss import token_loss_sum
-from harness.model_parts import check_pipeline_support, decoder_layers, expert_count, experts_per_token, moe_blocks
+from harness.model_parts import (check_pipeline_support, decoder_layers, expert_count, experts_per_token, moe_blocks,
+                                 router_aux_loss_function)
 from harness.models import build_meta_model, check_weights, load_config as load_model_config
 from harness.plan import Plan
 from harness.run_folder import RunFolder, run_folder
@@ -182,13 +182,8 @@ def _check_experts(cfg: Config, model: nn.Module, dims: ParallelDims) -> None:
                                                 for block in blocks):
         raise ConfigError("moe.bias_update_rate: aux-loss-free balancing needs routers with an "
                           "e_score_correction_bias (e.g. deepseek_v3); set it to 0 for this model")
-    if getattr(model_config, "output_router_logits", False) and dims.pp > 1:
-        family_loss = getattr(sys.modules[type(model).__module__], "load_balancing_loss_func", None)
-        if family_loss is None or not splits_over_stages(family_loss, expert_count(model_config),
-                                                         experts_per_token(model_config)):
-            raise ConfigError(f"model.overrides.output_router_logits: {model_config.model_type}'s router aux loss "
-                              "is not HF's switch loss, which pipeline stages compute from per-stage statistics; "
-                              "use parallel.pp=1 or aux-loss-free balancing")
+    if getattr(model_config, "output_router_logits", False):
+        _check_aux_loss(model, dims)
     if dims.ep == 1:
         return
     experts = expert_count(model_config)
@@ -206,6 +201,17 @@ def _check_experts(cfg: Config, model: nn.Module, dims: ParallelDims) -> None:
             check_expert_parallel_support(block.experts, dims.ep)
         except ValueError as e:
             raise ConfigError(f"parallel.ep={dims.ep}: {e}; set parallel.ep=1") from None
+
+
+def _check_aux_loss(model: nn.Module, dims: ParallelDims) -> None:
+    config, family_loss = model.config, router_aux_loss_function(model)
+    if family_loss is None:
+        raise ConfigError(f"model.overrides.output_router_logits: {config.model_type}'s forward returns no router "
+                          "aux loss; set it to false (routers with a correction bias: moe.bias_update_rate)")
+    if dims.pp > 1 and not splits_over_stages(family_loss, expert_count(config), experts_per_token(config)):
+        raise ConfigError(f"model.overrides.output_router_logits: {config.model_type}'s router aux loss is not HF's "
+                          "switch loss, which pipeline stages compute from per-stage statistics; use parallel.pp=1 "
+                          "or aux-loss-free balancing")
 
 
 def _check_checkpoint(cfg: Config, folder: RunFolder, model_config: PretrainedConfig) -> None:

@@ -22,18 +22,17 @@ import torch
 import torch.distributed as dist
 from torch import nn
 from torch.utils._python_dispatch import _disable_current_modes
-from transformers import PretrainedConfig
 
 
-def aux_loss_term(outputs, config: PretrainedConfig, num_loss_terms: int) -> torch.Tensor:
-    """`router_aux_loss_coef * outputs.aux_loss / num_loss_terms`, to add to each microbatch loss.
+def aux_loss_term(outputs, coefficient: float, num_loss_terms: int) -> torch.Tensor:
+    """`coefficient * outputs.aux_loss / num_loss_terms`, to add to each microbatch loss.
 
     `num_loss_terms`: how many microbatch losses are summed into one gradient (microbatches x
     data-parallel ranks), so the aux contribution is their mean, as the token loss is a mean.
     """
     if outputs.aux_loss is None:
         raise ValueError("model returned no aux_loss: set config.output_router_logits = True")
-    return config.router_aux_loss_coef * outputs.aux_loss / num_loss_terms
+    return coefficient * outputs.aux_loss / num_loss_terms
 
 
 def router_statistics(router_logits: tuple[torch.Tensor, ...], num_experts: int, top_k: int) -> torch.Tensor:

@@ -13,6 +13,7 @@ from transformers import PretrainedConfig
 from harness.config import Config, load_config
 from harness.data import BatchSampler, load_tokens
 from harness.loss import count_tokens, token_loss_sum
+from harness.model_parts import aux_loss_coefficient
 from harness.models import load_config as load_model_config, reference_model
 from harness.schedule import lr_factor
 
@@ -36,7 +37,7 @@ def reference_step(model: nn.Module, optimizer: torch.optim.Optimizer, inputs: t
     for start in range(0, rows, chunk):
         outputs = model(input_ids=inputs[start:start + chunk])
         token_loss = token_loss_sum(outputs.logits, labels[start:start + chunk]) / count_tokens(labels)
-        aux = outputs.aux_loss * model.config.router_aux_loss_coef * chunk / rows if with_aux else 0.0
+        aux = outputs.aux_loss * aux_loss_coefficient(model.config) * chunk / rows if with_aux else 0.0
         (token_loss + aux).backward()
         loss += token_loss.detach()
     # Adam and clipping hide a wrong gradient scale from losses and parameters; the norm shows it.

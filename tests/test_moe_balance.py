@@ -36,12 +36,12 @@ def _aux_loss(rank: int, world: int) -> tuple[float, float]:
     ref_total = 0.0
     for r in range(world):  # the same microbatches, one process
         out = reference(inputs[r::world])
-        loss = token_loss_sum(out.logits, labels[r::world]) / labels.numel() + aux_loss_term(out, config, world)
+        loss = token_loss_sum(out.logits, labels[r::world]) / labels.numel() + aux_loss_term(out, config.router_aux_loss_coef, world)
         loss.backward()
         ref_total += loss.item()
     model, _ = ep_model(config, world)
     out = model(inputs[rank::world])
-    loss = token_loss_sum(out.logits, labels[rank::world]) / labels.numel() + aux_loss_term(out, config, world)
+    loss = token_loss_sum(out.logits, labels[rank::world]) / labels.numel() + aux_loss_term(out, config.router_aux_loss_coef, world)
     loss.backward()
     total = loss.detach().clone()
     dist.all_reduce(total)

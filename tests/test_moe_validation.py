@@ -44,10 +44,12 @@ def test_aux_loss_accepted_under_pp(tmp_path, model_type: str, extra: dict) -> N
                          "--model.overrides.output_router_logits=true"), 2)
 
 
-def test_aux_loss_of_another_kind_refused_under_pp(tmp_path) -> None:
-    """AFMoE has a router-logit output but no switch loss of its own to split over stages."""
+def test_aux_loss_refused_for_a_family_without_one(tmp_path) -> None:
+    """AFMoE's config has a router-logit output but its forward computes no aux loss: refused on
+    every layout, not a crash in the first step."""
     family_config("afmoe").save_pretrained(tmp_path)
-    cfg = tiny_config(f"--model.path={tmp_path}", "--parallel.pp=2", "--model.overrides.output_router_logits=true")
-    with pytest.raises(ConfigError, match="afmoe's router aux loss is not HF's switch loss") as error:
-        validate(cfg, 2)
-    assert "\n" not in str(error.value) and "use parallel.pp=1" in str(error.value)
+    for layout in ([], ["--parallel.pp=2"]):
+        cfg = tiny_config(f"--model.path={tmp_path}", *layout, "--model.overrides.output_router_logits=true")
+        with pytest.raises(ConfigError, match="afmoe's forward returns no router aux loss") as error:
+            validate(cfg, 2)
+        assert "\n" not in str(error.value) and "set it to false" in str(error.value)

@@ -187,7 +187,8 @@ def _forward_backward(model: nn.Module, loss_fn: GlobalTokenLoss, aux_terms: int
     """Backward of the token loss plus, when the model returns one, HF's router aux loss averaged
     over the step's `aux_terms` microbatch forwards (all ranks); returns the token loss alone.
     `position_ids` (data.document_mask) restart at each document: HF masks attention across them."""
-    outputs = model(input_ids=inputs, **position_ids)
+    # No KV cache in training: recompute under activation checkpointing would append to it again.
+    outputs = model(input_ids=inputs, use_cache=False, **position_ids)
     loss = loss_fn(outputs.logits, labels)
     total = loss + aux_loss_term(outputs, aux_loss_coefficient(model.config), aux_terms) if aux_terms else loss
     total.backward()

@@ -310,3 +310,30 @@ def test_trace_off_by_default(caplog: pytest.LogCaptureFixture) -> None:
     ac.apply_activation_checkpointing(model, model.layers, "selective")
     model(torch.randn(2, 8)).sum().backward()
     assert not caplog.records
+
+
+def test_config_that_refuses_assignment_does_not_crash_ac() -> None:
+    """A config whose `use_cache` cannot be set keeps it; with use_cache=False passed to the
+    forward (as the trainer does), full AC stays bitwise equal to none."""
+    base = load_config("llama", None)
+
+    class LockedCache(type(base)):
+        def __setattr__(self, key, value):
+            if key == "use_cache" and getattr(self, "_locked", False):
+                raise AttributeError("use_cache is read-only")
+            super().__setattr__(key, value)
+
+    config = LockedCache(**base.to_dict())
+    object.__setattr__(config, "_locked", True)
+    reference, model = reference_model(config, seed=0), reference_model(config, seed=0)
+    ac.apply_activation_checkpointing(model, decoder_layers(model), "full")
+    assert config.use_cache
+    input_ids = torch.randint(0, config.vocab_size, (2, 17), generator=torch.Generator().manual_seed(1))
+    losses, grads = [], []
+    for m in (reference, model):
+        loss = m(input_ids=input_ids, labels=input_ids, use_cache=False).loss
+        loss.backward()
+        losses.append(loss.detach())
+        grads.append({n: p.grad for n, p in m.named_parameters()})
+    assert torch.equal(*losses)
+    assert all(torch.equal(grads[0][n], grads[1][n]) for n in grads[0])

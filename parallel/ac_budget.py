@@ -20,7 +20,8 @@ from typing import Any, Callable, Collection, Iterator, Sequence
 
 import torch
 from torch import nn
-from torch._subclasses.fake_tensor import FakeTensorMode
+from torch._subclasses import fake_impls
+from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
 from torch.distributed._tools.mem_tracker import MemTracker, _MemRefType
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
@@ -81,31 +82,49 @@ class BudgetPlan:
                 f"(predicted {self.predicted_bytes / 2**20:.1f} MiB)")
 
 
-@contextlib.contextmanager
-def _fake_friendly_transformers() -> Iterator[None]:
-    """Two transformers paths that read tensor values, which fake tensors do not have.
+def _grouped_mm_shape(mat_a: torch.Tensor, mat_b: torch.Tensor, offs: torch.Tensor | None) -> tuple[int, ...]:
+    """Output shape of `aten._grouped_mm` (its forward and the two GEMMs of its backward)."""
+    if mat_a.dim() == 2 and mat_b.dim() == 3:
+        return mat_a.shape[0], mat_b.shape[-1]
+    if mat_a.dim() == 3 and mat_b.dim() == 2:
+        return mat_a.shape[1], mat_b.shape[-1]
+    if mat_a.dim() == 2 and mat_b.dim() == 2:  # groups split the shared dimension
+        return offs.shape[0], mat_a.shape[0], mat_b.shape[1]
+    return mat_a.shape[0], mat_a.shape[1], mat_b.shape[-1]
 
-    - Packed-sequence detection: on fake position ids HF cannot tell there is one sequence per
-      row and builds an explicit mask (more memory, another attention kernel). The simulated
-      batch is one sequence per row, as the training batches are.
-    - Grouped GEMM: torch's meta kernel accepts only bf16 while the CPU kernel also runs fp32;
-      transformers' fallback op keeps the same shapes and saves the same tensors (input, weight).
+
+def _fake_grouped_mm(fake_mode: FakeTensorMode, func: Any, mat_a: torch.Tensor, mat_b: torch.Tensor,
+                     offs: torch.Tensor | None = None, bias: torch.Tensor | None = None,
+                     out_dtype: torch.dtype | None = None) -> Any:
+    """Fake `_grouped_mm` for the dtypes torch's meta kernel rejects (it takes bf16 only, while the
+    CPU kernel also runs fp32); bf16 goes on to the meta kernel."""
+    if mat_a.dtype == torch.bfloat16:
+        return NotImplemented
+    meta = torch.empty(_grouped_mm_shape(mat_a, mat_b, offs), dtype=out_dtype or mat_a.dtype, device="meta")
+    return FakeTensor(fake_mode, meta, mat_a.device)
+
+
+@contextlib.contextmanager
+def _fake_friendly_ops() -> Iterator[None]:
+    """Run on fake tensors what a training step runs on real ones.
+
+    - Grouped GEMM in fp32 (MoE experts on CPU): a fake kernel for the shapes (`_fake_grouped_mm`),
+      so the step runs the very op SAC's policy sees in a real run.
+    - Packed-sequence detection: on fake position ids transformers cannot tell there is one
+      sequence per row and builds an explicit mask (more memory, another attention kernel). The
+      simulated batch is one sequence per row, as the training batches are.
     """
-    import transformers.integrations.moe as hf_moe
     import transformers.masking_utils as hf_masks
 
-    saved = hf_masks.find_packed_sequence_indices, hf_moe._can_use_grouped_mm
+    grouped_mm = torch.ops.aten._grouped_mm.default
+    fake_impls.register_op_impl(grouped_mm)(_fake_grouped_mm)
+    find_packed = hf_masks.find_packed_sequence_indices
     hf_masks.find_packed_sequence_indices = lambda position_ids: None
-    can_use = saved[1]
-
-    def can_use_on_fake(input: torch.Tensor, weight: torch.Tensor, offs: torch.Tensor) -> bool:
-        return weight.dtype == torch.bfloat16 and can_use(input, weight, offs)
-
-    hf_moe._can_use_grouped_mm = can_use_on_fake
     try:
         yield
     finally:
-        hf_masks.find_packed_sequence_indices, hf_moe._can_use_grouped_mm = saved
+        hf_masks.find_packed_sequence_indices = find_packed
+        fake_impls._deregister_op_impl(grouped_mm)
 
 
 def _meta_copy(model: nn.Module, layers: Sequence[nn.Module]) -> tuple[nn.Module, list[nn.Module]]:
@@ -205,7 +224,7 @@ def simulate(model: nn.Module, layers: Sequence[nn.Module], layer_modes: Sequenc
     buffers and optimizer state) and each layer's kept bytes. `price_ops`: also price each
     layer's forward ops for full and selective recompute."""
     fake, fake_layers = _meta_copy(model, layers)
-    with _fake_friendly_transformers(), FakeTensorMode():
+    with _fake_friendly_ops(), FakeTensorMode():
         _make_fake(fake, shape)
         for mode in BUDGET_MODES:
             group = [layer for layer, m in zip(fake_layers, layer_modes) if m == mode]

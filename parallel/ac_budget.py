@@ -226,11 +226,7 @@ def simulate(model: nn.Module, layers: Sequence[nn.Module], layer_modes: Sequenc
     fake, fake_layers = _meta_copy(model, layers)
     with _fake_friendly_ops(), FakeTensorMode():
         _make_fake(fake, shape)
-        for mode in BUDGET_MODES:
-            group = [layer for layer, m in zip(fake_layers, layer_modes) if m == mode]
-            apply_activation_checkpointing(fake, group, mode, extra_save_ops=extra_save_ops)
-            wrapped = iter(group)
-            fake_layers = [next(wrapped) if m == mode else layer for layer, m in zip(fake_layers, layer_modes)]
+        apply_budget_plan(fake, fake_layers, layer_modes, extra_save_ops)
         tracker = MemTracker()
         kept = [0] * len(fake_layers)
         for index, layer in enumerate(fake_layers):

@@ -43,7 +43,7 @@ def load_config(preset: str | None, path: str | None, overrides: dict[str, Any] 
     """The HF config of a preset or of a local directory / config.json (never the network)."""
     if path:
         source = os.path.dirname(path) if path.endswith(".json") else path
-        config = AutoConfig.from_pretrained(source, local_files_only=True)
+        config = _language_model_config(AutoConfig.from_pretrained(source, local_files_only=True))
     else:
         kwargs = dict(PRESETS[preset])
         config = AutoConfig.for_model(kwargs.pop("model_type"), **kwargs)
@@ -51,6 +51,17 @@ def load_config(preset: str | None, path: str | None, overrides: dict[str, Any] 
         setattr(config, key, value)
     config.use_cache = False
     return config
+
+
+def _language_model_config(config: PretrainedConfig) -> PretrainedConfig:
+    """A multimodal checkpoint (Qwen3.5, Llama 4) whose causal-LM class runs on its text config
+    trains with that config: its sizes, experts and overrides are the text model's."""
+    text = config.get_text_config()
+    try:
+        model_class = AutoModelForCausalLM._model_mapping[type(config)]
+    except KeyError:
+        return config
+    return text if text is not config and isinstance(text, model_class.config_class) else config
 
 
 def build_meta_model(config: PretrainedConfig) -> nn.Module:

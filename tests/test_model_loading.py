@@ -126,3 +126,25 @@ def test_bad_checkpoint_is_one_line_before_training(tmp_path, damage, flags, exp
         validate(tiny_config(f"--model.path={path}", *flags), 1)
     message = str(error.value)
     assert message.startswith(f"model.path={path}: ") and expected in message and "\n" not in message
+
+
+def test_multimodal_checkpoint_trains_its_language_model(tmp_path):
+    """A Qwen3.5-MoE image-text checkpoint (`model.language_model.*` keys, a vision tower):
+    AutoModelForCausalLM builds its text model, so the run does too, sized and overridden by the
+    text config, loaded from the checkpoint's language-model tensors."""
+    from transformers import AutoConfig, AutoModelForImageTextToText
+
+    from tests.families import tiny_config as family_config
+    from tests.family_matrix import compare
+    from tests.layout_run import train_layout
+    from tests.reference import reference_run
+
+    text = family_config("qwen3_5_moe_text")
+    vision = AutoConfig.for_model("qwen3_5_moe").vision_config.to_dict()
+    vision.update(depth=1, hidden_size=32, intermediate_size=32, num_heads=2, out_hidden_size=text.hidden_size)
+    config = AutoConfig.for_model("qwen3_5_moe", text_config=text.to_dict(), vision_config=vision)
+    AutoModelForImageTextToText.from_config(config).save_pretrained(tmp_path)
+    assert type(load_config(None, str(tmp_path))) is type(text)
+    cfg = tiny_config(f"--model.path={tmp_path}", "--parallel.pp=2", "--parallel.pp_microbatches=2",
+                      "--model.overrides.output_router_logits=true")
+    assert compare(run_ranks(train_layout, 2, cfg)[0], reference_run(cfg)) == "ok"

@@ -75,20 +75,23 @@ def run_layout(layout: str, recipes: dict[str, Config]) -> dict[str, str]:
 
 
 def compare(result: tuple, reference: tuple) -> str:
-    """'ok' when every step's loss is within 1e-5 of the one-process run and its gradient norm
-    within 1e-4 relative; else 'mismatch: ...'.
+    """'ok' when the first step's loss is within 1e-5 of the one-process run and its gradient
+    norm within 1e-5 relative (the layout's forward and gradients, before any update), and every
+    later step within 1e-4 and 1e-3; else 'mismatch: ...'.
 
-    Parameters are not compared here (the preset layout tests do): across ~120 families, Adam
-    turns reduction-order noise on entries whose gradient is ~0 (dead ReLU units, an expert a
-    near-tied token reaches in one run and not the other) into differences of up to the learning
-    rate, e.g. 2.5e-4 in Arcee's o_proj after three one-process steps whose losses agree to 1e-6.
-    A wrong layout moves the losses and norms of the steps after it."""
+    Later steps are looser because AdamW's first update, lr * g / (|g| + eps), turns the
+    summation-order noise of a gradient entry below eps into a weight change of up to lr * noise /
+    eps: Arcee under pp=2 matches step 1 exactly, then drifts to 3.7e-5 in loss by step 3 with two
+    pipeline microbatches and stays at 1.4e-6 with one. Parameters are not compared here for the
+    same reason (the preset layout tests do). A dropped family piece or a wrong gradient scale
+    shows at step 1."""
     (losses, norms, _), (ref_losses, ref_norms, _) = result, reference
-    loss_gap = max(abs(a - b) for a, b in zip(losses, ref_losses))
-    norm_gap = max(abs(a - b) / max(abs(b), 1e-12) for a, b in zip(norms, ref_norms))
-    if loss_gap <= 1e-5 and norm_gap <= 1e-4:
+    loss_gaps = [abs(a - b) for a, b in zip(losses, ref_losses)]
+    norm_gaps = [abs(a - b) / max(abs(b), 1e-12) for a, b in zip(norms, ref_norms)]
+    if loss_gaps[0] <= 1e-5 and norm_gaps[0] <= 1e-5 and max(loss_gaps) <= 1e-4 and max(norm_gaps) <= 1e-3:
         return "ok"
-    return f"mismatch: loss off by {loss_gap:.1e}, gradient norm by {norm_gap:.1e} (relative)"
+    return (f"mismatch: step 1 loss off by {loss_gaps[0]:.1e}, gradient norm by {norm_gaps[0]:.1e} (relative); "
+            f"at most {max(loss_gaps):.1e} and {max(norm_gaps):.1e} over {len(losses)} steps")
 
 
 def is_moe(family: str) -> bool:

@@ -60,8 +60,8 @@ class _CopyOnMutate(TorchDispatchMode):
         kwargs = kwargs or {}
         if not _written_arguments(func) or not self.storage:
             return func(*args, **kwargs)
-        targets = {t.untyped_storage().data_ptr() for t in _mutated_args(func, args, kwargs)
-                   if t.device.type != "meta"}
+        # Storage identity, not data_ptr: meta and fake tensors all report address 0.
+        targets = {t.untyped_storage()._cdata for t in _mutated_args(func, args, kwargs)}
         if targets:
             self._copy_cached(targets)
         return func(*args, **kwargs)
@@ -69,7 +69,7 @@ class _CopyOnMutate(TorchDispatchMode):
     def _copy_cached(self, targets: set[int]) -> None:
         for wrapper in _cache_entries(self.storage):
             value = getattr(wrapper, "val", None)
-            if isinstance(value, torch.Tensor) and value.untyped_storage().data_ptr() in targets:
+            if isinstance(value, torch.Tensor) and value.untyped_storage()._cdata in targets:
                 # Hidden from the modes below: the caching mode must not count the copy as an op
                 # of the region, or forward and recompute would disagree on op order.
                 with _disable_current_modes():

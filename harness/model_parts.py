@@ -163,12 +163,6 @@ def final_norm(model: nn.Module) -> nn.Module | None:
     return None if isinstance(norm, SkipLayer) else norm
 
 
-def replace_final_norm(model: nn.Module, replacement: nn.Module) -> None:
-    name = _final_norm_name(model)
-    assert name is not None, f"{type(model).__name__}: no final norm"
-    setattr(base_model(model), name, replacement)
-
-
 def remove_embeddings(model: nn.Module) -> None:
     """Drops the token embeddings (a later pipeline stage receives hidden states instead)."""
     inner, embedding = base_model(model), model.get_input_embeddings()
@@ -176,10 +170,49 @@ def remove_embeddings(model: nn.Module) -> None:
     setattr(inner, name, None)
 
 
+def remove_lm_head(model: nn.Module) -> None:
+    """Drops the LM head (`lm_head`, BioGPT's `output_projection`, ...): an earlier pipeline stage
+    returns hidden states."""
+    head = model.get_output_embeddings()
+    name = next(n for n, child in model.named_children() if child is head)
+    setattr(model, name, None)
+
+
 def has_tied_embeddings(model: nn.Module) -> bool:
     """Whether the LM head is the input embedding's weight (tie_word_embeddings and its aliases)."""
     head, embedding = lm_head(model), embeddings(model)
     return head is not None and embedding is not None and head.weight is embedding.weight
+
+
+class InputSideStandIn(nn.Module):
+    """Stands in, on a pipeline stage without the embeddings, for a part that works on the token
+    embeddings (GPT-2's position table, BLOOM's embedding norm): whatever it returns is replaced
+    by the received hidden states at the stage's first module, so only its shape matters. A table
+    (an `nn.Embedding`) gives zero rows for its indices; anything else returns its input."""
+
+    def __init__(self, replaced: nn.Module) -> None:
+        super().__init__()
+        self.embedding_dim = replaced.embedding_dim if isinstance(replaced, nn.Embedding) else None
+
+    def forward(self, first: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        if self.embedding_dim is None:
+            return first
+        return torch.zeros(*first.shape, self.embedding_dim, device=first.device)
+
+
+def base_parts_around_layers(model: nn.Module) -> tuple[list[str], list[str]]:
+    """Children of the base model that hold parameters, other than the embeddings, layers and
+    rotary embedding, in model order: those registered before the layers (they work on the token
+    embeddings: GPT-2's position table, BLOOM's embedding norm) and after them (the final norm,
+    whatever a family calls it)."""
+    inner, layers = base_model(model), layer_list(model)
+    skipped = {embeddings(model), layers, rotary_embedding(model)}
+    before, after, seen_layers = [], [], False
+    for name, child in inner.named_children():
+        seen_layers = seen_layers or child is layers
+        if child not in skipped and any(True for _ in child.parameters()):
+            (after if seen_layers else before).append(name)
+    return before, after
 
 
 def check_pipeline_support(model: nn.Module) -> None:
@@ -189,13 +222,14 @@ def check_pipeline_support(model: nn.Module) -> None:
     if getattr(config, "hidden_size_per_layer_input", None):
         raise ValueError(f"{config.model_type}: per-layer inputs are computed from the token ids, which only the "
                          "first pipeline stage receives; use parallel.pp=1")
-    inner, known = base_model(model), {embeddings(model), layer_list(model), final_norm(model), rotary_embedding(model)}
-    # Parameters of other base-model parts (GPT-2's position table, BLOOM's embedding norm) run on
-    # the first stage only, but every stage would hold and checkpoint a copy.
-    extra = [name for name, child in inner.named_children() if child not in known and any(True for _ in child.parameters())]
-    if extra:
-        raise ValueError(f"{config.model_type}: the base model has parameters outside its embeddings, layers and final "
-                         f"norm ({', '.join(extra)}), which pipeline stages do not split; use parallel.pp=1")
+    # A part after the layers runs on the last stage only; earlier stages pass their hidden states
+    # through in its place, which is right for a norm (its parameters are vectors) and nothing else.
+    _, after = base_parts_around_layers(model)
+    inner = base_model(model)
+    not_norms = [name for name in after if any(p.dim() > 1 for p in getattr(inner, name).parameters())]
+    if not_norms:
+        raise ValueError(f"{config.model_type}: the base model has parts after its layers that are not norms "
+                         f"({', '.join(not_norms)}), which pipeline stages cannot pass through; use parallel.pp=1")
     skip_layer_for(model)
 
 

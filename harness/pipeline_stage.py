@@ -7,7 +7,9 @@ whatever a family does around its layers (embedding multipliers, rotary tables p
 mask kinds, logit scales and soft-caps) is not re-implemented here:
 
 - layers a stage does not own become parameter-free pass-throughs (`model_parts.SkipLayer`), and
-  a final norm it does not own becomes one too;
+  a final norm it does not own becomes one too; other parts of the base model go with the
+  embeddings when they come before the layers (GPT-2's position table, BLOOM's embedding norm:
+  other stages get a stand-in of the right shape) and with the final norm when they come after;
 - the first stage takes token ids; a later stage hands HF's forward placeholder embeddings of
   zeros and swaps the hidden states it received in at the input of its first module, so
   post-embedding scaling is not applied twice;
@@ -40,14 +42,15 @@ from parallel.tied_stages import TiedAcrossStages, first_last_stage_group
 class _StageRole:
     takes_ids: bool  # owns the embeddings
     returns_logits: bool  # owns the head
-    entry: str  # where received hidden states enter: "layer:<i>", "norm" or "head"
+    entry: str  # where received hidden states enter: "layer:<i>", "base:<final norm's name>" or "head"
     router_stats: tuple[int, int] | None  # (experts, top-k) when stages carry router statistics
 
 
 def _entry_module(stage: nn.Module, entry: str) -> nn.Module:
-    if entry.startswith("layer:"):
-        return model_parts.layer_list(stage)[int(entry.split(":")[1])]
-    return model_parts.final_norm(stage) if entry == "norm" else model_parts.lm_head(stage)
+    kind, _, name = entry.partition(":")
+    if kind == "layer":
+        return model_parts.layer_list(stage)[int(name)]
+    return getattr(model_parts.base_model(stage), name) if kind == "base" else model_parts.lm_head(stage)
 
 
 def _swap_in(received: torch.Tensor, module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
@@ -87,19 +90,25 @@ def _stage_forward(self: nn.Module, inputs: torch.Tensor,
 def _prune(causal_lm: nn.Module, module_names: list[str]) -> _StageRole:
     owned = set(module_names)
     inner = model_parts.base_model(causal_lm)
+    # Parts around the layers go with the embeddings (before them) or the final norm (after).
+    before, after = model_parts.base_parts_around_layers(causal_lm)
+    if EMBEDDINGS not in owned:
+        for name in before:
+            setattr(inner, name, model_parts.InputSideStandIn(getattr(inner, name)))
+    if FINAL_NORM not in owned:
+        for name in after:
+            setattr(inner, name, model_parts.SkipLayer())
     layers = model_parts.layer_list(causal_lm)
     skip = model_parts.skip_layer_for(causal_lm)
     kept = [i for i in range(len(layers)) if layer_name(i) in owned]
     for i in range(len(layers)):
         if i not in kept:
             layers[i] = skip(layers[i])
-    if FINAL_NORM not in owned:
-        model_parts.replace_final_norm(causal_lm, model_parts.SkipLayer())
     if EMBEDDINGS not in owned:
         model_parts.remove_embeddings(causal_lm)
     if LM_HEAD not in owned:
-        causal_lm.lm_head = None
-    entry = f"layer:{kept[0]}" if kept else "norm" if FINAL_NORM in owned else "head"
+        model_parts.remove_lm_head(causal_lm)
+    entry = f"layer:{kept[0]}" if kept else f"base:{after[0]}" if FINAL_NORM in owned and after else "head"
     assert inner is model_parts.base_model(causal_lm)
     config = causal_lm.config
     stats = ((model_parts.expert_count(config), model_parts.experts_per_token(config))

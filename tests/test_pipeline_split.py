@@ -120,13 +120,32 @@ def test_stages_of_every_family_chain_to_the_whole_model(family):
     _assert_chain_is_the_whole_model(stages, reference)
 
 
+# Parts of the base model around the layers: GPT-2's and StarCoder's position tables, BLOOM's
+# embedding norm and BioGPT's scaled positions go with the embeddings; BioGPT's and CTRL's final
+# norms (not named like Llama's) and BioGPT's head (`output_projection`) with the last stage.
+@pytest.mark.parametrize("family", ["gpt2", "gpt_bigcode", "bloom", "biogpt", "ctrl"])
+@pytest.mark.parametrize("layers_per_stage", [[1, 2, 1], [0, 3, 1], [1, 3, 0]])
+def test_parts_around_the_layers_go_with_the_first_and_last_stage(family, layers_per_stage):
+    config = tiny_family(family)
+    config.use_cache = False
+    reference = reference_model(config, seed=0)
+    build = stage_builder(build_meta_model(config))
+    stages = [build(names) for names in stage_module_names(config.num_hidden_layers, 3, layers_per_stage)]
+    keys = [key for stage in stages for key in stage.state_dict()]
+    assert sorted(keys) == sorted(reference.state_dict())  # each part on exactly one stage
+    for stage in stages:
+        materialize(stage, reference, "cpu")
+    _assert_chain_is_the_whole_model(stages, reference)
+
+
 def test_a_family_stages_cannot_carry_is_refused_before_any_process(tmp_path):
-    # GPT-2 adds a position table after the embeddings, on the first stage only.
-    config = tiny_family("gpt2")
+    # DeepSeek-V4 merges its hyper-connection streams after the layers (hc_head): not a norm that
+    # an earlier stage could pass its hidden states through in place of.
+    config = tiny_family("deepseek_v4")
     config.save_pretrained(tmp_path)
     cfg = tiny_config(f"--model.path={tmp_path}/config.json", "--parallel.pp=2", "--parallel.dp_shard=1",
                       "--parallel.pp_microbatches=2")
-    with pytest.raises(ConfigError, match=r"parameters outside its embeddings, layers and final norm \(wpe\)"):
+    with pytest.raises(ConfigError, match=r"parts after its layers that are not norms \(hc_head\)"):
         validate(cfg, 2)
     # Gemma 3n computes per-layer inputs from the token ids, which only the first stage receives.
     with pytest.raises(ValueError, match="per-layer inputs .* use parallel.pp=1"):

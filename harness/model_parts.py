@@ -8,8 +8,10 @@ teaching the harness a new family's layout is an edit here and nowhere else. `pa
 
 from __future__ import annotations
 
+import ast
 import inspect
 import re
+import textwrap
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -107,7 +109,7 @@ def base_model(model: nn.Module) -> nn.Module:
     decoder = model.get_decoder() if hasattr(model, "get_decoder") else model
     # `get_decoder` answers the causal LM itself (Llama 4) or its head (ModernBERT decoder) for
     # some families; their base model is where the layers are.
-    if decoder is model or not any(True for _ in decoder.children()):
+    if decoder is None or decoder is model or not any(True for _ in decoder.children()):
         decoder = getattr(model, "base_model", model)
     if decoder is model:
         decoder = getattr(model, "model", model)
@@ -170,12 +172,14 @@ def remove_embeddings(model: nn.Module) -> None:
     setattr(inner, name, None)
 
 
-def remove_lm_head(model: nn.Module) -> None:
-    """Drops the LM head (`lm_head`, BioGPT's `output_projection`, ...): an earlier pipeline stage
-    returns hidden states."""
-    head = model.get_output_embeddings()
-    name = next(n for n, child in model.named_children() if child is head)
-    setattr(model, name, None)
+def remove_head(model: nn.Module) -> None:
+    """Drops every part of the causal LM outside its base model (the LM head under any name:
+    `lm_head`, BioGPT's `output_projection`; ModernBERT's prediction head and decoder): an
+    earlier pipeline stage returns hidden states."""
+    inner = base_model(model)
+    for name, child in list(model.named_children()):
+        if child is not inner and inner not in set(child.modules()) and any(True for _ in child.parameters()):
+            setattr(model, name, None)
 
 
 def has_tied_embeddings(model: nn.Module) -> bool:
@@ -201,18 +205,43 @@ class InputSideStandIn(nn.Module):
 
 
 def base_parts_around_layers(model: nn.Module) -> tuple[list[str], list[str]]:
-    """Children of the base model that hold parameters, other than the embeddings, layers and
-    rotary embedding, in model order: those registered before the layers (they work on the token
-    embeddings: GPT-2's position table, BLOOM's embedding norm) and after them (the final norm,
-    whatever a family calls it)."""
-    inner, layers = base_model(model), layer_list(model)
+    """Children of the base model a pipeline stage must place, besides the embeddings, layers and
+    rotary embedding (the final norm, and every part that holds parameters), split by where the
+    base model's forward calls them: before its layer loop (on the token embeddings: GPT-2's
+    position table, BLOOM's embedding norm) or after it (the final norm, whatever its name).
+    Raises ValueError for a part called on both sides of the loop, in it, or not by the forward."""
+    inner, layers, norm = base_model(model), layer_list(model), final_norm(model)
     skipped = {embeddings(model), layers, rotary_embedding(model)}
-    before, after, seen_layers = [], [], False
+    forward = ast.parse(textwrap.dedent(inspect.getsource(type(inner).forward)))
+    loops = [node for node in ast.walk(forward) if isinstance(node, ast.For) and _iterates_layers(node, inner, layers)]
+    if len(loops) != 1:
+        raise ValueError(f"{type(model).__name__}: its forward does not run its layers in one loop; use parallel.pp=1")
+    loop = loops[0]
+    calls: dict[str, list[int]] = {}
+    for node in ast.walk(forward):
+        if (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute)
+                and isinstance(node.func.value, ast.Name) and node.func.value.id == "self"):
+            calls.setdefault(node.func.attr, []).append(node.lineno)
+    before, after = [], []
     for name, child in inner.named_children():
-        seen_layers = seen_layers or child is layers
-        if child not in skipped and any(True for _ in child.parameters()):
-            (after if seen_layers else before).append(name)
+        if child in skipped or (child is not norm and not any(True for _ in child.parameters())):
+            continue
+        lines = calls.get(name, [])
+        if lines and all(line < loop.lineno for line in lines):
+            before.append(name)
+        elif lines and all(line > loop.end_lineno for line in lines):
+            after.append(name)
+        else:
+            where = "inside or on both sides of its layer loop" if lines else "only through other code"
+            raise ValueError(f"{type(model).__name__}: its forward runs {name} {where}, which pipeline stages "
+                             "cannot split; use parallel.pp=1")
     return before, after
+
+
+def _iterates_layers(loop: ast.For, inner: nn.Module, layers: nn.ModuleList) -> bool:
+    """`for layer in self.layers[...]` / `enumerate(self.layers)`: the loop over `layers`."""
+    return any(isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name) and node.value.id == "self"
+               and getattr(inner, node.attr, None) is layers for node in ast.walk(loop.iter))
 
 
 def check_pipeline_support(model: nn.Module) -> None:
@@ -222,10 +251,14 @@ def check_pipeline_support(model: nn.Module) -> None:
     if getattr(config, "hidden_size_per_layer_input", None):
         raise ValueError(f"{config.model_type}: per-layer inputs are computed from the token ids, which only the "
                          "first pipeline stage receives; use parallel.pp=1")
+    inner = base_model(model)
+    container = next((name for name, child in inner.named_children() if embeddings(model) in set(child.modules())), None)
+    if container is not None and getattr(inner, container) is not embeddings(model):
+        raise ValueError(f"{config.model_type}: its token embeddings sit inside {container} with other parts, which "
+                         "pipeline stages do not split; use parallel.pp=1")
     # A part after the layers runs on the last stage only; earlier stages pass their hidden states
     # through in its place, which is right for a norm (its parameters are vectors) and nothing else.
     _, after = base_parts_around_layers(model)
-    inner = base_model(model)
     not_norms = [name for name in after if any(p.dim() > 1 for p in getattr(inner, name).parameters())]
     if not_norms:
         raise ValueError(f"{config.model_type}: the base model has parts after its layers that are not norms "

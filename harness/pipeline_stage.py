@@ -107,7 +107,7 @@ def _prune(causal_lm: nn.Module, module_names: list[str]) -> _StageRole:
     if EMBEDDINGS not in owned:
         model_parts.remove_embeddings(causal_lm)
     if LM_HEAD not in owned:
-        model_parts.remove_lm_head(causal_lm)
+        model_parts.remove_head(causal_lm)
     entry = f"layer:{kept[0]}" if kept else f"base:{after[0]}" if FINAL_NORM in owned and after else "head"
     assert inner is model_parts.base_model(causal_lm)
     config = causal_lm.config

@@ -121,9 +121,9 @@ def test_stages_of_every_family_chain_to_the_whole_model(family):
 
 
 # Parts of the base model around the layers: GPT-2's and StarCoder's position tables, BLOOM's
-# embedding norm and BioGPT's scaled positions go with the embeddings; BioGPT's and CTRL's final
+# embedding norm and BioGPT's and OPT's positions go with the embeddings; BioGPT's and CTRL's final
 # norms (not named like Llama's) and BioGPT's head (`output_projection`) with the last stage.
-@pytest.mark.parametrize("family", ["gpt2", "gpt_bigcode", "bloom", "biogpt", "ctrl"])
+@pytest.mark.parametrize("family", ["gpt2", "gpt_bigcode", "bloom", "biogpt", "ctrl", "opt"])
 @pytest.mark.parametrize("layers_per_stage", [[1, 2, 1], [0, 3, 1], [1, 3, 0]])
 def test_parts_around_the_layers_go_with_the_first_and_last_stage(family, layers_per_stage):
     config = tiny_family(family)
@@ -147,6 +147,9 @@ def test_a_family_stages_cannot_carry_is_refused_before_any_process(tmp_path):
                       "--parallel.pp_microbatches=2")
     with pytest.raises(ConfigError, match=r"parts after its layers that are not norms \(hc_head\)"):
         validate(cfg, 2)
+    # NanoChat runs its final norm before the layers too: no stage split keeps both calls.
+    with pytest.raises(ValueError, match="runs norm inside or on both sides of its layer loop"):
+        check_pipeline_support(build_meta_model(tiny_family("nanochat")))
     # Gemma 3n computes per-layer inputs from the token ids, which only the first stage receives.
     with pytest.raises(ValueError, match="per-layer inputs .* use parallel.pp=1"):
         check_pipeline_support(build_meta_model(AutoConfig.for_model("gemma3n_text")))

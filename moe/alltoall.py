@@ -9,7 +9,7 @@ import torch
 import torch.distributed as dist
 
 from moe import ops  # noqa: F401  (registers torch.ops.harness.ep_dispatch / ep_combine)
-from moe.routing import Routed, dense_routing
+from moe.routing import Routed, dense_routing, routed_ids
 
 
 @dataclass
@@ -36,9 +36,11 @@ class AllToAllDispatcher:
     def dispatch(self, x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor,
                  num_experts: int) -> tuple[Routed, _AllToAllHandle]:
         num_local = num_experts // self.world
-        dest = topk_ids // num_local  # [tokens, k]: rank holding each routed expert
-        visits = torch.zeros(x.shape[0], self.world, dtype=torch.bool, device=x.device)
-        visits.scatter_(1, dest, True)
+        topk_ids = routed_ids(topk_ids, num_experts)
+        # [tokens, k]: rank holding each routed expert; a spare column for ids routed nowhere.
+        dest = torch.where(topk_ids >= 0, topk_ids // num_local, self.world)
+        visits = torch.zeros(x.shape[0], self.world + 1, dtype=torch.bool, device=x.device)
+        visits = visits.scatter_(1, dest, True)[:, :self.world]
         # One row per (token, destination rank), ordered by rank, then token.
         rank_of_row, token_index = visits.t().nonzero(as_tuple=True)
         send_counts = visits.sum(0)

@@ -22,7 +22,7 @@ import torch.distributed as dist
 from moe.deep_ep_runtime import (check_bf16, define_combine, ensure_buffer, fake_handle_id, get_buffer,
                                  get_handle, hosts_of, load_deep_ep, release_handle, release_unless_backward,
                                  store_handle)
-from moe.routing import Routed, dense_routing
+from moe.routing import Routed, dense_routing, routed_ids
 
 _BACKEND = "deepep"
 # Intranode kernels: all ranks of the group on one NVLink host, in groups of these sizes.
@@ -126,7 +126,8 @@ class DeepEPDispatcher:
         check_bf16(self.name, x)
         self._ensure_buffer(x)
         recv_x, recv_ids, recv_weights, handle_id = torch.ops.deepep.dispatch(
-            x.contiguous(), topk_ids.to(self._index_dtype).contiguous(), topk_weights.float().contiguous(),
+            x.contiguous(), routed_ids(topk_ids, num_experts).to(self._index_dtype).contiguous(),
+            topk_weights.float().contiguous(),
             num_experts, self.group_name)
         # The kernels carry weights as fp32; the experts use them in the router's dtype, as with alltoall.
         weights = recv_weights.to(topk_weights.dtype)

@@ -19,7 +19,7 @@ import torch.distributed as dist
 from moe.deep_ep_runtime import (check_bf16, define_combine, ensure_buffer, fake_handle_id, get_buffer,
                                  get_handle, load_deep_ep, release_handle, release_unless_backward,
                                  store_handle)
-from moe.routing import Routed, dense_routing
+from moe.routing import Routed, dense_routing, routed_ids
 
 _BACKEND = "hybridep"
 
@@ -117,7 +117,7 @@ class HybridEPDispatcher:
         check_bf16(self.name, x)
         num_local = num_experts // self.world
         self._ensure_buffer(x, num_local)
-        routing_map, probs = dense_routing(topk_ids.long(), topk_weights.float(), num_experts)
+        routing_map, probs = dense_routing(routed_ids(topk_ids.long(), num_experts), topk_weights.float(), num_experts)
         recv_x, recv_probs, local_map, handle_id = torch.ops.hybridep.dispatch(
             x.contiguous(), routing_map.contiguous(), probs.contiguous(), num_local, self.group_name)
         # The kernels carry probabilities as fp32; the experts use them in the router's dtype.

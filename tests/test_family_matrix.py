@@ -13,13 +13,16 @@ import pytest
 from tests.family_matrix import LAYOUTS, family_recipes, is_moe, run_layout
 
 DENSE = ["cohere", "granite", "gemma2", "gemma3_text", "falcon_h1", "qwen3_next", "lfm2", "gpt2"]
-MOE = ["qwen3_moe", "gpt_oss", "olmoe", "jetmoe", "glm4_moe", "deepseek_v2"]
+MOE = ["qwen3_moe", "gpt_oss", "olmoe", "jetmoe", "glm4_moe", "deepseek_v2", "deepseek_v4"]
 TESTED_LAYOUTS = ["1 process", "pp=2, selective AC", "dp_shard=2, full AC", "ep=2, selective AC",
                   "pp=2, HF aux loss"]
 # The cells validation must refuse (and why); every other cell must match the one-process run.
 REFUSED = {("jetmoe", "ep=2, selective AC"): "not transformers' fused experts modules",
            ("glm4_moe", "pp=2, HF aux loss"): "forward returns no router aux loss",
-           ("deepseek_v2", "pp=2, HF aux loss"): "forward returns no router aux loss"}
+           ("deepseek_v2", "pp=2, HF aux loss"): "forward returns no router aux loss",
+           # Hyper-connection streams merged after the layers (hash-routed MoE layers: under ep).
+           ("deepseek_v4", "pp=2, selective AC"): "parts after its layers that are not norms (hc_head)",
+           ("deepseek_v4", "pp=2, HF aux loss"): "parts after its layers that are not norms (hc_head)"}
 
 
 @pytest.fixture(scope="module")

@@ -31,7 +31,7 @@ def _experts(config) -> Qwen3MoeExperts:
 
 
 def _routing(case: str, tokens: int) -> torch.Tensor:
-    """[tokens, k] expert ids, distinct per row."""
+    """[tokens, k] expert ids, distinct per row but in the last case."""
     row = torch.arange(tokens).unsqueeze(1)
     if case == "one_expert":
         return torch.full((tokens, 1), 3)
@@ -40,6 +40,9 @@ def _routing(case: str, tokens: int) -> torch.Tensor:
     if case == "topk_over_experts_per_rank":  # k=5 > 2 experts per rank: some ranks get 2 of a row's experts
         return torch.stack([torch.randperm(NUM_EXPERTS, generator=torch.Generator().manual_seed(t))[:5]
                             for t in range(tokens)]) if tokens else torch.empty(0, 5, dtype=torch.long)
+    if case == "repeated_and_unrouted_ids":  # a hash router's table: an expert twice, or the padding id
+        return torch.stack([row[:, 0] % NUM_EXPERTS, row[:, 0] % NUM_EXPERTS,
+                            torch.where(row[:, 0] % 3 == 0, NUM_EXPERTS, (row[:, 0] + 5) % NUM_EXPERTS)], 1)
     raise AssertionError(case)
 
 
@@ -57,7 +60,7 @@ def _inputs(case: str, config) -> list[tuple[torch.Tensor, torch.Tensor, torch.T
 
 
 def _minimum_rows(ids: torch.Tensor, experts_per_rank: int) -> int:
-    return sum(len(set((row // experts_per_rank).tolist())) for row in ids)
+    return sum(len(set((row[row < NUM_EXPERTS] // experts_per_rank).tolist())) for row in ids)
 
 
 def _max_diff(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -102,7 +105,8 @@ def _check_case(rank: int, world: int, case: str) -> dict:
 
 def _all_cases(rank: int, world: int) -> dict:
     return {case: _check_case(rank, world, case)
-            for case in ("one_expert", "rank0_receives_nothing", "topk_over_experts_per_rank")}
+            for case in ("one_expert", "rank0_receives_nothing", "topk_over_experts_per_rank",
+                         "repeated_and_unrouted_ids")}
 
 
 def test_skewed_routings_match_hf_experts_and_dispatch_sends_each_token_once_per_rank() -> None:

@@ -58,10 +58,14 @@ def _hf_case(preset: str, mode: str) -> None:
     else:
         assert all(isinstance(layer, CheckpointWrapper) for layer in layers)
         assert all(getattr(layer, SELECTIVE_AC_WRAPPER_FLAG, False) == (mode == "selective") for layer in layers)
-    # Wrapping leaves the state-dict keys canonical.
-    assert model.state_dict().keys() == reference.state_dict().keys()
+    _assert_bitwise_step(reference, model, seq_len=33)
 
-    input_ids = torch.randint(0, config.vocab_size, (2, 33), generator=torch.Generator().manual_seed(1))
+
+def _assert_bitwise_step(reference: torch.nn.Module, model: torch.nn.Module, seq_len: int) -> None:
+    """Wrapping left the state-dict keys canonical, and one training step's loss and gradients
+    are bitwise those of the unwrapped model."""
+    assert model.state_dict().keys() == reference.state_dict().keys()
+    input_ids = torch.randint(0, reference.config.vocab_size, (2, seq_len), generator=torch.Generator().manual_seed(1))
     expected_loss, expected = lm_loss_and_grads(reference, input_ids)
     loss, grads = lm_loss_and_grads(model, input_ids)
     assert torch.equal(expected_loss, loss)
@@ -108,9 +112,4 @@ def test_submodule_ac_wraps_hybrid_mixers_bitwise(family: str) -> None:
     apply_activation_checkpointing(model, decoder_layers(model), "submodule")
     wrapped = [getattr(layer, _MIXERS[family], None) for layer in decoder_layers(model)]
     assert any(isinstance(child, CheckpointWrapper) for child in wrapped), f"{family}: no {_MIXERS[family]} wrapped"
-    assert model.state_dict().keys() == reference.state_dict().keys()
-    input_ids = torch.randint(0, config.vocab_size, (2, 17), generator=torch.Generator().manual_seed(1))
-    expected_loss, expected = lm_loss_and_grads(reference, input_ids)
-    loss, grads = lm_loss_and_grads(model, input_ids)
-    assert torch.equal(expected_loss, loss)
-    assert_bitwise(expected, grads)
+    _assert_bitwise_step(reference, model, seq_len=17)

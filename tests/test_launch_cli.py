@@ -64,7 +64,8 @@ def test_help_lists_the_recipe_sections_and_fields(capsys):
     assert text.startswith("usage: python -m launch [torchrun flags]")
     for expected in ["  run:", "    --run.name  (str | null, default null)",
                      "    --parallel.pp_schedule  (GPipe | 1F1B | Interleaved1F1B",
-                     "    --ac.mode  (bool | none | full | selective | submodule, default none)",
+                     "    --ac.mode  (bool | none | full | selective | submodule | budget, default none)",
                      "        activation checkpointing; true = full, false = none",
+                     "    --ac.budget_mib  (float | null, default null)",
                      "    --checkpoint.load_weights_only  (bool, default false)"]:
         assert expected in text, expected

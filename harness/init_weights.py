@@ -42,12 +42,18 @@ class SeededInit:
     def fill(self, module_name: str, module: nn.Module, targets: dict[str, Target]) -> None:
         """Initialises the module's tensors named in `targets` (its direct parameters and buffers)."""
         originals = {}
-        for attr, target in targets.items():
-            store = module._parameters if attr in module._parameters else module._buffers
-            originals[attr] = store, store[attr]
-            # Zeros, not empty: a tensor the family's init leaves alone must still be the same everywhere.
-            full = torch.zeros(target.global_shape, dtype=target.local.dtype)
-            store[attr] = nn.Parameter(full, requires_grad=False) if store is module._parameters else full
+        for store in (module._parameters, module._buffers):
+            for attr, tensor in store.items():
+                if tensor is None:
+                    continue
+                originals[attr] = store, tensor
+                # Zeros, not empty: a tensor the family's init leaves alone must still be the same
+                # everywhere. A tensor not in `targets` (a tied weight its first owner filled, e.g.
+                # CTRL's head next to its bias) gets a throwaway stand-in: the init must not draw
+                # into the real one, whose shards would each draw from another stream.
+                shape = targets[attr].global_shape if attr in targets else tensor.shape
+                full = torch.zeros(shape, dtype=tensor.dtype)
+                store[attr] = nn.Parameter(full, requires_grad=False) if store is module._parameters else full
         try:
             with torch.random.fork_rng(devices=[]):
                 torch.manual_seed(module_seed(self.seed, module_name))

@@ -41,19 +41,14 @@ class SeededInit:
 
     def fill(self, module_name: str, module: nn.Module, targets: dict[str, Target]) -> None:
         """Initialises the module's tensors named in `targets` (its direct parameters and buffers)."""
-        originals = {}
-        for store in (module._parameters, module._buffers):
-            for attr, tensor in store.items():
-                if tensor is None:
-                    continue
-                originals[attr] = store, tensor
-                # Zeros, not empty: a tensor the family's init leaves alone must still be the same
-                # everywhere. A tensor not in `targets` (a tied weight its first owner filled, e.g.
-                # CTRL's head next to its bias) gets a throwaway stand-in: the init must not draw
-                # into the real one, whose shards would each draw from another stream.
-                shape = targets[attr].global_shape if attr in targets else tensor.shape
-                full = torch.zeros(shape, dtype=tensor.dtype)
-                store[attr] = nn.Parameter(full, requires_grad=False) if store is module._parameters else full
+        originals = []
+        for owner in module.modules():
+            for store in (owner._parameters, owner._buffers):
+                for attr, tensor in store.items():
+                    if tensor is not None:
+                        originals.append((store, attr, tensor))
+                        store[attr] = _stand_in(tensor, targets.get(attr) if owner is module else None,
+                                                as_parameter=store is owner._parameters)
         try:
             with torch.random.fork_rng(devices=[]):
                 torch.manual_seed(module_seed(self.seed, module_name))
@@ -62,5 +57,20 @@ class SeededInit:
             for attr, target in targets.items():
                 target.local.copy_(getattr(module, attr)[target.region])
         finally:
-            for attr, (store, original) in originals.items():
+            for store, attr, original in originals:
                 store[attr] = original
+
+
+def _stand_in(tensor: torch.Tensor, target: Target | None, as_parameter: bool) -> torch.Tensor:
+    """What the family's init writes into instead of `tensor`: a full-size zero tensor for a
+    target (zeros, not empty: a tensor the init leaves alone must still be the same everywhere),
+    else a meta tensor that takes the writes and keeps nothing. Not targets: a tied weight its
+    first owner filled (CTRL's head holds one next to its bias) and sub-modules' tensors, which a
+    family's init may also write (FalconMamba's mixer sets its convolution's and projections') and
+    which their own module's init fills; the real ones may be DTensor shards, which each would
+    draw from another stream or not fit a plain write."""
+    if target is not None:
+        full = torch.zeros(target.global_shape, dtype=tensor.dtype)
+    else:
+        full = torch.empty(tensor.shape, dtype=tensor.dtype, device="meta")
+    return nn.Parameter(full, requires_grad=False) if as_parameter else full

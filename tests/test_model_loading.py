@@ -65,11 +65,13 @@ def _assert_all_checked(per_rank: list[list[list[str]]], cases: list[tuple[str, 
 def test_fresh_init_is_the_reference_on_every_layout(tmp_path):
     # CTRL's head has a bias next to its tied weight: initialising the head must not draw into the
     # embedding its first owner filled (each FSDP shard would draw from another stream).
+    # FalconMamba's mixer init writes its sub-modules' tensors, which are FSDP shards there.
     from tests.families import tiny_config as family_config
 
-    family_config("ctrl").save_pretrained(tmp_path / "ctrl")
+    for family in ("ctrl", "falcon_mamba"):
+        family_config(family).save_pretrained(tmp_path / family)
     cases = [("qwen3_moe", FSDP_EP), ("deepseek_v3", PP_FSDP_EP), ("llama", ["--parallel.dp_shard=4"]),
-             (str(tmp_path / "ctrl"), ["--parallel.dp_shard=4"])]
+             (str(tmp_path / "ctrl"), ["--parallel.dp_shard=4"]), (str(tmp_path / "falcon_mamba"), ["--parallel.dp_shard=4"])]
     _assert_all_checked(run_ranks(_compare_layouts, WORLD, cases), cases)
 
 

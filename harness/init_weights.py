@@ -15,6 +15,7 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
+from transformers import PreTrainedModel
 
 
 @dataclass
@@ -33,11 +34,20 @@ def module_seed(seed: int, module_name: str) -> int:
 
 
 class SeededInit:
-    """HF's `_init_weights` of `model` (any instance of the family, meta is fine), per module."""
+    """HF's `_init_weights` of `model` (any instance of the family, meta is fine), per module:
+    as transformers does, each module gets the one of its nearest enclosing pretrained model
+    (xLSTM's backbone initialises its embeddings through `self.embeddings`)."""
 
     def __init__(self, model: nn.Module, seed: int) -> None:
-        self.init_module = model._init_weights
+        self.inits = {name: sub._init_weights for name, sub in model.named_modules() if isinstance(sub, PreTrainedModel)}
+        assert "" in self.inits, "a transformers model"
         self.seed = seed
+
+    def _init_for(self, module_name: str):
+        prefix = module_name
+        while prefix not in self.inits:
+            prefix = prefix.rpartition(".")[0]
+        return self.inits[prefix]
 
     def fill(self, module_name: str, module: nn.Module, targets: dict[str, Target]) -> None:
         """Initialises the module's tensors named in `targets` (its direct parameters and buffers)."""
@@ -52,7 +62,7 @@ class SeededInit:
         try:
             with torch.random.fork_rng(devices=[]):
                 torch.manual_seed(module_seed(self.seed, module_name))
-                self.init_module(module)
+                self._init_for(module_name)(module)
             # Read back from the module: an init may assign a new tensor rather than fill in place.
             for attr, target in targets.items():
                 target.local.copy_(getattr(module, attr)[target.region])

@@ -271,7 +271,10 @@ def rotary_embedding(model: nn.Module) -> nn.Module | None:
 
 
 def embeddings(model: nn.Module) -> nn.Module | None:
-    return model.get_input_embeddings()
+    try:
+        return model.get_input_embeddings()
+    except NotImplementedError:  # a pipeline stage without them: BioGPT's lookup raises rather than answer None
+        return None
 
 
 def lm_head(model: nn.Module) -> nn.Module | None:

@@ -17,7 +17,7 @@ from harness.model_parts import decoder_layers, expert_count, moe_blocks
 from parallel.ac_budget import apply_budget_plan
 from parallel.activation_checkpointing import apply_activation_checkpointing
 from parallel.compile import compile_layers, compile_unavailable_reason
-from parallel.fsdp import apply_fsdp
+from parallel.fsdp import apply_fsdp, give_every_parameter_a_gradient
 from parallel.mesh import ParallelMeshes
 
 
@@ -51,6 +51,11 @@ def parallelize(module: nn.Module, *, cfg: Config, plan: Plan, meshes: ParallelM
     # One data-parallel rank has nothing to shard or reduce; on CPU FSDP would only add DTensor
     # overhead, but on CUDA it is what runs the layers in bf16 (its mixed-precision policy).
     if meshes.fsdp.size() > 1 or device.type == "cuda":
+        # Experts behind transformers' ExpertsInterface run grouped GEMMs over all experts, and
+        # expert parallel's forward runs every local expert; a family's own loop may skip some.
+        if not expert_modules:
+            give_every_parameter_a_gradient(block.experts for block in moe_blocks(module)
+                                            if not hasattr(block.experts, "has_gate"))
         apply_fsdp(module, block_list, meshes.fsdp, reshard_after_forward=plan.reshard_after_forward,
                    expert_modules=expert_modules, expert_mesh=meshes.efsdp)
     materialize(module, weights, device)

@@ -56,3 +56,17 @@ def apply_fsdp(model: nn.Module, layers: Iterable[nn.Module], mesh: DeviceMesh, 
             module.set_gradient_divide_factor(1.0)
             # A factor of 1 otherwise becomes PREMUL_SUM, which gloo cannot run.
             module.set_force_sum_reduction_for_comms(True)
+
+
+def _with_every_parameter(module: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
+    return output + 0.0 * torch.stack([p.sum() for p in module.parameters()]).sum()
+
+
+def give_every_parameter_a_gradient(modules: Iterable[nn.Module]) -> None:
+    """FSDP2 reduce-scatters the gradients each rank has, so a parameter that gets none on one rank
+    and one on another desynchronizes the collective. transformers' eager expert loops skip the
+    experts no token picked (LongCat-Flash's zero-computation experts can leave a layer's real
+    experts unpicked on one rank): adding zero times the sum of their parameters to the output
+    gives each a gradient, zero where unused, on every rank. Call before `apply_fsdp`."""
+    for module in modules:
+        module.register_forward_hook(_with_every_parameter)

@@ -28,34 +28,26 @@ def _topk_dim(args: tuple, kwargs: dict) -> int:
     return args[2] if len(args) > 2 else kwargs.get("dim", -1)
 
 
-class _RecordTopK(TorchDispatchMode):
-    def __init__(self, decisions: list[torch.Tensor]) -> None:
+class _TopKDecisions(TorchDispatchMode):
+    """Records each `topk`'s indices (forward) or replays them, gathering the recomputed scores at
+    the recorded indices (recompute)."""
+
+    def __init__(self, decisions: list[torch.Tensor], replay: bool) -> None:
         super().__init__()
-        self.decisions = decisions
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
-        out = func(*args, **kwargs)
-        if func is _TOPK:
-            # Hidden from the modes below: a selective-checkpoint mode matches forward and
-            # recompute by their op order, and the recompute makes no such copy.
-            with _disable_current_modes():
-                self.decisions.append(out[1].clone())
-        return out
-
-
-class _ReplayTopK(TorchDispatchMode):
-    def __init__(self, decisions: list[torch.Tensor]) -> None:
-        super().__init__()
-        self.decisions = decisions
+        self.decisions, self.replay = decisions, replay
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         out = func(*args, **kwargs)
         if func is not _TOPK:
             return out
-        indices = self.decisions.pop(0)
+        # Hidden from the modes below: a selective-checkpoint mode matches forward and recompute
+        # by their op order, and neither the copy nor the gather is an op of the region.
         with _disable_current_modes():
+            if not self.replay:
+                self.decisions.append(out[1].clone())
+                return out
+            indices = self.decisions.pop(0)
             return args[0].gather(_topk_dim(args, kwargs), indices), indices.clone()
 
 
@@ -84,4 +76,5 @@ def stable_topk(contexts: tuple[Any, Any]) -> tuple[Any, Any]:
     the recompute. Not for compiled blocks: dynamo traces only the selective-checkpoint modes."""
     forward, recompute = contexts
     decisions: list[torch.Tensor] = []
-    return _Stacked(forward, _RecordTopK(decisions)), _Stacked(recompute, _ReplayTopK(decisions))
+    return (_Stacked(forward, _TopKDecisions(decisions, replay=False)),
+            _Stacked(recompute, _TopKDecisions(decisions, replay=True)))

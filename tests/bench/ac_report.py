@@ -14,7 +14,6 @@ against the fastest uniform mode whose measured memory fits the same budget.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import time
@@ -35,6 +34,7 @@ from harness.models import PRESETS, build_meta_model, load_config, reference_mod
 from parallel.ac_budget import BudgetPlan, StepShape, apply_budget_plan, choose_plan, measure_layers
 from parallel.activation_checkpointing import (AC_MODES, apply_activation_checkpointing,
                                                make_selective_checkpoint_context_fn)
+from tests.bench.results import write_results
 
 # MemTracker categories that are model state rather than activations.
 _STATE_CATEGORIES = (_MemRefType.PARAM, _MemRefType.GRAD, _MemRefType.BUFFER, _MemRefType.OPT)
@@ -251,10 +251,7 @@ def main(argv: list[str] | None = None) -> None:
     print(format_table(rows))
     if args.budget_mib:
         print(format_budget_table(rows))
-    os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
-    with open(args.out, "w") as f:
-        json.dump(dict(config=vars(args), load_average=os.getloadavg()[0], rows=rows, ops=ops), f, indent=2)
-    print(f"wrote {args.out}")
+    write_results(args.out, dict(config=vars(args), load_average=os.getloadavg()[0], rows=rows, ops=ops))
 
 
 if __name__ == "__main__":

@@ -11,7 +11,6 @@ compiles). The loss difference is inductor's fused kernels rounding differently.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import time
@@ -23,6 +22,7 @@ from harness.model_parts import decoder_layers
 from harness.models import PRESETS, load_config, reference_model
 from parallel.compile import compile_layers, compile_unavailable_reason
 from tests.bench.ac_report import _scaled_overrides, _step
+from tests.bench.results import write_results
 
 WARMUP = 3
 
@@ -72,10 +72,7 @@ def main(argv: list[str] | None = None) -> None:
     for r in rows:
         print(f"{r['preset']:<10} {r['eager_s']:>8.3f} {r['compiled_s']:>10.3f} {r['speedup']:>8.2f} "
               f"{r['loss_difference']:>12.2e}")
-    os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
-    with open(args.out, "w") as f:
-        json.dump(dict(config=vars(args), load_average=load, rows=rows), f, indent=2)
-    print(f"wrote {args.out}")
+    write_results(args.out, dict(config=vars(args), load_average=load, rows=rows))
 
 
 if __name__ == "__main__":

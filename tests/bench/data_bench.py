@@ -32,6 +32,7 @@ from harness.data.prepare import prepare_corpus
 from harness.data.sources import stdlib_files
 from harness.data.splits import samplers
 from tests.multiproc import run_ranks
+from tests.bench.results import write_results
 
 SEQ_LEN, GLOBAL_BATCH, STEPS = 128, 16, 10
 MB = 1_000_000
@@ -160,10 +161,7 @@ def main() -> None:
             print(f"prepare {throughput_mb} MB, {name}, {workers} worker(s): {throughput_mb / seconds:.1f} MB/s, "
                   f"{cpu:.1f} CPU s", flush=True)
     print_tables(results)
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    with open(args.out, "w") as f:
-        json.dump(results, f, indent=1)
-    print(f"wrote {args.out}")
+    write_results(args.out, results)
 
 
 def _summary(ranks: list[dict]) -> tuple[float, float]:

@@ -28,6 +28,7 @@ import torch
 import torch.distributed as dist
 
 from moe.dispatch import DISPATCHERS
+from tests.bench.results import write_results
 
 PRESETS = ("qwen3_moe", "deepseek_v3")
 GB = 1e9
@@ -236,10 +237,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     rows = check_expert_parallel(args.quick)
     print_table(rows)
-    os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
-    with open(args.out, "w") as f:
-        json.dump(rows, f, indent=2)
-    print(f"\nwrote {args.out}")
+    write_results(args.out, rows)
     return 0
 
 

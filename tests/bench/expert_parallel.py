@@ -9,8 +9,6 @@ rank) and against an all-to-all that sends one row per routed expert.
 
 from __future__ import annotations
 
-import json
-import os
 import sys
 import time
 
@@ -21,6 +19,7 @@ from harness.models import load_config
 from tests.bench.traffic import TrafficLog
 from tests.moe_common import ep_model
 from tests.multiproc import run_ranks
+from tests.bench.results import write_results
 
 ROWS, SEQ, WARMUP, STEPS = 4, 128, 1, 3
 
@@ -87,10 +86,7 @@ def main(out_path: str) -> None:
               f"dispatch+combine {100 * r['comm_share']:.0f}% of step, forward dispatch {r['dispatch_bytes']} B "
               f"= {r['dispatch_bytes'] / r['minimum_bytes']:.2f}x minimum, "
               f"{r['dispatch_bytes'] / r['per_expert_bytes']:.2f}x per-expert all-to-all")
-    os.makedirs(os.path.dirname(out_path) or ".", exist_ok=True)
-    with open(out_path, "w") as f:
-        json.dump(dict(preset="qwen3_moe", rows_per_rank=ROWS, seq=SEQ, steps=STEPS, results=results), f, indent=2)
-    print(f"wrote {out_path}")
+    write_results(out_path, dict(preset="qwen3_moe", rows_per_rank=ROWS, seq=SEQ, steps=STEPS, results=results))
 
 
 if __name__ == "__main__":

@@ -33,6 +33,7 @@ import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from tests.bench.ep_gpu_check import check_expert_parallel, print_table
+from tests.bench.results import write_results
 
 MiB = 2 ** 20
 
@@ -253,10 +254,7 @@ def main(argv: list[str] | None = None) -> int:
             rows = [dict(error=traceback.format_exc().strip().splitlines()[-1][:300])]
         results[title] = rows
         _print_rows(f"{title} ({time.perf_counter() - started:.0f} s)", rows)
-    os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
-    with open(args.out, "w") as f:
-        json.dump(results, f, indent=2)
-    print(f"\nwrote {args.out}")
+    write_results(args.out, results)
     return 0
 
 

@@ -26,7 +26,6 @@ layers.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import tempfile
 import time
@@ -35,6 +34,7 @@ import torch
 
 from harness.config import Config, load_config
 from harness.validation import validate
+from tests.bench.results import write_results
 
 WORLD = 4
 LAYOUTS = {"dp_shard=4": ["--parallel.dp_shard=4"],
@@ -141,10 +141,7 @@ def main() -> None:
         print(f"| {row['layout']} | {row['mode']} | {row['load_growth'] / 2**30:.2f} GiB | "
               f"{row['load_growth'] / share:.2f} | {row['step_growth'] / 2**30:.2f} GiB | "
               f"{row['step_growth'] / share:.2f} | {row['build_s']:.1f} |")
-    os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
-    with open(args.out, "w") as f:
-        json.dump(rows, f, indent=2)
-    print(f"\nwritten: {args.out}")
+    write_results(args.out, rows)
 
 
 def _format(row: dict) -> str:

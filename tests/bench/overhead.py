@@ -22,7 +22,6 @@ Times are medians after one warm-up step; on a shared machine they move with its
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import tempfile
@@ -42,6 +41,7 @@ from harness.trainer import Run, agree_on_step, build_run, read_rows, run_step, 
 from harness.validation import validate
 from tests.multiproc import run_ranks
 from tests.reference import reference_optimizer, reference_step
+from tests.bench.results import write_results
 
 GLOBAL_BATCH = 8
 MEMORY_SHARDS = (1, 2, 4)
@@ -179,11 +179,8 @@ def main(argv: list[str] | None = None) -> None:
     print(f"llama hidden 128, seq 128, global batch {GLOBAL_BATCH}, 1 thread per rank, "
           f"load average {load[0]:.1f} at start, {os.getloadavg()[0]:.1f} at end")
     print(format_tables(over, layouts))
-    os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
-    with open(args.out, "w") as f:
-        json.dump(dict(config=vars(args), load_average=[load[0], os.getloadavg()[0]], overhead=over,
-                       layouts=layouts), f, indent=2)
-    print(f"wrote {args.out}")
+    write_results(args.out, dict(config=vars(args), load_average=[load[0], os.getloadavg()[0]], overhead=over,
+                                 layouts=layouts))
 
 
 if __name__ == "__main__":

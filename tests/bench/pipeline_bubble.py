@@ -10,7 +10,6 @@ with more ranks than free cores a rank also waits for a core, which shows up in 
 
 from __future__ import annotations
 
-import json
 import os
 import statistics
 import sys
@@ -28,6 +27,7 @@ from harness.pipeline_stage import stage_builder
 from parallel.mesh import ParallelDims
 from parallel.pipeline import pipeline_model
 from tests.multiproc import run_ranks
+from tests.bench.results import write_results
 
 MODEL = dict(hidden_size=256, intermediate_size=512, num_attention_heads=4, num_key_value_heads=2, head_dim=64,
              num_hidden_layers=8)
@@ -108,11 +108,8 @@ def main(out_path: str) -> None:
     for r in rows:
         print(f"{r['schedule']:<16}{r['pp']:>3}{r['microbatches']:>3}{r['step_s']:>9.3f}{r['bubble_mean']:>8.3f}"
               f"{r['textbook']:>15.3f}{r['textbook_interleaved']:>16.3f}  {r['bubble_per_rank']}")
-    os.makedirs(os.path.dirname(out_path) or ".", exist_ok=True)
-    with open(out_path, "w") as f:
-        json.dump(dict(model=MODEL, microbatch_rows=MICROBATCH_ROWS, seq=SEQ, steps=STEPS, cpu_count=os.cpu_count(),
-                       results=rows), f, indent=2)
-    print(f"wrote {out_path}")
+    write_results(out_path, dict(model=MODEL, microbatch_rows=MICROBATCH_ROWS, seq=SEQ, steps=STEPS,
+                                 cpu_count=os.cpu_count(), results=rows))
 
 
 if __name__ == "__main__":

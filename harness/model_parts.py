@@ -11,8 +11,8 @@ from __future__ import annotations
 import ast
 import inspect
 import re
-import textwrap
 import sys
+import textwrap
 from collections.abc import Callable
 from dataclasses import dataclass
 

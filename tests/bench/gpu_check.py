@@ -8,6 +8,8 @@ Sections (each runs on its own; a failure is reported in its row, not raised):
   per-expert loop: agreement and time, forward + backward;
 - activation checkpointing: per mode, peak activation memory (`torch.cuda.max_memory_allocated`
   minus parameters and gradients), step time and loss, eager and with each block compiled;
+- budget AC: `ac.mode=budget`'s fake-tensor prediction for CUDA bf16 against the measured peak,
+  per uniform mode and for plans between them;
 - training: the launcher's bf16 step (FSDP2 mixed precision) on a dense and a MoE model:
   tokens/s and MFU from the run's metrics file;
 - expert parallel: with 2+ GPUs, every MoE dispatcher against alltoall over NCCL.
@@ -61,15 +63,20 @@ class _OpRecorder(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
-def _llama(hidden: int, layers: int, seq: int, vocab: int = 32000):
-    from transformers import AutoConfig, AutoModelForCausalLM
+def _llama_config(hidden: int, layers: int, seq: int, vocab: int = 32000):
+    from transformers import AutoConfig
 
-    config = AutoConfig.for_model("llama", hidden_size=hidden, intermediate_size=hidden * 11 // 4,
+    return AutoConfig.for_model("llama", hidden_size=hidden, intermediate_size=hidden * 11 // 4,
                                   num_hidden_layers=layers, num_attention_heads=hidden // 128,
                                   num_key_value_heads=max(1, hidden // 512), head_dim=128, vocab_size=vocab,
                                   max_position_embeddings=seq, use_cache=False, tie_word_embeddings=False)
+
+
+def _llama(hidden: int, layers: int, seq: int, vocab: int = 32000):
+    from transformers import AutoModelForCausalLM
+
     torch.manual_seed(0)
-    return AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16).cuda()
+    return AutoModelForCausalLM.from_config(_llama_config(hidden, layers, seq, vocab), dtype=torch.bfloat16).cuda()
 
 
 def check_attention(quick: bool) -> list[dict[str, Any]]:
@@ -123,11 +130,43 @@ def check_grouped_gemm(quick: bool) -> list[dict[str, Any]]:
                  result=f"{_timed(grouped, repeats) * 1e3:.2f} ms / {_timed(looped, repeats) * 1e3:.2f} ms")]
 
 
-def check_activation_checkpointing(quick: bool) -> list[dict[str, Any]]:
+def _measured_step(model: torch.nn.Module, ids: torch.Tensor, repeats: int) -> dict[str, Any]:
+    """Peak activation MiB of one training step (after a warm-up step), median step ms, loss."""
     from harness.loss import token_loss_sum
+
+    param_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+
+    def step() -> torch.Tensor:
+        model.zero_grad(set_to_none=True)
+        logits = model(input_ids=ids[:, :-1]).logits
+        loss = token_loss_sum(logits.float(), ids[:, 1:]) / ids[:, 1:].numel()
+        loss.backward()
+        return loss.detach()
+
+    loss = step()  # warm-up (and compile)
+    model.zero_grad(set_to_none=True)
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    before = torch.cuda.memory_allocated()
+    step()
+    torch.cuda.synchronize()
+    # Parameters are resident before and after; gradients (as many bytes) are allocated during the step.
+    activation_mib = (torch.cuda.max_memory_allocated() - before - param_bytes) / MiB
+    return dict(activation_mib=activation_mib, step_ms=_timed(step, repeats) * 1e3, loss=loss.item())
+
+
+def _error(e: Exception) -> str:
+    return f"{type(e).__name__}: {str(e).splitlines()[0][:120] if str(e) else ''}"
+
+
+def _ac_shape(quick: bool) -> tuple[int, int, int, int]:
+    return (1024, 4, 1024, 2) if quick else (2048, 8, 2048, 4)
+
+
+def check_activation_checkpointing(quick: bool) -> list[dict[str, Any]]:
     from parallel.activation_checkpointing import AC_MODES, apply_activation_checkpointing
 
-    hidden, layers, seq, batch = (1024, 4, 1024, 2) if quick else (2048, 8, 2048, 4)
+    hidden, layers, seq, batch = _ac_shape(quick)
     ids = torch.randint(0, 32000, (batch, seq + 1), device="cuda", generator=torch.Generator("cuda").manual_seed(0))
     rows = []
     for compiled in (False, True):
@@ -141,26 +180,7 @@ def check_activation_checkpointing(quick: bool) -> list[dict[str, Any]]:
                 if compiled:
                     for i, block in enumerate(blocks):
                         blocks[i] = torch.compile(block)
-                param_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
-
-                def step() -> torch.Tensor:
-                    model.zero_grad(set_to_none=True)
-                    logits = model(input_ids=ids[:, :-1]).logits
-                    loss = token_loss_sum(logits.float(), ids[:, 1:]) / ids[:, 1:].numel()
-                    loss.backward()
-                    return loss.detach()
-
-                loss = step()  # warm-up (and compile)
-                model.zero_grad(set_to_none=True)
-                torch.cuda.synchronize()
-                torch.cuda.reset_peak_memory_stats()
-                before = torch.cuda.memory_allocated()
-                step()
-                torch.cuda.synchronize()
-                # Parameters are resident before and after; gradients are allocated during the step.
-                row["activation_mib"] = (torch.cuda.max_memory_allocated() - before - param_bytes) / MiB
-                row["step_ms"] = _timed(step, 2 if quick else 5) * 1e3
-                row["loss"] = loss.item()
+                row.update(_measured_step(model, ids, 2 if quick else 5))
                 if mode == "none":
                     base = row
                 if base is not None:
@@ -169,11 +189,50 @@ def check_activation_checkpointing(quick: bool) -> list[dict[str, Any]]:
                     row["loss_equal_none"] = row["loss"] == base["loss"]
                 del model
             except Exception as e:
-                row["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:120] if str(e) else ''}"
+                row["error"] = _error(e)
             torch.cuda.empty_cache()
             rows.append(row)
     for row in rows:
         row["model"] = f"llama h{hidden} x{layers}, {batch}x{seq}, bf16"
+    return rows
+
+
+def check_budget_ac(quick: bool) -> list[dict[str, Any]]:
+    """Predicted (fake tensors, as validation predicts for CUDA bf16) against measured activation
+    peak: each uniform mode, then plans for budgets halfway between the uniform peaks."""
+    from harness.loss import token_loss_sum
+    from harness.model_parts import decoder_layers
+    from harness.models import build_meta_model
+    from parallel.ac_budget import BUDGET_MODES, StepShape, apply_budget_plan, choose_plan, measure_layers
+
+    hidden, layers, seq, batch = _ac_shape(quick)
+    meta = build_meta_model(_llama_config(hidden, layers, seq + 1))
+    shape = StepShape(rows=batch, seq_len=seq, dtype=torch.bfloat16, device_type="cuda")
+    started = time.perf_counter()
+    measurement = measure_layers(meta, decoder_layers(meta), shape, token_loss_sum)
+    peaks = [measurement.uniform_peak_bytes[mode] for mode in BUDGET_MODES]
+    plans = {mode: ((mode,) * layers, peak) for mode, peak in zip(BUDGET_MODES, peaks)}
+    for low, high in zip(peaks[1:], peaks):
+        plan = choose_plan(meta, decoder_layers(meta), (low + high) // 2, shape, token_loss_sum,
+                           measurement=measurement)
+        plans[f"budget {(low + high) / 2 / MiB:.0f} MiB"] = (plan.layer_modes, plan.predicted_bytes)
+    predict_s = time.perf_counter() - started
+    ids = torch.randint(0, 32000, (batch, seq + 1), device="cuda", generator=torch.Generator("cuda").manual_seed(0))
+    rows = []
+    for name, (layer_modes, predicted) in plans.items():
+        row: dict[str, Any] = dict(plan=name, modes=" ".join(m[0] for m in layer_modes), predicted_mib=predicted / MiB)
+        try:
+            model = _llama(hidden, layers, seq + 1)
+            apply_budget_plan(model, model.model.layers, layer_modes)
+            row.update(_measured_step(model, ids, 2 if quick else 5))
+            row["predicted_x_measured"] = row["predicted_mib"] / row["activation_mib"]
+            del model
+        except Exception as e:
+            row["error"] = _error(e)
+        torch.cuda.empty_cache()
+        rows.append(row)
+    for row in rows:
+        row.update(model=f"llama h{hidden} x{layers}, {batch}x{seq}, bf16", predict_s=predict_s)
     return rows
 
 
@@ -192,7 +251,9 @@ def _launch_run(name: str, overrides: list[str], out_dir: str, steps: int) -> di
         return dict(run=name, error=" | ".join(tail)[:300])
     rows = [json.loads(line) for line in open(metrics)]
     steady = rows[2:] or rows
-    return dict(run=name, steps=len(rows), first_loss=rows[0]["loss"], last_loss=rows[-1]["loss"],
+    ac_line = next((line for line in proc.stdout.splitlines() + proc.stderr.splitlines()
+                    if "activation checkpointing:" in line), "")
+    return dict(run=name, ac=ac_line.split("activation checkpointing:")[-1].strip(), steps=len(rows), first_loss=rows[0]["loss"], last_loss=rows[-1]["loss"],
                 tokens_per_s=statistics.median(r["tokens_per_s"] for r in steady),
                 step_ms=statistics.median(r["step_time_s"] for r in steady) * 1e3,
                 mfu=statistics.median(r["mfu"] for r in steady), peak_mib=max(r["peak_mib"] for r in rows),
@@ -217,6 +278,7 @@ def check_training(quick: bool, out_dir: str) -> list[dict[str, Any]]:
     runs = [("llama-0.7B selective", dense + ["--ac.mode=selective"]),
             ("llama-0.7B none", dense + ["--ac.mode=none"]),
             ("llama-0.7B selective compiled", dense + ["--ac.mode=selective", "--train.compile=true"]),
+            ("llama-0.7B budget 9000 MiB", dense + ["--ac.mode=budget", "--ac.budget_mib=9000"]),
             ("qwen3_moe-0.5B selective", moe + ["--ac.mode=selective"])]
     return [_launch_run(name, overrides, out_dir, steps) for name, overrides in runs[: 1 if quick else None]]
 
@@ -231,6 +293,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default=os.path.join("runs", "gpu_check.json"))
     parser.add_argument("--quick", action="store_true", help="smaller shapes and fewer repeats")
+    parser.add_argument("--sections", nargs="*", help="run only the sections whose titles start with these words")
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
         print("gpu_check: no CUDA device; nothing to check")
@@ -245,8 +308,11 @@ def main(argv: list[str] | None = None) -> int:
                 ("grouped GEMM", lambda: check_grouped_gemm(args.quick)),
                 ("training (launcher, bf16)", lambda: check_training(args.quick, work_dir)),
                 ("activation checkpointing", lambda: check_activation_checkpointing(args.quick)),
+                ("budget AC", lambda: check_budget_ac(args.quick)),
                 ("expert parallel", lambda: check_expert_parallel(args.quick))]
     for title, run in sections:
+        if args.sections and not title.startswith(tuple(args.sections)):
+            continue
         started = time.perf_counter()
         try:
             rows = run()

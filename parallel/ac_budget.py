@@ -14,6 +14,7 @@ added first, until the simulated peak fits the budget.
 from __future__ import annotations
 
 import contextlib
+import math
 import copy
 from dataclasses import dataclass
 from typing import Any, Callable, Collection, Iterator, Sequence
@@ -26,7 +27,7 @@ from torch.distributed._tools.mem_tracker import MemTracker, _MemRefType
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 from torch.utils.checkpoint import CheckpointPolicy, SelectiveCheckpointContext
-from torch.utils.flop_counter import flop_registry, sdpa_flop_count
+from torch.utils.flop_counter import flop_registry
 
 from parallel.activation_checkpointing import (_layer_slots, apply_activation_checkpointing,
                                                make_selective_checkpoint_context_fn)
@@ -155,18 +156,27 @@ def _activation_bytes(snapshot: dict[Any, dict[Any, int]]) -> int:
 
 
 def _flops(func: Any, args: tuple, kwargs: dict, out: Any) -> int:
-    """FLOPs of one op: torch's flop counter, plus the CPU attention kernel and grouped GEMMs it
-    does not know; 0 for everything else (priced by its memory traffic)."""
+    """FLOPs of one op: torch's flop counter, plus the attention kernels and grouped GEMMs it
+    does not count; 0 for everything else (priced by its memory traffic)."""
+    name = func.name()
+    if "scaled_dot_product" in name and "backward" not in name:
+        # Counted here for every kernel: torch < 2.13's formula asserts as many key/value heads as
+        # query heads, which CUDA kernels taking grouped-query attention (enable_gqa) do not have.
+        query, key, value = args[:3]
+        return _attention_flops(query.shape, key.shape, value.shape)
     count = flop_registry.get(func._overloadpacket)
     if count is not None:
         return count(*args, **kwargs, out_val=out)
-    name = func.name()
-    if "scaled_dot_product" in name:
-        query, key, value = args[:3]
-        return sdpa_flop_count(query.shape, key.shape, value.shape)
     if "grouped_mm" in name:
         return 2 * out.numel() * args[0].shape[-1]
     return 0
+
+
+def _attention_flops(query: torch.Size, key: torch.Size, value: torch.Size) -> int:
+    """Scores and weighted sum, each query head against its (possibly shared) key/value head."""
+    *batch_heads, queries, head_dim = query
+    keys, value_dim = key[-2], value[-1]
+    return 2 * math.prod(batch_heads) * queries * keys * (head_dim + value_dim)
 
 
 def _roofline_cost(func: Any, args: tuple, kwargs: dict, out: Any, device_type: str) -> float:

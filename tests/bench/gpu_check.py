@@ -247,8 +247,11 @@ def _launch_run(name: str, overrides: list[str], out_dir: str, steps: int) -> di
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     wall = time.perf_counter() - started
     if proc.returncode != 0:
-        tail = (proc.stderr or proc.stdout).strip().splitlines()[-3:]
-        return dict(run=name, error=" | ".join(tail)[:300])
+        log = os.path.join(out_dir, f"{name.replace(' ', '_')}.log")
+        with open(log, "w") as f:
+            f.write(proc.stdout + proc.stderr)
+        errors = [line for line in (proc.stdout + proc.stderr).splitlines() if "Error" in line]
+        return dict(run=name, error=(errors[-1] if errors else "exit code %d" % proc.returncode)[:300], log=log)
     rows = [json.loads(line) for line in open(metrics)]
     steady = rows[2:] or rows
     ac_line = next((line for line in proc.stdout.splitlines() + proc.stderr.splitlines()
@@ -260,26 +263,28 @@ def _launch_run(name: str, overrides: list[str], out_dir: str, steps: int) -> di
                 wall_s=wall)
 
 
+DENSE_0_7B = ["--model.preset=llama", "--model.overrides.hidden_size=2048", "--model.overrides.num_attention_heads=16",
+              "--model.overrides.num_key_value_heads=4", "--model.overrides.head_dim=128",
+              "--model.overrides.intermediate_size=5632", "--model.overrides.num_hidden_layers=12",
+              "--model.overrides.vocab_size=32000", "--model.overrides.max_position_embeddings=2048",
+              "--train.seq_len=2048", "--train.micro_batch_size=4", "--train.global_batch_size=4",
+              "--train.lr=3e-4"]
+MOE_0_5B = ["--model.preset=qwen3_moe", "--model.overrides.hidden_size=1024", "--model.overrides.num_attention_heads=8",
+            "--model.overrides.num_key_value_heads=4", "--model.overrides.head_dim=128",
+            "--model.overrides.moe_intermediate_size=512", "--model.overrides.num_experts=32",
+            "--model.overrides.num_experts_per_tok=4", "--model.overrides.num_hidden_layers=8",
+            "--model.overrides.vocab_size=32000", "--model.overrides.max_position_embeddings=2048",
+            "--train.seq_len=2048", "--train.micro_batch_size=4", "--train.global_batch_size=4",
+            "--train.lr=3e-4"]
+
+
 def check_training(quick: bool, out_dir: str) -> list[dict[str, Any]]:
     steps = 6 if quick else 10
-    dense = ["--model.preset=llama", "--model.overrides.hidden_size=2048", "--model.overrides.num_attention_heads=16",
-             "--model.overrides.num_key_value_heads=4", "--model.overrides.head_dim=128",
-             "--model.overrides.intermediate_size=5632", "--model.overrides.num_hidden_layers=12",
-             "--model.overrides.vocab_size=32000", "--model.overrides.max_position_embeddings=2048",
-             "--train.seq_len=2048", "--train.micro_batch_size=4", "--train.global_batch_size=4",
-             "--train.lr=3e-4"]
-    moe = ["--model.preset=qwen3_moe", "--model.overrides.hidden_size=1024", "--model.overrides.num_attention_heads=8",
-           "--model.overrides.num_key_value_heads=4", "--model.overrides.head_dim=128",
-           "--model.overrides.moe_intermediate_size=512", "--model.overrides.num_experts=32",
-           "--model.overrides.num_experts_per_tok=4", "--model.overrides.num_hidden_layers=8",
-           "--model.overrides.vocab_size=32000", "--model.overrides.max_position_embeddings=2048",
-           "--train.seq_len=2048", "--train.micro_batch_size=4", "--train.global_batch_size=4",
-           "--train.lr=3e-4"]
-    runs = [("llama-0.7B selective", dense + ["--ac.mode=selective"]),
-            ("llama-0.7B none", dense + ["--ac.mode=none"]),
-            ("llama-0.7B selective compiled", dense + ["--ac.mode=selective", "--train.compile=true"]),
-            ("llama-0.7B budget 9000 MiB", dense + ["--ac.mode=budget", "--ac.budget_mib=9000"]),
-            ("qwen3_moe-0.5B selective", moe + ["--ac.mode=selective"])]
+    runs = [("llama-0.7B selective", DENSE_0_7B + ["--ac.mode=selective"]),
+            ("llama-0.7B none", DENSE_0_7B + ["--ac.mode=none"]),
+            ("llama-0.7B selective compiled", DENSE_0_7B + ["--ac.mode=selective", "--train.compile=true"]),
+            ("llama-0.7B budget 9000 MiB", DENSE_0_7B + ["--ac.mode=budget", "--ac.budget_mib=9000"]),
+            ("qwen3_moe-0.5B selective", MOE_0_5B + ["--ac.mode=selective"])]
     return [_launch_run(name, overrides, out_dir, steps) for name, overrides in runs[: 1 if quick else None]]
 
 

@@ -247,12 +247,20 @@ def make_selective_checkpoint_context_fn(extra_save_ops: Collection[Any] = ()) -
             return decision
 
         contexts = create_selective_checkpoint_contexts(policy)
-        # Dynamo accepts only SAC's own modes here; a compiled block's recompute is its graph's.
-        if torch.compiler.is_compiling():
+        # A compiled block accepts only SAC's own modes; its recompute is its graph's.
+        if _tracing_for_compile():
             return contexts
         return stable_topk(guard_saved_outputs(contexts))
 
     return context_fn
+
+
+def _tracing_for_compile() -> bool:
+    """True while dynamo traces a block, and also while AOTAutograd retraces its checkpoint (torch
+    2.11 on CUDA calls `context_fn` there outside dynamo, under a proxy mode, and asserts that it
+    returns two TorchDispatchModes)."""
+    return (torch.compiler.is_compiling()
+            or torch._C._get_dispatch_mode(torch._C._TorchDispatchModeKey.PROXY) is not None)
 
 
 def _disable_dynamo_lru_cache() -> None:

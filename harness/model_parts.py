@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import ast
 import inspect
-import re
 import sys
 import textwrap
 from collections.abc import Callable
@@ -143,15 +142,24 @@ def skip_layer_for(model: nn.Module) -> type[SkipLayer]:
     """The pass-through that matches what the family's forward expects back from a layer: the
     hidden states (`hidden_states = layer(...)`) or a tuple led by them (`out = layer(...)`, then
     `hidden_states = out[0]`). Raises ValueError for any other use of a layer's output."""
-    source = inspect.getsource(type(base_model(model)).forward)
-    loop = re.search(r"for (?:\w+, )?(\w+) in (?:enumerate\()?self\.\w+", source)
-    call = re.search(rf"(\w+) = {loop.group(1)}\(", source) if loop else None
-    if call and call.group(1) == "hidden_states":
+    loop = _layer_loop(model)
+    layer_names = {node.id for node in ast.walk(loop.target) if isinstance(node, ast.Name)}
+    assigned = {_assigned_name(node): node.value for node in ast.walk(loop) if isinstance(node, ast.Assign)}
+    outputs = [name for name, value in assigned.items()
+               if isinstance(value, ast.Call) and isinstance(value.func, ast.Name) and value.func.id in layer_names]
+    if outputs == ["hidden_states"]:
         return SkipLayer
-    if call and re.search(rf"hidden_states = {call.group(1)}\[0\]", source):
+    first = assigned.get("hidden_states")
+    if (len(outputs) == 1 and isinstance(first, ast.Subscript) and isinstance(first.value, ast.Name)
+            and first.value.id == outputs[0] and isinstance(first.slice, ast.Constant) and first.slice.value == 0):
         return TupleSkipLayer
     raise ValueError(f"{type(model).__name__}: its forward unpacks each layer's output in a way a pipeline "
                      "stage cannot stand in for; use parallel.pp=1")
+
+
+def _assigned_name(node: ast.Assign) -> str | None:
+    target = node.targets[0]
+    return target.id if len(node.targets) == 1 and isinstance(target, ast.Name) else None
 
 
 def _final_norm_name(model: nn.Module) -> str | None:
@@ -212,11 +220,8 @@ def base_parts_around_layers(model: nn.Module) -> tuple[list[str], list[str]]:
     Raises ValueError for a part called on both sides of the loop, in it, or not by the forward."""
     inner, layers, norm = base_model(model), layer_list(model), final_norm(model)
     skipped = {embeddings(model), layers, rotary_embedding(model)}
-    forward = ast.parse(textwrap.dedent(inspect.getsource(type(inner).forward)))
-    loops = [node for node in ast.walk(forward) if isinstance(node, ast.For) and _iterates_layers(node, inner, layers)]
-    if len(loops) != 1:
-        raise ValueError(f"{type(model).__name__}: its forward does not run its layers in one loop; use parallel.pp=1")
-    loop = loops[0]
+    forward = _base_forward_ast(model)
+    loop = _layer_loop(model)
     calls: dict[str, list[int]] = {}
     for node in ast.walk(forward):
         if (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute)
@@ -236,6 +241,20 @@ def base_parts_around_layers(model: nn.Module) -> tuple[list[str], list[str]]:
             raise ValueError(f"{type(model).__name__}: its forward runs {name} {where}, which pipeline stages "
                              "cannot split; use parallel.pp=1")
     return before, after
+
+
+def _base_forward_ast(model: nn.Module) -> ast.Module:
+    return ast.parse(textwrap.dedent(inspect.getsource(type(base_model(model)).forward)))
+
+
+def _layer_loop(model: nn.Module) -> ast.For:
+    """The base model forward's loop over its layers; ValueError unless there is exactly one."""
+    inner, layers = base_model(model), layer_list(model)
+    loops = [node for node in ast.walk(_base_forward_ast(model))
+             if isinstance(node, ast.For) and _iterates_layers(node, inner, layers)]
+    if len(loops) != 1:
+        raise ValueError(f"{type(model).__name__}: its forward does not run its layers in one loop; use parallel.pp=1")
+    return loops[0]
 
 
 def _iterates_layers(loop: ast.For, inner: nn.Module, layers: nn.ModuleList) -> bool:

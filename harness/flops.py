@@ -30,12 +30,23 @@ def flops_per_token(model: nn.Module, config: PretrainedConfig, seq_len: int) ->
             continue
         share = experts_per_token(config) / experts if experts and ".experts." in name else 1.0
         active += param.numel() * share
+    # QK^T and AV: 2 matmuls x 2 FLOPs x seq/2 keys on average (causal), x3 for forward + backward.
+    attention = 3 * 2 * 2 * sum(map(_heads_dim, _layer_configs(config))) * seq_len / 2
+    return 6 * active + attention
+
+
+def _layer_configs(config: PretrainedConfig) -> list[PretrainedConfig]:
+    """Each layer's config: per-layer configs (Gemma 4's head_dim, Dots 3's sliding-window heads)
+    refuse to answer those fields globally."""
+    if getattr(config, "is_heterogeneous", False):
+        return list(config.per_layer_config)
+    return [config] * config.num_hidden_layers
+
+
+def _heads_dim(config: PretrainedConfig) -> int:
     # Attention-free families (Mamba, RWKV) have no heads.
     heads = getattr(config, "num_attention_heads", 0) or 0
-    heads_dim = heads * (getattr(config, "head_dim", None) or config.hidden_size // max(heads, 1))
-    # QK^T and AV: 2 matmuls x 2 FLOPs x seq/2 keys on average (causal), x3 for forward + backward.
-    attention = 3 * 2 * 2 * config.num_hidden_layers * heads_dim * seq_len / 2
-    return 6 * active + attention
+    return heads * (getattr(config, "head_dim", None) or config.hidden_size // max(heads, 1))
 
 
 def peak_flops_per_rank(peak_tflops: float | None, local_world_size: int) -> float:

@@ -270,6 +270,10 @@ def check_pipeline_support(model: nn.Module) -> None:
     if getattr(config, "hidden_size_per_layer_input", None):
         raise ValueError(f"{config.model_type}: per-layer inputs are computed from the token ids, which only the "
                          "first pipeline stage receives; use parallel.pp=1")
+    if getattr(config, "num_kv_shared_layers", 0):
+        raise ValueError(f"{config.model_type}: its last {config.num_kv_shared_layers} layers reuse keys and "
+                         "values that earlier layers hand them within the forward, which pipeline stages do not "
+                         "carry; use parallel.pp=1")
     inner = base_model(model)
     container = next((name for name, child in inner.named_children() if embeddings(model) in set(child.modules())), None)
     if container is not None and getattr(inner, container) is not embeddings(model):

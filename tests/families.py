@@ -34,6 +34,45 @@ SCALARS: dict[str, float] = dict(
     logit_scale=0.25, final_logit_softcapping=5.0, attn_logit_softcapping=3.0, embedding_multiplier=3.0,
     logits_scaling=2.5, residual_multiplier=0.7, attention_multiplier=0.3, router_aux_loss_coef=0.01,
 )
+# Family-specific values on top of SIZES and SCALARS, for families whose per-layer features the
+# generic fields leave at their full-size defaults or switched off.
+FAMILY_FIELDS: dict[str, dict[str, Any]] = {
+    # Rotary parameters are per layer type (none by default: a KeyError) and the full-attention
+    # layers may have none (NoPE); its M-RoPE sections must cover head_dim / 2 = 8.
+    "cohere_compass_text": dict(layer_types=["sliding_attention", "full_attention"] * 2, rope_parameters={
+        "sliding_attention": dict(rope_type="default", rope_theta=10_000.0, mrope_section=[4, 2, 2]),
+        "full_attention": None}),
+    # Sliding-window layers are per-layer configs with their own MLA sizes (swa_*, default 64
+    # heads); indexed (sparse) attention keeps 4 of the keys; keys need as many heads as queries.
+    "dots3_note_text": dict(num_key_value_heads=4, swa_num_attention_heads=2, swa_num_key_value_heads=2,
+                            swa_q_lora_rank=16, swa_kv_lora_rank=32, swa_head_dim=16, swa_qk_nope_head_dim=8,
+                            swa_v_head_dim=8, index_topk=4, index_head_dim=16, index_n_heads=2,
+                            shared_experts_intermediate_size=32, routed_scaling_factor=2.5),
+    # The last 2 layers reuse keys and values of the first 2 (default 15 of 35: none would produce
+    # the full-attention ones); per-layer embeddings default to a 262144-row table; AltUp predicts 2
+    # streams; the first 2 layers keep only their top 5% MLP activations (0.95: sparse).
+    "gemma3n_text": dict(layer_types=["sliding_attention", "full_attention"] * 2, num_kv_shared_layers=2,
+                         hidden_size_per_layer_input=8, vocab_size_per_layer_input=VOCAB, laurel_rank=8,
+                         altup_num_inputs=2, activation_sparsity_pattern=[0.95, 0.95, 0.0, 0.0]),
+    # Full-attention layers get their own head_dim (global_head_dim, default 512) and k=v heads; the
+    # last 2 layers reuse keys and values of the first 2 (one producer per layer type) and widen
+    # their MLP; per-layer embeddings default to a 262144-row table; the MoE block runs beside the MLP.
+    "gemma4_text": dict(layer_types=["sliding_attention", "full_attention"] * 2, global_head_dim=32,
+                        attention_k_eq_v=True, num_global_key_value_heads=1, num_kv_shared_layers=2,
+                        use_double_wide_mlp=True, hidden_size_per_layer_input=8, vocab_size_per_layer_input=VOCAB,
+                        enable_moe_block=True, top_k_experts=2),
+    # Gemma 4 without per-layer embeddings or experts: the same per-layer head_dim and KV sharing.
+    "gemma4_unified_text": dict(layer_types=["sliding_attention", "full_attention"] * 2, global_head_dim=32,
+                                attention_k_eq_v=True, num_global_key_value_heads=1, num_kv_shared_layers=2,
+                                use_double_wide_mlp=True),
+    # Full-attention layers need the QSA token indexer's sizes (unset: a TypeError), here keeping 4
+    # keys in blocks of 2; the hashed n-gram per-layer embedding on layer 1 defaults to 16 heads of
+    # 20M-row tables; hyper-connections keep hc_count=4 residual streams through a low-rank mixer.
+    "qwen4_exp_text": dict(indexer_n_heads=2, indexer_kv_heads=1, indexer_head_dim=16, indexer_budget=4,
+                           indexer_compress_ratio=2, hc_lowrank=8, ple_layer_ids=[1], ple_embed_dim=32,
+                           heads_per_ngram=2, ngram_vocab_size_base=64, split_ngram_parts=1,
+                           make_ngram_vocab_size_divisible_by=8),
+}
 # Multimodal wrappers, encoders and encoder-decoders also registered as causal LMs.
 _NOT_DECODER_ONLY_TEXT = ("bart", "bert", "roberta", "electra", "xlm", "camembert", "marian", "mbart", "pegasus",
                           "blenderbot", "prophetnet", "plbart", "mvp", "trocr", "whisper", "musicgen", "moshi",
@@ -52,10 +91,14 @@ def tiny_config(family: str, tied: bool | None = None) -> PretrainedConfig:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         default = AutoConfig.for_model(family)
+        # Per-layer configs (gemma4, dots3_note) raise on reading a per-layer field globally; only
+        # which fields exist matters here.
+        default.allow_global_per_layer_attribute_access = True
         values = {key: value for key, value in {**SIZES, **SCALARS}.items()
                   if hasattr(default, key) and not isinstance(getattr(type(default), key, None), property)}
         if "qk_rope_head_dim" in values:  # multi-head latent attention: rotary runs on the rope part
             values["head_dim"] = values["qk_rope_head_dim"]
+        values.update(FAMILY_FIELDS.get(family, {}))
         try:
             config = AutoConfig.for_model(family, **values)
         except ValueError:  # configs that check their per-layer patterns against the layer count

@@ -34,6 +34,27 @@ SCALARS: dict[str, float] = dict(
     logit_scale=0.25, final_logit_softcapping=5.0, attn_logit_softcapping=3.0, embedding_multiplier=3.0,
     logits_scaling=2.5, residual_multiplier=0.7, attention_multiplier=0.3, router_aux_loss_coef=0.01,
 )
+# Values applied over SIZES and SCALARS for families the generic fields cannot shrink or build;
+# one entry per family, alphabetical, saying why.
+FAMILY_FIELDS: dict[str, dict[str, Any]] = {
+    # DeepSeek sparse attention under MLA: keys have one head per query head (the generic GQA split
+    # would repeat them 4 -> 8); the indexer keeps 8 of the 32 tokens, so its selection shows.
+    "axk2": dict(num_key_value_heads=4, index_n_heads=4, index_head_dim=16, index_topk=8),
+    # Attention and experts are nested configs; DbrxAttention reads an attn_config.rope_theta its
+    # config class does not declare; the experts copy d_model before the hidden_size alias sets it.
+    # clip_qkv clips (q, k, v reach ~0.2); routing weights are 2-normed.
+    "dbrx": dict(d_model=64, attn_config=dict(kv_n_heads=2, clip_qkv=0.2, rope_theta=10000.0),
+                 ffn_config=dict(ffn_hidden_size=32, moe_num_experts=8, moe_top_k=2, moe_loss_weight=0.01,
+                                 moe_normalize_expert_weights=2.0)),
+    # DeepSeek sparse attention, as axk2.
+    "deepseek_v32": dict(num_key_value_heads=4, index_n_heads=4, index_head_dim=16, index_topk=8),
+    # DeepSeek sparse attention, as axk2; every other layer reuses the previous layer's top-k.
+    "glm_moe_dsa": dict(num_key_value_heads=4, index_n_heads=4, index_head_dim=16, index_topk=8,
+                        indexer_types=["full", "shared", "full", "shared"]),
+    # No default layer pattern (conv or attention per layer); one dense layer, then MoE.
+    "lfm2_moe": dict(layer_types=["conv", "full_attention", "conv", "full_attention"], num_dense_layers=1,
+                     routed_scaling_factor=1.5),
+}
 # Multimodal wrappers, encoders and encoder-decoders also registered as causal LMs.
 _NOT_DECODER_ONLY_TEXT = ("bart", "bert", "roberta", "electra", "xlm", "camembert", "marian", "mbart", "pegasus",
                           "blenderbot", "prophetnet", "plbart", "mvp", "trocr", "whisper", "musicgen", "moshi",
@@ -56,6 +77,7 @@ def tiny_config(family: str, tied: bool | None = None) -> PretrainedConfig:
                   if hasattr(default, key) and not isinstance(getattr(type(default), key, None), property)}
         if "qk_rope_head_dim" in values:  # multi-head latent attention: rotary runs on the rope part
             values["head_dim"] = values["qk_rope_head_dim"]
+        values.update(FAMILY_FIELDS.get(family, {}))
         try:
             config = AutoConfig.for_model(family, **values)
         except ValueError:  # configs that check their per-layer patterns against the layer count

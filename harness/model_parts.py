@@ -12,7 +12,7 @@ import ast
 import inspect
 import sys
 import textwrap
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import torch
@@ -23,8 +23,9 @@ from transformers import PretrainedConfig
 _EXPERT_COUNT_FIELDS = ("num_experts", "num_local_experts", "n_routed_experts", "moe_num_experts")
 # Experts each token is routed to, by the config field each family uses.
 _TOP_K_FIELDS = ("num_experts_per_tok", "moe_topk", "moe_top_k", "top_k", "num_experts_per_token")
-# The router aux loss's weight, by the config field each family uses (JetMoE: aux_loss_coef).
-_AUX_LOSS_COEF_FIELDS = ("router_aux_loss_coef", "aux_loss_coef")
+# The router aux loss's weight, by the config field each family uses (JetMoE: aux_loss_coef,
+# DBRX: moe_loss_weight).
+_AUX_LOSS_COEF_FIELDS = ("router_aux_loss_coef", "aux_loss_coef", "moe_loss_weight")
 # Final norm of the base model, by family naming (Llama-style first; LFM2 calls its final norm
 # `embedding_norm`).
 _FINAL_NORM_NAMES = ("norm", "final_layernorm", "norm_f", "ln_f", "embedding_norm", "final_layer_norm",
@@ -41,12 +42,20 @@ class MoEBlock:
     router: nn.Module | None
 
 
+def _field_values(config: PretrainedConfig, keys: tuple[str, ...]) -> Iterator:
+    """The values of `keys` in the config, then in its nested configs (DBRX keeps its experts'
+    fields in `ffn_config`); None where a config lacks one. Lazy: callers take the first they
+    want, and reading a field past it may raise (per-layer fields of heterogeneous configs)."""
+    yield from (getattr(config, key, None) for key in keys)
+    for name in getattr(config, "sub_configs", {}):
+        sub = getattr(config, name, None)
+        if isinstance(sub, PretrainedConfig):
+            yield from (getattr(sub, key, None) for key in keys)
+
+
 def expert_count(config: PretrainedConfig) -> int:
     """Routed experts per MoE layer; 0 for a dense model."""
-    for key in _EXPERT_COUNT_FIELDS:
-        if getattr(config, key, None):
-            return int(getattr(config, key))
-    return 0
+    return int(next((value for value in _field_values(config, _EXPERT_COUNT_FIELDS) if value), 0))
 
 
 class SkipLayer(nn.Module):
@@ -74,17 +83,14 @@ class TupleSkipLayer(SkipLayer):
 
 def experts_per_token(config: PretrainedConfig) -> int:
     """Routed experts per token (top-k); 0 for a dense model."""
-    for key in _TOP_K_FIELDS:
-        if getattr(config, key, None):
-            return int(getattr(config, key))
-    return 0
+    return int(next((value for value in _field_values(config, _TOP_K_FIELDS) if value), 0))
 
 
 def aux_loss_coefficient(config: PretrainedConfig) -> float:
     """The weight of HF's router aux loss in the training loss."""
-    for key in _AUX_LOSS_COEF_FIELDS:
-        if getattr(config, key, None) is not None:
-            return float(getattr(config, key))
+    coefficient = next((value for value in _field_values(config, _AUX_LOSS_COEF_FIELDS) if value is not None), None)
+    if coefficient is not None:
+        return float(coefficient)
     raise ValueError(f"{config.model_type}: no router aux loss coefficient (one of {_AUX_LOSS_COEF_FIELDS})")
 
 

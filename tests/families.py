@@ -34,14 +34,26 @@ SCALARS: dict[str, float] = dict(
     logit_scale=0.25, final_logit_softcapping=5.0, attn_logit_softcapping=3.0, embedding_multiplier=3.0,
     logits_scaling=2.5, residual_multiplier=0.7, attention_multiplier=0.3, router_aux_loss_coef=0.01,
 )
-# Family-specific values on top of SIZES and SCALARS, for families whose per-layer features the
-# generic fields leave at their full-size defaults or switched off.
+# Values applied over SIZES and SCALARS for families the generic fields cannot shrink or build,
+# or leave with per-layer features at full-size defaults or switched off; one entry per family,
+# alphabetical, saying why.
 FAMILY_FIELDS: dict[str, dict[str, Any]] = {
+    # DeepSeek sparse attention under MLA: keys have one head per query head (the generic GQA split
+    # would repeat them 4 -> 8); the indexer keeps 8 of the 32 tokens, so its selection shows.
+    "axk2": dict(num_key_value_heads=4, index_n_heads=4, index_head_dim=16, index_topk=8),
     # Rotary parameters are per layer type (none by default: a KeyError) and the full-attention
     # layers may have none (NoPE); its M-RoPE sections must cover head_dim / 2 = 8.
     "cohere_compass_text": dict(layer_types=["sliding_attention", "full_attention"] * 2, rope_parameters={
         "sliding_attention": dict(rope_type="default", rope_theta=10_000.0, mrope_section=[4, 2, 2]),
         "full_attention": None}),
+    # Attention and experts are nested configs; DbrxAttention reads an attn_config.rope_theta its
+    # config class does not declare; the experts copy d_model before the hidden_size alias sets it.
+    # clip_qkv clips (q, k, v reach ~0.2); routing weights are 2-normed.
+    "dbrx": dict(d_model=64, attn_config=dict(kv_n_heads=2, clip_qkv=0.2, rope_theta=10000.0),
+                 ffn_config=dict(ffn_hidden_size=32, moe_num_experts=8, moe_top_k=2, moe_loss_weight=0.01,
+                                 moe_normalize_expert_weights=2.0)),
+    # DeepSeek sparse attention, as axk2.
+    "deepseek_v32": dict(num_key_value_heads=4, index_n_heads=4, index_head_dim=16, index_topk=8),
     # Sliding-window layers are per-layer configs with their own MLA sizes (swa_*, default 64
     # heads); indexed (sparse) attention keeps 4 of the keys; keys need as many heads as queries.
     "dots3_note_text": dict(num_key_value_heads=4, swa_num_attention_heads=2, swa_num_key_value_heads=2,
@@ -65,6 +77,12 @@ FAMILY_FIELDS: dict[str, dict[str, Any]] = {
     "gemma4_unified_text": dict(layer_types=["sliding_attention", "full_attention"] * 2, global_head_dim=32,
                                 attention_k_eq_v=True, num_global_key_value_heads=1, num_kv_shared_layers=2,
                                 use_double_wide_mlp=True),
+    # DeepSeek sparse attention, as axk2; every other layer reuses the previous layer's top-k.
+    "glm_moe_dsa": dict(num_key_value_heads=4, index_n_heads=4, index_head_dim=16, index_topk=8,
+                        indexer_types=["full", "shared", "full", "shared"]),
+    # No default layer pattern (conv or attention per layer); one dense layer, then MoE.
+    "lfm2_moe": dict(layer_types=["conv", "full_attention", "conv", "full_attention"], num_dense_layers=1,
+                     routed_scaling_factor=1.5),
     # Full-attention layers need the QSA token indexer's sizes (unset: a TypeError), here keeping 4
     # keys in blocks of 2; the hashed n-gram per-layer embedding on layer 1 defaults to 16 heads of
     # 20M-row tables; hyper-connections keep hc_count=4 residual streams through a low-rank mixer.

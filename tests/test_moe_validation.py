@@ -53,3 +53,14 @@ def test_aux_loss_refused_for_a_family_without_one(tmp_path) -> None:
         with pytest.raises(ConfigError, match="afmoe's forward returns no router aux loss") as error:
             validate(cfg, 2)
         assert "\n" not in str(error.value) and "set it to false" in str(error.value)
+
+
+def test_expert_fields_of_a_nested_config_are_read(tmp_path) -> None:
+    """DBRX keeps its expert count, top-k and aux loss weight in `ffn_config`: under EP its experts
+    are refused for their layout (not as a model without experts), and HF's aux loss is accepted
+    under pp."""
+    family_config("dbrx").save_pretrained(tmp_path)
+    with pytest.raises(ConfigError, match="dbrx's experts are not transformers' fused experts modules"):
+        validate(tiny_config(f"--model.path={tmp_path}", "--parallel.dp_shard=2", "--parallel.ep=2"), 2)
+    validate(tiny_config(f"--model.path={tmp_path}", "--parallel.pp=2",
+                         "--model.overrides.output_router_logits=true"), 2)

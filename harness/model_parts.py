@@ -139,8 +139,13 @@ def layer_list(model: nn.Module) -> nn.ModuleList:
         candidates = [child for child in inner.children() if isinstance(child, nn.ModuleList) and len(child) == count]
         layers = candidates[0] if len(candidates) == 1 else None
     if layers is None:
-        raise ValueError(f"{type(model).__name__}: no decoder layers found (expected a layer list of "
-                         f"num_hidden_layers blocks in {type(inner).__name__})")
+        # Name the lists it has instead: BLT's several stacks (byte encoder, patch transformer,
+        # byte decoder) are not one list of decoder layers.
+        lists = [name for name, child in inner.named_modules() if isinstance(child, nn.ModuleList)]
+        outer = [name for name in lists if not any(name.startswith(other + ".") for other in lists)]
+        raise ValueError(f"{type(model).__name__}: no decoder layers found (expected one layer list of "
+                         f"num_hidden_layers blocks in {type(inner).__name__}; it has "
+                         f"{', '.join(outer) or 'none'})")
     return layers
 
 
@@ -285,6 +290,14 @@ def check_pipeline_support(model: nn.Module) -> None:
     if container is not None and getattr(inner, container) is not embeddings(model):
         raise ValueError(f"{config.model_type}: its token embeddings sit inside {container} with other parts, which "
                          "pipeline stages do not split; use parallel.pp=1")
+    # Each stage would train its own copy of a block several layers share (Zamba's transformer).
+    first_holder: dict[int, int] = {}
+    for index, layer in enumerate(layer_list(model)):
+        for name, param in layer.named_parameters():
+            first = first_holder.setdefault(id(param), index)
+            if first != index:
+                raise ValueError(f"{config.model_type}: decoder layers {first} and {index} share parameters ({name}), "
+                                 "which pipeline stages cannot split; use parallel.pp=1")
     # A part after the layers runs on the last stage only; earlier stages pass their hidden states
     # through in its place, which is right for a norm (its parameters are vectors) and nothing else.
     _, after = base_parts_around_layers(model)

@@ -43,8 +43,9 @@ def apply_fsdp(model: nn.Module, layers: Iterable[nn.Module], mesh: DeviceMesh, 
         assert expert_mesh is not None, "expert modules need the efsdp mesh"
         fully_shard(experts, mesh=expert_mesh, mp_policy=policy, reshard_after_forward=reshard_after_forward,
                     shard_placement_fn=_expert_placement(experts, expert_mesh))
-    for layer in layers:
-        fully_shard(layer, mesh=mesh, mp_policy=policy, reshard_after_forward=reshard_after_forward)
+    for group in layers_sharing_parameters(layers):
+        fully_shard(group if len(group) > 1 else group[0], mesh=mesh, mp_policy=policy,
+                    reshard_after_forward=reshard_after_forward)
     # The root keeps its parameters (embeddings, final norm, lm_head) gathered after forward:
     # backward needs them again at once. Its inputs stay as they come: token ids, hidden states
     # already in the compute dtype, and statistics a pipeline stage carries in float32 (counts
@@ -56,6 +57,26 @@ def apply_fsdp(model: nn.Module, layers: Iterable[nn.Module], mesh: DeviceMesh, 
             module.set_gradient_divide_factor(1.0)
             # A factor of 1 otherwise becomes PREMUL_SUM, which gloo cannot run.
             module.set_force_sum_reduction_for_comms(True)
+
+
+def layers_sharing_parameters(layers: Iterable[nn.Module]) -> list[list[nn.Module]]:
+    """The layers in groups: layers that share a parameter (Zamba's one transformer block, called
+    from several layers) in one group, every other layer alone. FSDP2 manages a parameter in one
+    group only; a group of modules gathers it before the first of them runs and reduces its
+    gradient once all of them have run backward."""
+    groups: list[list[nn.Module]] = []
+    owner: dict[int, int] = {}  # parameter id -> index of its group in `groups`
+    for layer in layers:
+        shared = sorted({owner[id(p)] for p in layer.parameters() if id(p) in owner})
+        target = shared[0] if shared else len(groups)
+        if not shared:
+            groups.append([])
+        for index in shared[1:]:  # a layer sharing with two groups joins them
+            groups[target] += groups[index]
+            groups[index] = []
+        groups[target].append(layer)
+        owner.update((id(p), target) for member in groups[target] for p in member.parameters())
+    return [group for group in groups if group]
 
 
 def _with_every_parameter(module: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:

@@ -41,6 +41,18 @@ FAMILY_FIELDS: dict[str, dict[str, Any]] = {
     # DeepSeek sparse attention under MLA: keys have one head per query head (the generic GQA split
     # would repeat them 4 -> 8); the indexer keeps 8 of the 32 tokens, so its selection shows.
     "axk2": dict(num_key_value_heads=4, index_n_heads=4, index_head_dim=16, index_topk=8),
+    # Bytes through a local encoder, a global transformer over patches and a local decoder, each a
+    # sub-config of its own (no top-level layer count), patched by a frozen entropy model; its hash
+    # n-gram embeddings default to 500002 rows per n-gram size. It builds; the harness, which
+    # needs one list of decoder layers, refuses it.
+    "blt": dict(encoder_hash_byte_group_size=[3, 4], encoder_hash_byte_group_vocab=64, local_attention_window_len=8,
+                patcher_config=dict(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64,
+                                    vocab_size=VOCAB),
+                encoder_config=dict(hidden_size=64, num_hidden_layers=1, num_attention_heads=4, vocab_size=VOCAB,
+                                    hidden_size_global=64, intermediate_size=96),
+                decoder_config=dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, vocab_size=VOCAB,
+                                    hidden_size_global=64, intermediate_size=96),
+                global_config=dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=96)),
     # Rotary parameters are per layer type (none by default: a KeyError) and the full-attention
     # layers may have none (NoPE); its M-RoPE sections must cover head_dim / 2 = 8.
     "cohere_compass_text": dict(layer_types=["sliding_attention", "full_attention"] * 2, rope_parameters={
@@ -80,9 +92,15 @@ FAMILY_FIELDS: dict[str, dict[str, Any]] = {
     # DeepSeek sparse attention, as axk2; every other layer reuses the previous layer's top-k.
     "glm_moe_dsa": dict(num_key_value_heads=4, index_n_heads=4, index_head_dim=16, index_topk=8,
                         indexer_types=["full", "shared", "full", "shared"]),
+    # Per-layer attention comes as [[types], repeats] (not layer_types); a window shorter than the
+    # sequence makes its local layers differ from its global ones.
+    "gpt_neo": dict(attention_types=[[["global", "local"], 2]], window_size=8),
     # No default layer pattern (conv or attention per layer); one dense layer, then MoE.
     "lfm2_moe": dict(layer_types=["conv", "full_attention", "conv", "full_attention"], num_dense_layers=1,
                      routed_scaling_factor=1.5),
+    # Heads of its own field names must fill the expanded width (hidden * expand = heads * head_dim);
+    # chunks shorter than the sequence run the chunked scan across chunk borders.
+    "mamba2": dict(num_heads=8, state_size=8, chunk_size=8),
     # Full-attention layers need the QSA token indexer's sizes (unset: a TypeError), here keeping 4
     # keys in blocks of 2; the hashed n-gram per-layer embedding on layer 1 defaults to 16 heads of
     # 20M-row tables; hyper-connections keep hc_count=4 residual streams through a low-rank mixer.
@@ -90,6 +108,21 @@ FAMILY_FIELDS: dict[str, dict[str, Any]] = {
                            indexer_compress_ratio=2, hc_lowrank=8, ple_layer_ids=[1], ple_embed_dim=32,
                            heads_per_ngram=2, ngram_vocab_size_base=64, split_ngram_parts=1,
                            make_ngram_vocab_size_divisible_by=8),
+    # Layers are Mamba or hybrid (Mamba plus the one shared transformer block); with 4 layers the
+    # default pattern has one hybrid layer, which HF's tie of the shared block refuses: two share it.
+    "zamba": dict(layers_block_type=["linear_attention", "hybrid", "linear_attention", "hybrid"], n_mamba_heads=2,
+                  mamba_d_state=8),
+    # As Zamba, with Mamba-2 heads; two memory blocks alternate over three hybrid layers (one
+    # shared, one not), with per-layer adapters (which add to keys and values as wide as the
+    # queries: no grouped heads) and rotary in the shared attention. That attention reads the
+    # hidden states concatenated with the embeddings: its heads split twice the hidden width.
+    "zamba2": dict(layers_block_type=["hybrid", "linear_attention", "hybrid", "hybrid"], num_mem_blocks=2,
+                   n_mamba_heads=4, mamba_d_state=8, chunk_size=8, use_shared_attention_adapter=True,
+                   adapter_rank=8, num_key_value_heads=4, head_dim=32, use_mem_rope=True),
+    # One expert per token only; alternating sliding-window layers, its router's own width, and a
+    # bias on the (tied) LM head.
+    "zaya": dict(num_experts_per_tok=1, num_experts=4, layer_types=["hybrid", "hybrid_sliding"] * 2,
+                 router_hidden_size=32, lm_head_bias=True),
 }
 # Multimodal wrappers, encoders and encoder-decoders also registered as causal LMs.
 _NOT_DECODER_ONLY_TEXT = ("bart", "bert", "roberta", "electra", "xlm", "camembert", "marian", "mbart", "pegasus",
@@ -121,8 +154,9 @@ def tiny_config(family: str, tied: bool | None = None) -> PretrainedConfig:
             config = AutoConfig.for_model(family, **values)
         except ValueError:  # configs that check their per-layer patterns against the layer count
             config = AutoConfig.for_model(family, **values, **_resized_patterns(default, SIZES["num_hidden_layers"]))
-    for key, pattern in _resized_patterns(config, config.num_hidden_layers).items():
-        setattr(config, key, pattern)
+    if hasattr(config, "num_hidden_layers"):  # BLT counts layers per sub-config
+        for key, pattern in _resized_patterns(config, config.num_hidden_layers).items():
+            setattr(config, key, pattern)
     # Dropout and router jitter draw random numbers in training, which no two layouts draw alike:
     # off here, as the README's supported-models section says.
     for key in training_randomness(config):

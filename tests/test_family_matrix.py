@@ -1,10 +1,10 @@
 """A slice of the family matrix (tests/family_matrix.py) on every layout: families whose
 forward does more than embeddings -> layers -> norm -> head (logit scales and soft-caps,
-multipliers, tied embeddings, per-layer rotary, Mamba / linear-attention / convolution mixers)
-and MoE families with different routers and expert layouts. Each layout is one process group
-for all of them. A cell passes when it matches the one-process run, or, for the cells listed in
-REFUSED, when validation refuses it in one line naming the reason; the whole matrix is
-`python -m tests.family_matrix` (README: Supported models)."""
+multipliers, tied embeddings, per-layer rotary, Mamba / linear-attention / convolution mixers, a
+block several layers share) and MoE families with different routers and expert layouts. Each
+layout is one process group for all of them. A cell passes when it matches the one-process run,
+or, for the cells listed in REFUSED, when validation refuses it in one line naming the reason; the
+whole matrix is `python -m tests.family_matrix` (README: Supported models)."""
 
 from __future__ import annotations
 
@@ -12,7 +12,8 @@ import pytest
 
 from tests.family_matrix import LAYOUTS, family_recipes, is_moe, run_layout
 
-DENSE = ["cohere", "granite", "gemma2", "gemma3_text", "falcon_h1", "qwen3_next", "lfm2", "gpt2", "biogpt"]
+DENSE = ["cohere", "granite", "gemma2", "gemma3_text", "falcon_h1", "qwen3_next", "lfm2", "gpt2", "biogpt",
+         "zamba"]
 MOE = ["qwen3_moe", "gpt_oss", "olmoe", "jetmoe", "glm4_moe", "deepseek_v2", "deepseek_v4", "longcat_flash"]
 TESTED_LAYOUTS = ["1 process", "pp=2, selective AC", "dp_shard=2, full AC", "ep=2, selective AC",
                   "pp=2, HF aux loss"]
@@ -23,6 +24,8 @@ REFUSED = {("jetmoe", "ep=2, selective AC"): "not transformers' fused experts mo
            # Hyper-connection streams merged after the layers (hash-routed MoE layers: under ep).
            ("deepseek_v4", "pp=2, selective AC"): "parts after its layers that are not norms (hc_head)",
            ("deepseek_v4", "pp=2, HF aux loss"): "parts after its layers that are not norms (hc_head)",
+           # One transformer block shared by several layers: FSDP shards it once, stages cannot split it.
+           ("zamba", "pp=2, selective AC"): "share parameters",
            # Zero-computation experts in a loop of its own: under FSDP a rank may leave the real
            # experts of a layer unpicked (every parameter still gets a gradient).
            ("longcat_flash", "ep=2, selective AC"): "LongcatFlashExperts: not an ExpertsInterface experts class",

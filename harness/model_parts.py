@@ -155,14 +155,13 @@ def skip_layer_for(model: nn.Module) -> type[SkipLayer]:
     `hidden_states = out[0]`). Raises ValueError for any other use of a layer's output."""
     loop = _layer_loop(model)
     layer_names = {node.id for node in ast.walk(loop.target) if isinstance(node, ast.Name)}
-    assigned = {_assigned_name(node): node.value for node in ast.walk(loop) if isinstance(node, ast.Assign)}
-    outputs = [name for name, value in assigned.items()
-               if isinstance(value, ast.Call) and isinstance(value.func, ast.Name) and value.func.id in layer_names]
-    if outputs == ["hidden_states"]:
+    assignments = [(_assigned_name(node), node.value) for node in ast.walk(loop) if isinstance(node, ast.Assign)]
+    outputs = {name for name, value in assignments
+               if isinstance(value, ast.Call) and isinstance(value.func, ast.Name) and value.func.id in layer_names}
+    if outputs == {"hidden_states"}:
         return SkipLayer
-    first = assigned.get("hidden_states")
-    if (len(outputs) == 1 and isinstance(first, ast.Subscript) and isinstance(first.value, ast.Name)
-            and first.value.id == outputs[0] and isinstance(first.slice, ast.Constant) and first.slice.value == 0):
+    if len(outputs) == 1 and any(name == "hidden_states" and _is_first_item_of(value, *outputs)
+                                 for name, value in assignments):
         return TupleSkipLayer
     raise ValueError(f"{type(model).__name__}: its forward unpacks each layer's output in a way a pipeline "
                      "stage cannot stand in for; use parallel.pp=1")
@@ -171,6 +170,12 @@ def skip_layer_for(model: nn.Module) -> type[SkipLayer]:
 def _assigned_name(node: ast.Assign) -> str | None:
     target = node.targets[0]
     return target.id if len(node.targets) == 1 and isinstance(target, ast.Name) else None
+
+
+def _is_first_item_of(value: ast.expr, name: str | None) -> bool:
+    """`value` is `name[0]`."""
+    return (isinstance(value, ast.Subscript) and isinstance(value.value, ast.Name) and value.value.id == name
+            and isinstance(value.slice, ast.Constant) and value.slice.value == 0)
 
 
 def _final_norm_name(model: nn.Module) -> str | None:

@@ -125,7 +125,9 @@ def test_stages_of_every_family_chain_to_the_whole_model(family):
 # LFM3's final norms (not named like Llama's: LFM3's is `embedding_norm`) and BioGPT's head
 # (`output_projection`) with the last stage. Granite-SWA picks each layer's rotary theta by the
 # layer's index in the loop (and its mask by layer type), which stand-ins for other stages' layers keep.
-@pytest.mark.parametrize("family", ["gpt2", "gpt_bigcode", "bloom", "biogpt", "ctrl", "opt", "lfm3", "granite_swa"])
+# Cohere-Compass assigns hidden_states again after each layer's call (a no-op without images).
+@pytest.mark.parametrize("family", ["gpt2", "gpt_bigcode", "bloom", "biogpt", "ctrl", "opt", "lfm3", "granite_swa",
+                                    "cohere_compass_text"])
 @pytest.mark.parametrize("layers_per_stage", [[1, 2, 1], [0, 3, 1], [1, 3, 0]])
 def test_parts_around_the_layers_go_with_the_first_and_last_stage(family, layers_per_stage):
     config = tiny_family(family)

@@ -124,12 +124,14 @@ FAMILY_FIELDS: dict[str, dict[str, Any]] = {
     "zaya": dict(num_experts_per_tok=1, num_experts=4, layer_types=["hybrid", "hybrid_sliding"] * 2,
                  router_hidden_size=32, lm_head_bias=True),
 }
-# Multimodal wrappers, encoders and encoder-decoders also registered as causal LMs.
+# Multimodal wrappers, encoders and encoder-decoders also registered as causal LMs, and
+# speculative-decoding assistants (they read the target model's hidden states).
 _NOT_DECODER_ONLY_TEXT = ("bart", "bert", "roberta", "electra", "xlm", "camembert", "marian", "mbart", "pegasus",
                           "blenderbot", "prophetnet", "plbart", "mvp", "trocr", "whisper", "musicgen", "moshi",
                           "rembert", "roformer", "roc_bert", "xmod", "data2vec", "big_bird", "bigbird", "megatron",
                           "reformer", "xlnet", "git", "fuyu", "emu3", "mllama", "got_ocr2", "phi4_multimodal",
-                          "moss_transcribe", "ernie", "cpmant", "lara_mini")
+                          "moss_transcribe", "ernie", "cpmant", "lara_mini", "gemma4_assistant",
+                          "gemma4_unified_assistant")
 
 
 def decoder_only_families() -> list[str]:

@@ -1,15 +1,22 @@
-"""DCP checkpoints on real gloo ranks: bitwise resume, and loading into another layout."""
+"""DCP checkpoints on real gloo ranks: bitwise resume, loading into another layout, and a block
+several layers share (Zamba) staying one parameter through training, resume and HF export."""
 
 from __future__ import annotations
 
+from collections import defaultdict
+
 import pytest
 import torch
+from torch import nn
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+from transformers import AutoModelForCausalLM
 
 from harness.checkpoint import complete_checkpoints
 from harness.config import Config
+from harness.export import export
 from harness.trainer import Run, build_run, checkpoint_run, resume_run, train_step
 from harness.validation import validate
+from tests.families import tiny_config as family_config
 from tests.multiproc import run_ranks
 from tests.reference import tiny_config
 
@@ -104,3 +111,49 @@ def test_checkpoint_loads_into_another_layout(tmp_path, case):
                                           run_ranks(load_then_step, load_world, loader, path)])
     _assert_bitwise(loaded_params, saved_params)
     torch.testing.assert_close(torch.tensor(next_loss), torch.tensor(saved_losses[2]), atol=1e-5, rtol=0)
+
+
+def _shared_names(model: nn.Module) -> set[tuple[str, ...]]:
+    """The names of each parameter that is reachable under more than one (a tied block)."""
+    names = defaultdict(list)
+    for name, param in model.named_parameters(remove_duplicate=False):
+        names[id(param)].append(name)
+    return {tuple(group) for group in names.values() if len(group) > 1}
+
+
+def save_and_resume_shared(rank: int, world_size: int, cfg: Config, root: str) -> tuple:
+    """2 steps, a checkpoint, 2 more; then a fresh run resumed from it, 2 steps. Losses, full
+    parameters after the checkpoint and at the end, and the tied names of both trained models."""
+    run = build_run(cfg, validate(cfg, world_size))
+    losses = [train_step(run)["loss"] for _ in range(2)]
+    path = checkpoint_run(run, root)
+    saved = _full_params(run)
+    losses += [train_step(run)["loss"] for _ in range(2)]
+    resumed = build_run(cfg, validate(cfg, world_size))
+    resume_run(resumed, path)
+    resumed_losses = [train_step(resumed)["loss"] for _ in range(2)]
+    return (losses, resumed_losses, saved, _full_params(run), _full_params(resumed),
+            _shared_names(run.modules[0]), _shared_names(resumed.modules[0]), path)
+
+
+@pytest.mark.parametrize("world_size", [1, 2], ids=["1rank", "fsdp2"])
+def test_shared_block_stays_tied_through_training_resume_and_export(tmp_path, world_size):
+    """Zamba's one transformer block, called from two layers: FSDP shards it once, so training,
+    a bitwise resume and the HF export all keep one tensor under both layers' names."""
+    family_config("zamba").save_pretrained(tmp_path / "zamba")
+    cfg = tiny_config(f"--model.path={tmp_path}/zamba/config.json", f"--run.dir={tmp_path}/run",
+                      f"--parallel.dp_shard={world_size}", "--train.steps=4")
+    losses, resumed_losses, saved, straight, resumed, tied, tied_resumed, path = run_ranks(
+        save_and_resume_shared, world_size, cfg, str(tmp_path / "ckpt"))[0]
+    assert resumed_losses == losses[2:]
+    _assert_bitwise(resumed, straight)
+    # The block's 9 tensors under layers 1 and 3 (and the tied embeddings): one parameter each.
+    blocks = [names for names in tied if "shared_transf" in names[0]]
+    assert len(blocks) == 9 and all(len(names) == 2 for names in blocks), tied
+    assert tied_resumed == tied
+    for names in tied:  # full state dicts read a parameter per name: a second copy would drift apart
+        assert all(torch.equal(straight[names[0]], straight[n]) for n in names[1:]), names
+    export(path, str(tmp_path / "hf"))
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "hf", local_files_only=True)
+    assert _shared_names(model) == tied
+    _assert_bitwise(model.state_dict(), saved)

@@ -51,3 +51,25 @@ def test_missing_cpp_compiler_is_reported():
     out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True,
                          env={**os.environ, "CXX": "/no/such/c++"}).stdout.splitlines()
     assert out[0].startswith("no C++ compiler for inductor") and out[1] == "None"
+
+
+def test_selective_context_under_a_tracing_mode_is_sac_own_modes():
+    """Checkpoint asserts, while AOTAutograd traces a compiled block, that `context_fn` returns
+    two TorchDispatchModes; torch 2.11 calls it there outside dynamo (on CUDA under FSDP2: a
+    BackendCompilerFailed). Under make_fx's proxy mode, as there, the harness's context must be
+    SAC's own modes, not its eager wrappers."""
+    from torch.fx.experimental.proxy_tensor import make_fx
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from parallel.activation_checkpointing import make_selective_checkpoint_context_fn
+
+    context_fn = make_selective_checkpoint_context_fn()
+    assert not all(isinstance(mode, TorchDispatchMode) for mode in context_fn())  # eager: wrapped
+    seen = []
+
+    def traced(x: torch.Tensor) -> torch.Tensor:
+        seen.extend(context_fn())
+        return x + 1
+
+    make_fx(traced)(torch.ones(2))
+    assert len(seen) == 2 and all(isinstance(mode, TorchDispatchMode) for mode in seen), seen

@@ -163,37 +163,46 @@ def _ac_shape(quick: bool) -> tuple[int, int, int, int]:
     return (1024, 4, 1024, 2) if quick else (2048, 8, 2048, 4)
 
 
+def _fresh_model_row(row: dict[str, Any], shape: tuple[int, int, int, int], prepare: Callable[[Any], None],
+                     repeats: int) -> dict[str, Any]:
+    """`row` plus the measured step of a fresh Llama of `shape` after `prepare(model)`, or its error."""
+    hidden, layers, seq, batch = shape
+    ids = torch.randint(0, 32000, (batch, seq + 1), device="cuda", generator=torch.Generator("cuda").manual_seed(0))
+    try:
+        model = _llama(hidden, layers, seq + 1)
+        prepare(model)
+        row.update(_measured_step(model, ids, repeats))
+        del model
+    except Exception as e:
+        row["error"] = _error(e)
+    torch.cuda.empty_cache()
+    row["model"] = f"llama h{hidden} x{layers}, {batch}x{seq}, bf16"
+    return row
+
+
 def check_activation_checkpointing(quick: bool) -> list[dict[str, Any]]:
     from parallel.activation_checkpointing import AC_MODES, apply_activation_checkpointing
 
-    hidden, layers, seq, batch = _ac_shape(quick)
-    ids = torch.randint(0, 32000, (batch, seq + 1), device="cuda", generator=torch.Generator("cuda").manual_seed(0))
     rows = []
     for compiled in (False, True):
+        def prepare(model: Any, mode: str) -> None:
+            blocks = model.model.layers
+            apply_activation_checkpointing(model, blocks, mode)
+            if compiled:
+                for i, block in enumerate(blocks):
+                    blocks[i] = torch.compile(block)
+
         base = None
         for mode in AC_MODES:
-            row: dict[str, Any] = dict(mode=mode, compile=compiled)
-            try:
-                model = _llama(hidden, layers, seq + 1)
-                blocks = model.model.layers
-                apply_activation_checkpointing(model, blocks, mode)
-                if compiled:
-                    for i, block in enumerate(blocks):
-                        blocks[i] = torch.compile(block)
-                row.update(_measured_step(model, ids, 2 if quick else 5))
-                if mode == "none":
-                    base = row
-                if base is not None:
-                    row["memory_x_none"] = row["activation_mib"] / base["activation_mib"]
-                    row["time_x_none"] = row["step_ms"] / base["step_ms"]
-                    row["loss_equal_none"] = row["loss"] == base["loss"]
-                del model
-            except Exception as e:
-                row["error"] = _error(e)
-            torch.cuda.empty_cache()
+            row = _fresh_model_row(dict(mode=mode, compile=compiled), _ac_shape(quick),
+                                   lambda model: prepare(model, mode), 2 if quick else 5)
+            if mode == "none":
+                base = row
+            if "error" not in row and base is not None and "error" not in base:
+                row["memory_x_none"] = row["activation_mib"] / base["activation_mib"]
+                row["time_x_none"] = row["step_ms"] / base["step_ms"]
+                row["loss_equal_none"] = row["loss"] == base["loss"]
             rows.append(row)
-    for row in rows:
-        row["model"] = f"llama h{hidden} x{layers}, {batch}x{seq}, bf16"
     return rows
 
 
@@ -213,26 +222,22 @@ def check_budget_ac(quick: bool) -> list[dict[str, Any]]:
     peaks = [measurement.uniform_peak_bytes[mode] for mode in BUDGET_MODES]
     plans = {mode: ((mode,) * layers, peak) for mode, peak in zip(BUDGET_MODES, peaks)}
     for low, high in zip(peaks[1:], peaks):
-        plan = choose_plan(meta, decoder_layers(meta), (low + high) // 2, shape, token_loss_sum,
-                           measurement=measurement)
+        try:
+            plan = choose_plan(meta, decoder_layers(meta), (low + high) // 2, shape, token_loss_sum,
+                               measurement=measurement)
+        except ValueError:  # full is not the smallest mode on a model this small: no plan fits
+            continue
         plans[f"budget {(low + high) / 2 / MiB:.0f} MiB"] = (plan.layer_modes, plan.predicted_bytes)
     predict_s = time.perf_counter() - started
-    ids = torch.randint(0, 32000, (batch, seq + 1), device="cuda", generator=torch.Generator("cuda").manual_seed(0))
     rows = []
     for name, (layer_modes, predicted) in plans.items():
-        row: dict[str, Any] = dict(plan=name, modes=" ".join(m[0] for m in layer_modes), predicted_mib=predicted / MiB)
-        try:
-            model = _llama(hidden, layers, seq + 1)
-            apply_budget_plan(model, model.model.layers, layer_modes)
-            row.update(_measured_step(model, ids, 2 if quick else 5))
+        row = _fresh_model_row(dict(plan=name, modes=" ".join(m[0] for m in layer_modes), predicted_mib=predicted / MiB,
+                                    predict_s=predict_s), _ac_shape(quick),
+                               lambda model: apply_budget_plan(model, model.model.layers, layer_modes),
+                               2 if quick else 5)
+        if "error" not in row:
             row["predicted_x_measured"] = row["predicted_mib"] / row["activation_mib"]
-            del model
-        except Exception as e:
-            row["error"] = _error(e)
-        torch.cuda.empty_cache()
         rows.append(row)
-    for row in rows:
-        row.update(model=f"llama h{hidden} x{layers}, {batch}x{seq}, bf16", predict_s=predict_s)
     return rows
 
 

@@ -235,6 +235,12 @@ HAND_SHRUNK: dict[str, dict[str, Any]] = {
                        n_groups=1),
     "granitemoehybrid": dict(embedding_multiplier=3.0, logits_scaling=2.5, num_local_experts=4,
                              num_experts_per_tok=2),
+    # Gemma 4 as its larger checkpoints: no per-layer inputs or KV-shared layers (pipeline stages
+    # refuse those), per-layer head_dim, k = v, an MoE block beside the MLP.
+    "gemma4_text": dict(layer_types=["sliding_attention", "full_attention"] * 2, sliding_window=8,
+                        final_logit_softcapping=5.0, global_head_dim=32, attention_k_eq_v=True,
+                        num_global_key_value_heads=1, hidden_size_per_layer_input=0, num_kv_shared_layers=0,
+                        enable_moe_block=True, num_experts=4, top_k_experts=2, moe_intermediate_size=32),
 }
 
 

@@ -176,6 +176,7 @@ _SELECTIVE_AC_MATMUL_OPS = _existing_ops(
     _resolve_torch_op("aten", "_grouped_mm"),
     _resolve_torch_op("aten", "_scaled_grouped_mm"),
 )
+_SELECTIVE_AC_MUST_SAVE_OPS = _build_selective_ac_save_ops()
 _SELECTIVE_AC_TO_COPY_OP = _resolve_torch_op("aten", "_to_copy")
 _SELECTIVE_AC_TRACE = os.environ.get("HARNESS_SELECTIVE_AC_TRACE", "0").lower() not in ("0", "", "false", "no", "off")
 _SELECTIVE_AC_TRACE_SEEN: set[str] = set()
@@ -224,9 +225,9 @@ def make_selective_checkpoint_context_fn(extra_save_ops: Collection[Any] = ()) -
     odd matmul count).
     """
     _register_sac_ignored_ops()
-    # Built per call: torch registers some ops (e.g. varlen attention) only when their module
-    # is first imported.
-    save_ops = _build_selective_ac_save_ops() | frozenset(extra_save_ops)
+    # The import-time set, and again now: torch registers some ops (e.g. varlen attention) only
+    # when their module is first imported.
+    save_ops = _SELECTIVE_AC_MUST_SAVE_OPS | _build_selective_ac_save_ops() | frozenset(extra_save_ops)
     matmul_ops = _SELECTIVE_AC_MATMUL_OPS
 
     def context_fn() -> tuple:

@@ -110,6 +110,14 @@ def test_cuda_to_cpu_copy_detection() -> None:
     assert _policy()(SelectiveCheckpointContext(is_recompute=False), copy, on_gpu, device=cpu) is CheckpointPolicy.MUST_SAVE
 
 
+def test_policy_saves_what_the_module_save_set_names(monkeypatch) -> None:
+    mul = torch.ops.aten.mul.Tensor
+    context = SelectiveCheckpointContext(is_recompute=False)
+    assert _policy()(context, mul) is CheckpointPolicy.PREFER_RECOMPUTE
+    monkeypatch.setattr(ac, "_SELECTIVE_AC_MUST_SAVE_OPS", ac._SELECTIVE_AC_MUST_SAVE_OPS | {mul})
+    assert _policy()(context, mul) is CheckpointPolicy.MUST_SAVE
+
+
 def test_save_set_contents_and_report() -> None:
     save = ac._build_selective_ac_save_ops()
     for op in (torch.ops.aten._scaled_dot_product_flash_attention_for_cpu.default,
@@ -119,6 +127,7 @@ def test_save_set_contents_and_report() -> None:
                torch._higher_order_ops.flex_attention):
         assert op in save, op
     assert torch.ops.aten.mul.Tensor not in save
+    assert ac._SELECTIVE_AC_MUST_SAVE_OPS <= save  # the module's import-time set
     report = ac.resolved_optional_ops()
     assert report["torch.ops.aten.addmm.default"] is True
     # The module names only torch's own ops: other packages' ops reach it from the caller.

@@ -162,6 +162,8 @@ def load_config(recipe: str | None, overrides: list[str] = ()) -> Config:
         except yaml.YAMLError as e:
             first = str(e).splitlines()[0]
             raise ConfigError(f"--config {recipe}: not valid YAML ({first}); fix the file") from None
+        except UnicodeDecodeError:
+            raise ConfigError(f"--config {recipe}: not a text file (not UTF-8); pass a recipe YAML path") from None
         if not isinstance(raw, dict):
             raise ConfigError(f"--config {recipe}: the top level must be a mapping of sections")
     for item in overrides:

@@ -13,6 +13,7 @@ import os
 from typing import Any
 
 import torch
+from huggingface_hub.errors import StrictDataclassError
 from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig
 
@@ -48,9 +49,24 @@ def load_config(preset: str | None, path: str | None, overrides: dict[str, Any] 
         kwargs = dict(PRESETS[preset])
         config = AutoConfig.for_model(kwargs.pop("model_type"), **kwargs)
     for key, value in (overrides or {}).items():
-        setattr(config, key, value)
+        try:
+            setattr(config, key, value)
+        except Exception as e:  # transformers' typed config fields raise huggingface_hub's own errors
+            raise ValueError(f"model.overrides.{key}={value!r}: {error_reason(e)}") from None
     config.use_cache = False
     return config
+
+
+def error_reason(error: Exception) -> str:
+    """One line for an error from transformers: its first line, or for a typed config field the
+    last (`Validation error for field 'x':` comes first, then why), with the error's type where
+    the text alone is bare (a KeyError's is the key)."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    if not lines:
+        return type(error).__name__
+    if isinstance(error, StrictDataclassError):
+        return lines[-1]
+    return lines[0] if isinstance(error, (ValueError, OSError)) else f"{type(error).__name__}: {lines[0]}"
 
 
 def _language_model_config(config: PretrainedConfig) -> PretrainedConfig:

@@ -6,11 +6,13 @@ Run by the launcher before any process starts; each failure is one ConfigError l
 from __future__ import annotations
 
 import importlib.util
+import math
 import os
 
 import torch
 from torch import nn
-from transformers import PretrainedConfig
+from huggingface_hub.errors import StrictDataclassError
+from transformers import AutoModelForCausalLM, PretrainedConfig
 
 from harness.checkpoint import check_checkpoint, start_point
 from harness.config import AcMode, Config, ConfigError
@@ -18,7 +20,7 @@ from harness.data_checks import check_corpus, check_data_config
 from harness.loss import token_loss_sum
 from harness.model_parts import (check_pipeline_support, decoder_layers, expert_count, experts_per_token, moe_blocks,
                                  router_aux_loss_function)
-from harness.models import build_meta_model, check_weights, load_config as load_model_config
+from harness.models import build_meta_model, check_weights, error_reason, load_config as load_model_config
 from harness.plan import Plan
 from harness.run_folder import RunFolder, run_folder
 from harness.run_identity import first_difference, read_identity, run_identity
@@ -34,6 +36,7 @@ def validate(cfg: Config, world_size: int) -> Plan:
     Reads the config only: what the user wrote stays as written."""
     _check_positive(cfg)
     folder = run_folder(cfg)
+    _check_output_paths(cfg, folder)
     p = cfg.parallel
     try:
         dims = ParallelDims(pp=p.pp, dp_replicate=p.dp_replicate, dp_shard=p.dp_shard, cp=p.cp, tp=p.tp,
@@ -42,7 +45,12 @@ def validate(cfg: Config, world_size: int) -> Plan:
         raise ConfigError(str(e)) from None
     _check_batch(cfg, dims)
     model_config = _check_model(cfg)
-    model = build_meta_model(model_config)  # meta device: the structure without memory or weights
+    try:
+        model = build_meta_model(model_config)  # meta device: the structure without memory or weights
+    except Exception as e:  # the model's own constructor is the check of what the config holds
+        fix = (f"check model.overrides ({', '.join(f'{k}={v!r}' for k, v in cfg.model.overrides.items())})"
+               if cfg.model.overrides else "check the model's config.json")
+        raise ConfigError(f"model: {type(model_config).__name__} cannot be built ({error_reason(e)}); {fix}") from None
     try:
         decoder_layers(model)
     except ValueError as e:
@@ -122,6 +130,15 @@ def _check_positive(cfg: Config) -> None:
         value = getattr(getattr(cfg, section), name)
         if value < 0:
             raise ConfigError(f"{section}.{name}={value}: must be >= 0")
+    # YAML reads nan, .inf and 1e400 as floats, which pass every comparison above.
+    for section, name in [("train", "lr"), ("train", "weight_decay"), ("train", "max_grad_norm"),
+                          ("train", "min_lr_ratio"), ("eval", "held_out"), ("ac", "budget_mib"),
+                          ("moe", "bias_update_rate"), ("logging", "peak_tflops")]:
+        value = getattr(getattr(cfg, section), name)
+        if value is not None and not math.isfinite(value):
+            raise ConfigError(f"{section}.{name}={value}: must be a finite number")
+    if not 0 <= cfg.train.seed < 2**32:
+        raise ConfigError(f"train.seed={cfg.train.seed}: must be in [0, 2**32)")
     # Optional counts: null asks for the default; 0 or less never does.
     for section, name in [("parallel", "pp_microbatches"), ("parallel", "pp_stages_per_rank"),
                           ("checkpoint", "every")]:
@@ -137,6 +154,29 @@ def _check_positive(cfg: Config) -> None:
         raise ConfigError("train.lr=0: nothing would train; set a positive learning rate, e.g. 3e-4")
     if cfg.train.min_lr_ratio > 1:
         raise ConfigError(f"train.min_lr_ratio={cfg.train.min_lr_ratio}: must be in [0, 1]")
+
+
+def _check_output_paths(cfg: Config, folder: RunFolder) -> None:
+    """What the run writes must be creatable: a path under a file or in a read-only folder fails
+    here, not in every worker."""
+    for name, path, is_file in [("run.dir", folder.dir, False), ("checkpoint.dir", folder.checkpoint_dir, False),
+                                ("train.metrics_file", folder.metrics_file, True),
+                                ("data.cache_dir", cfg.data.cache_dir, False),
+                                ("logging.tensorboard_dir", cfg.logging.tensorboard_dir, False)]:
+        if path is None:
+            continue
+        if os.path.exists(path):
+            if os.path.isdir(path) == is_file:
+                what = "a directory; give a file path" if is_file else "not a directory; choose another path"
+                raise ConfigError(f"{name}={path}: exists and is {what}")
+            continue
+        parent = os.path.dirname(os.path.abspath(path))
+        while not os.path.exists(parent):
+            parent = os.path.dirname(parent)
+        if not os.path.isdir(parent):
+            raise ConfigError(f"{name}={path}: {parent} is a file, not a folder; choose another path")
+        if not os.access(parent, os.W_OK | os.X_OK):
+            raise ConfigError(f"{name}={path}: cannot create it ({parent} is not writable); choose another path")
 
 
 def _check_batch(cfg: Config, dims: ParallelDims) -> None:
@@ -157,12 +197,22 @@ def _check_model(cfg: Config) -> PretrainedConfig:
             raise ConfigError(f"model.path={m.path}: no config.json in that directory")
     try:
         model_config = load_model_config(m.preset, m.path)
-    except (OSError, ValueError, KeyError) as e:
-        raise ConfigError(f"model: cannot load the model config ({str(e).splitlines()[0]})") from None
+    except (OSError, ValueError, KeyError, TypeError, StrictDataclassError) as e:
+        where = f"model.path={m.path}" if m.path is not None else f"model.preset={m.preset}"
+        raise ConfigError(f"{where}: cannot load its config ({error_reason(e)}); fix its config.json (a "
+                          "transformers config whose model_type this transformers knows)") from None
+    _check_causal_lm(m.path, model_config)
     for key in m.overrides:
+        if key == "model_type":
+            raise ConfigError("model.overrides.model_type: the model's type comes from model.preset or model.path; "
+                              "drop this override")
         if not hasattr(model_config, key):
             raise ConfigError(f"model.overrides.{key}: not a field of {type(model_config).__name__}")
-    model_config = load_model_config(m.preset, m.path, m.overrides)
+    try:
+        model_config = load_model_config(m.preset, m.path, m.overrides)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    _check_sizes(cfg, model_config)
     if cfg.train.seq_len > getattr(model_config, "max_position_embeddings", cfg.train.seq_len):
         raise ConfigError(f"train.seq_len={cfg.train.seq_len}: longer than the model's "
                           f"max_position_embeddings={model_config.max_position_embeddings}")
@@ -174,6 +224,52 @@ def _check_model(cfg: Config) -> PretrainedConfig:
     return model_config
 
 
+def _check_causal_lm(path: str | None, config: PretrainedConfig) -> None:
+    """The harness trains what AutoModelForCausalLM builds, as a language model of its own
+    (a vocabulary and a stack of decoder layers): not encoders' or image models' configs, nor
+    wrappers whose causal-LM class is the multimodal model or a speculative-decoding assistant."""
+    mapping = AutoModelForCausalLM._model_mapping
+    text = config.get_text_config()
+    fix = (f"save its text_config (model_type {text.model_type}) and point model.path at that"
+           if text is not config and type(text) in mapping else "give a decoder-only language model's config")
+    if type(config) not in mapping:
+        raise ConfigError(f"model.path={path}: {config.model_type} has no causal-LM class in transformers "
+                          f"(AutoModelForCausalLM); {fix}")
+    if not hasattr(config, "vocab_size"):
+        raise ConfigError(f"model.path={path}: {config.model_type} builds {mapping[type(config)].__name__}, not a "
+                          f"language model of its own (its config has no vocab_size); {fix}")
+
+
+_POSITIVE_SIZES = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
+                   "head_dim", "intermediate_size")
+
+
+def _check_sizes(cfg: Config, config: PretrainedConfig) -> None:
+    """Sizes that would build a model that cannot train (no layers, no width) or a forward that
+    fails in every worker (query heads that key/value heads do not divide)."""
+    m = cfg.model
+
+    def where(key: str) -> str:
+        return f"model.overrides.{key}" if key in m.overrides else f"model.path={m.path}: {key}"
+
+    def size(key: str) -> int | None:
+        try:
+            value = getattr(config, key, None)
+        except Exception:  # per-layer configs (Gemma 4) refuse to read a per-layer field globally
+            return None
+        return value if isinstance(value, int) and not isinstance(value, bool) else None
+
+    for key in _POSITIVE_SIZES:
+        value = size(key)
+        if value is not None and value <= 0:
+            raise ConfigError(f"{where(key)}={value}: must be > 0")
+    heads, kv_heads = size("num_attention_heads"), size("num_key_value_heads")
+    if heads and kv_heads and heads % kv_heads:
+        key = "num_key_value_heads" if "num_key_value_heads" in m.overrides else "num_attention_heads"
+        raise ConfigError(f"{where(key)}={size(key)}: num_key_value_heads={kv_heads} must divide "
+                          f"num_attention_heads={heads} (each key/value head serves a group of query heads)")
+
+
 def _check_experts(cfg: Config, model: nn.Module, dims: ParallelDims) -> None:
     model_config, blocks = model.config, moe_blocks(model)
     if cfg.moe.bias_update_rate < 0:
@@ -182,6 +278,10 @@ def _check_experts(cfg: Config, model: nn.Module, dims: ParallelDims) -> None:
                                                 for block in blocks):
         raise ConfigError("moe.bias_update_rate: aux-loss-free balancing needs routers with an "
                           "e_score_correction_bias (e.g. deepseek_v3); set it to 0 for this model")
+    experts, top_k = expert_count(model_config), experts_per_token(model_config)
+    if experts and top_k > experts:
+        raise ConfigError(f"model: each token is routed to {top_k} experts but the model has {experts}; lower "
+                          "the top-k (e.g. model.overrides.num_experts_per_tok) or raise the expert count")
     if getattr(model_config, "output_router_logits", False):
         _check_aux_loss(model, dims)
     if dims.ep == 1:
@@ -201,6 +301,22 @@ def _check_experts(cfg: Config, model: nn.Module, dims: ParallelDims) -> None:
             check_expert_parallel_support(block.experts, dims.ep)
         except ValueError as e:
             raise ConfigError(f"parallel.ep={dims.ep}: {e}; set parallel.ep=1") from None
+    if cfg.moe.dispatcher != "alltoall" and cfg.moe.dispatcher_strict:
+        _check_dispatcher_available(cfg.moe.dispatcher)
+
+
+def _check_dispatcher_available(name: str) -> None:
+    """A strict DeepEP / HybridEP dispatcher that cannot run here would fail in every worker."""
+    from moe.deep_ep_runtime import load_deep_ep
+
+    try:
+        deep_ep = load_deep_ep()
+        if name == "hybridep" and not hasattr(deep_ep, "HybridEPBuffer"):
+            raise RuntimeError("deep_ep has no HybridEPBuffer (needs the hybrid-ep branch)")
+    except RuntimeError as e:
+        raise ConfigError(f"moe.dispatcher={name}: unavailable here ({e}) and moe.dispatcher_strict=true; "
+                          "install deep_ep on a CUDA machine, or set moe.dispatcher_strict=false to fall back "
+                          "to alltoall") from None
 
 
 def _check_aux_loss(model: nn.Module, dims: ParallelDims) -> None:

@@ -19,7 +19,7 @@ from harness.plan import Plan
 from harness.validation import validate
 from launch import slurm
 from launch.recipe_help import recipe_help
-from launch.torchrun_flags import check_torchrun_flag
+from launch.torchrun_flags import check_torchrun_flag, check_torchrun_values
 
 DEFAULT_RECIPE = str(resources.files("launch") / "recipes" / "default.yaml")
 
@@ -36,6 +36,8 @@ def split_args(argv: list[str]) -> tuple[str | None, list[str], list[str]]:
             elif i + 1 < len(argv):
                 recipe, i = argv[i + 1], i + 1
             else:
+                recipe = ""
+            if not recipe:
                 raise ConfigError("--config: missing the recipe path")
         elif arg.startswith("--") and "." in arg.split("=", 1)[0]:
             overrides.append(arg)
@@ -53,19 +55,25 @@ def split_args(argv: list[str]) -> tuple[str | None, list[str], list[str]]:
 
 
 def _flag(torchrun: list[str], name: str) -> str | None:
-    """Value of a torchrun flag given as `--name v`, `--name=v`, or with underscores."""
+    """Value of a torchrun flag given as `--name v`, `--name=v`, or with underscores; the last one
+    when it is given twice, as torchrun's argument parser reads it."""
     spellings = {f"--{name}", f"--{name.replace('-', '_')}"}
+    found = None
     for i, arg in enumerate(torchrun):
-        key, _, value = arg.partition("=")
+        key, eq, value = arg.partition("=")
         if key in spellings:
-            return value if value else (torchrun[i + 1] if i + 1 < len(torchrun) else None)
-    return None
+            found = value if eq else (torchrun[i + 1] if i + 1 < len(torchrun) else None)
+    return found
 
 
 def node_count(torchrun: list[str]) -> int:
     nodes = _flag(torchrun, "nnodes") or "1"
     if not nodes.isdigit() or int(nodes) < 1:
         raise ConfigError(f"--nnodes={nodes}: give a fixed number of nodes (elastic ranges are not supported)")
+    if int(nodes) > 1 and "--standalone" in torchrun:
+        # torchrun's --standalone rendezvous is on localhost: the other nodes could never join.
+        raise ConfigError(f"--standalone: a one-node rendezvous, but --nnodes={nodes}; drop --standalone and "
+                          "give --rdzv-endpoint=HOST:PORT (or --master-addr/--master-port)")
     return int(nodes)
 
 
@@ -95,6 +103,7 @@ def main(argv: list[str]) -> int:
         return 0
     try:
         recipe, overrides, torchrun = split_args(argv)
+        check_torchrun_values(torchrun)
         cfg = load_config(recipe or DEFAULT_RECIPE, overrides)
         worker = "LOCAL_RANK" in os.environ
         if not worker and slurm.in_multinode_step(os.environ) and not slurm.names_rendezvous(torchrun):

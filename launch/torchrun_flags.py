@@ -4,10 +4,13 @@ torchrun's usage text."""
 
 from __future__ import annotations
 
+import argparse
 import difflib
 import functools
 import typing
 
+import torch.distributed.elastic.rendezvous.registry  # noqa: F401 (registers torchrun's rendezvous backends)
+from torch.distributed.elastic.rendezvous import rendezvous_handler_registry
 from torch.distributed.run import get_args_parser
 
 from harness.config import Config, ConfigError
@@ -35,12 +38,41 @@ def check_torchrun_flag(arg: str) -> bool:
         raise ConfigError(f"{key}: the launcher runs its own module; drop this flag")
     if key in options:
         return options[key] and "=" not in arg
-    near = difflib.get_close_matches(key, [o for o in options if o.startswith("--")], n=1, cutoff=0.8)
+    name = key.lstrip("-")
+    section = typing.get_type_hints(Config).get(name)
+    if section is not None:
+        example = f"--{name}.{next(iter(typing.get_type_hints(section)))}{arg[len(key):] or '=...'}"
+        raise ConfigError(f"{arg}: {name} is a recipe section; set one of its fields, e.g. {example}")
+    near = difflib.get_close_matches(key, [o for o in options if o.startswith("--") and o not in _LAUNCHER_OWNED],
+                                     n=1, cutoff=0.8)
     guess = near[0].lstrip("-") if near else _recipe_guess(key.lstrip("-"))
     if guess is not None:
         raise ConfigError(f"{arg}: unknown flag; did you mean --{guess}{arg[len(key):]}?")
     raise ConfigError(f"{arg}: unknown flag; recipe overrides look like --section.field=value and torchrun "
                       "flags like --nproc-per-node=4 (python -m launch --help lists them)")
+
+
+def check_torchrun_values(torchrun: list[str]) -> None:
+    """torchrun's own parser reads the flags' values (`--max-restarts=abc`): a wrong one is one
+    line here, not torchrun's usage text after the recipe was validated."""
+    parser = get_args_parser()
+    parser.exit_on_error = False
+
+    def error(message: str) -> None:
+        raise ConfigError(f"{message}; fix that torchrun flag")
+
+    parser.error = error
+    try:
+        args = parser.parse_args([*torchrun, "launch"])  # `launch`: the program torchrun will run
+    except argparse.ArgumentError as e:
+        raise ConfigError(f"{e}; fix that torchrun flag") from None
+    # torchrun checks these only after the recipe was validated, with a traceback.
+    if args.max_restarts < 0:
+        raise ConfigError(f"--max-restarts={args.max_restarts}: must be >= 0")
+    backends = getattr(rendezvous_handler_registry, "_registry", None)  # no public list of names
+    if backends and args.rdzv_backend not in backends:
+        raise ConfigError(f"--rdzv-backend={args.rdzv_backend}: not a rendezvous backend; use one of "
+                          f"{', '.join(backends)}")
 
 
 def _recipe_guess(name: str) -> str | None:

@@ -7,6 +7,7 @@ import sys
 import typing
 
 import pytest
+import torch
 
 from harness.config import AcMode, ConfigError, DispatcherName, ParallelConfig, load_config
 from harness.validation import validate
@@ -65,6 +66,21 @@ CASES = [
      "ac.mode=budget: not supported under pipeline parallel"),
     (["--ac.mode=budget", "--ac.budget_mib=100", "--train.compile=true"], 1, "ac.mode=budget: the plan is predicted"),
     (["--ac.mode=budget", "--ac.budget_mib=0.01"], 1, "ac.budget_mib=0.01: too small"),
+    (["--train.lr=nan"], 1, "train.lr=nan: must be a finite number"),
+    (["--train.lr=1e400"], 1, "train.lr=inf: must be a finite number"),
+    (["--train.max_grad_norm=.inf"], 1, "train.max_grad_norm=inf: must be a finite number"),
+    (["--train.seed=-1"], 1, "train.seed=-1: must be in [0, 2**32)"),
+    (["--model.overrides.hidden_size=0"], 1, "model.overrides.hidden_size=0: must be > 0"),
+    (["--model.overrides.num_hidden_layers=0"], 1, "model.overrides.num_hidden_layers=0: must be > 0"),
+    (["--model.overrides.num_attention_heads=0"], 1, "model.overrides.num_attention_heads=0: must be > 0"),
+    (["--model.overrides.num_key_value_heads=3"], 1, "num_key_value_heads=3 must divide num_attention_heads=4"),
+    (["--model.overrides.hidden_size=abc"], 1, "model.overrides.hidden_size='abc': TypeError: Field 'hidden_size'"),
+    (["--model.overrides.num_hidden_layers.x=5"], 1, "model.overrides.num_hidden_layers={'x': 5}: TypeError"),
+    (["--model.overrides.hidden_act=nonsense"], 1, "model: LlamaConfig cannot be built (KeyError: 'nonsense'); "
+                                                   "check model.overrides (hidden_act='nonsense')"),
+    (["--model.overrides.model_type=mistral"], 1, "model.overrides.model_type: the model's type comes from"),
+    (["--model.preset=qwen3_moe", "--model.overrides.num_experts_per_tok=16"], 1,
+     "model: each token is routed to 16 experts but the model has 8"),
 ]
 
 
@@ -84,6 +100,29 @@ def test_checkpoint_dir_that_is_a_file(tmp_path):
         validate(load_config(None, [f"--checkpoint.dir={path}"]), 1)
 
 
+@pytest.mark.parametrize("field, under", [("run.dir", "a/run"), ("checkpoint.dir", "a/ck"), ("data.cache_dir", "a/data"),
+                                          ("train.metrics_file", "a/m.jsonl")])
+def test_output_path_under_a_file(tmp_path, field, under):
+    (tmp_path / "a").write_text("x")
+    with pytest.raises(ConfigError, match=f"{field}=.*: .*/a is a file, not a folder; choose another path"):
+        validate(_recipe(tmp_path, f"--{field}={tmp_path / under}"), 1)
+
+
+def test_output_paths_of_the_wrong_kind(tmp_path):
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(ConfigError, match="data.cache_dir=.*: exists and is not a directory"):
+        validate(_recipe(tmp_path, f"--data.cache_dir={tmp_path / 'file'}"), 1)
+    with pytest.raises(ConfigError, match="train.metrics_file=.*: exists and is a directory; give a file path"):
+        validate(_recipe(tmp_path, f"--train.metrics_file={tmp_path}"), 1)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="deep_ep may run here")
+def test_strict_dispatcher_that_cannot_run_here(tmp_path):
+    with pytest.raises(ConfigError, match="moe.dispatcher=deepep: unavailable here .* moe.dispatcher_strict=true"):
+        validate(_recipe(tmp_path, "--model.preset=qwen3_moe", "--parallel.ep=2", "--parallel.dp_shard=2",
+                         "--moe.dispatcher=deepep", "--moe.dispatcher_strict=true"), 2)
+
+
 def test_recipe_errors(tmp_path):
     with pytest.raises(ConfigError, match="--config .*no such file"):
         load_config(str(tmp_path / "missing.yaml"))
@@ -95,6 +134,10 @@ def test_recipe_errors(tmp_path):
     unknown.write_text("train:\n  stepz: 3\n")
     with pytest.raises(ConfigError, match="did you mean train.steps"):
         load_config(str(unknown))
+    binary = tmp_path / "binary.yaml"
+    binary.write_bytes(b"\xff\xfe\x00train")
+    with pytest.raises(ConfigError, match="not a text file"):
+        load_config(str(binary))
 
 
 def _recipe(tmp_path, *overrides: str):

@@ -23,6 +23,7 @@ def test_torchrun_flags_pass_through_and_dotted_flags_are_the_recipe():
     (["--nproc_per_node=3"], ["--parallel.dp_shard=-1"], 3),
     ([], ["--parallel.pp=2", "--parallel.dp_shard=2"], 4),
     (["--nnodes=2"], ["--parallel.dp_shard=4"], 4),
+    (["--nproc-per-node", "2", "--nproc-per-node=3"], ["--parallel.dp_shard=-1"], 3),  # torchrun reads the last
 ])
 def test_world_size(torchrun, mesh, expected):
     assert world_size(load_config(None, mesh), torchrun) == expected
@@ -49,6 +50,15 @@ def test_world_size_refuses(torchrun, mesh, expected):
     (["--parallel.pp=2", "--parallel.dp_shard=2", "--parallel.pp_microbatches=0"],
      "error: parallel.pp_microbatches=0: must be > 0, or null for the default"),
     (["--checkpoint.every=-2"], "error: checkpoint.every=-2: must be > 0, or null for the default"),
+    (["--config="], "error: --config: missing the recipe path"),
+    (["--model=x"], "error: --model=x: model is a recipe section; set one of its fields, e.g. --model.preset=x"),
+    (["--max-restarts", "abc"], "error: argument --max-restarts/--max_restarts: invalid int value: 'abc'; "
+                                "fix that torchrun flag"),
+    (["--max-restarts=-1"], "error: --max-restarts=-1: must be >= 0"),
+    (["--rdzv-backend=bogus"], "error: --rdzv-backend=bogus: not a rendezvous backend; use one of "
+                               "etcd, etcd-v2, c10d, static"),
+    (["--standalone", "--nnodes=2"], "error: --standalone: a one-node rendezvous, but --nnodes=2; drop --standalone "
+                                     "and give --rdzv-endpoint=HOST:PORT (or --master-addr/--master-port)"),
 ])
 def test_bad_flags_are_one_line_and_exit_2(argv, expected, capsys, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)

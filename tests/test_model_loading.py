@@ -136,6 +136,38 @@ def test_bad_checkpoint_is_one_line_before_training(tmp_path, damage, flags, exp
     assert message.startswith(f"model.path={path}: ") and expected in message and "\n" not in message
 
 
+def _write_config(path, kind: str) -> None:
+    """A config.json the harness cannot train (what a user may point model.path at)."""
+    from transformers import AutoConfig
+
+    path.mkdir()
+    if kind in ("t5", "llava", "gemma3"):
+        AutoConfig.for_model(kind).save_pretrained(path)
+    else:
+        fields = {"bad types": {"hidden_size": "abc"}, "no layers": {"num_hidden_layers": 0}}[kind]
+        (path / "config.json").write_text(json.dumps({"model_type": "llama", "hidden_size": 64, "vocab_size": 256,
+                                                      "num_attention_heads": 4, "intermediate_size": 64, **fields}))
+
+
+@pytest.mark.parametrize("kind, expected", [
+    ("t5", "t5 has no causal-LM class in transformers (AutoModelForCausalLM); give a decoder-only language model's"),
+    ("llava", "llava has no causal-LM class in transformers (AutoModelForCausalLM); save its text_config "
+              "(model_type llama) and point model.path at that"),
+    ("gemma3", "gemma3 builds Gemma3ForConditionalGeneration, not a language model of its own (its config has no "
+               "vocab_size); save its text_config (model_type gemma3_text)"),
+    ("bad types", "cannot load its config (TypeError: Field 'hidden_size' expected int, got str (value: 'abc')); "
+                  "fix its config.json"),
+    ("no layers", "num_hidden_layers=0: must be > 0"),
+])
+def test_config_the_harness_cannot_train_is_one_line(tmp_path, kind, expected):
+    path = tmp_path / kind.replace(" ", "_")
+    _write_config(path, kind)
+    with pytest.raises(ConfigError) as error:
+        validate(tiny_config(f"--model.path={path}"), 1)
+    message = str(error.value)
+    assert message.startswith(f"model.path={path}: ") and expected in message and "\n" not in message
+
+
 def test_multimodal_checkpoint_trains_its_language_model(tmp_path):
     """A Qwen3.5-MoE image-text checkpoint (`model.language_model.*` keys, a vision tower):
     AutoModelForCausalLM builds its text model, so the run does too, sized and overridden by the

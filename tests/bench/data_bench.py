@@ -178,7 +178,7 @@ def _size_line(row: dict) -> str:
 
 
 def print_tables(results: dict) -> None:
-    print(f"\n| corpus | per-rank peak RSS, previous | per-rank peak RSS, prepared | start-up, previous | "
+    print("\n| corpus | per-rank peak RSS, previous | per-rank peak RSS, prepared | start-up, previous | "
           f"start-up, prepared | prepare (once, 2 workers) |")
     print("|---|---|---|---|---|---|")
     for row in results["sizes"]:

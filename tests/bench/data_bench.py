@@ -179,7 +179,7 @@ def _size_line(row: dict) -> str:
 
 def print_tables(results: dict) -> None:
     print("\n| corpus | per-rank peak RSS, previous | per-rank peak RSS, prepared | start-up, previous | "
-          f"start-up, prepared | prepare (once, 2 workers) |")
+          "start-up, prepared | prepare (once, 2 workers) |")
     print("|---|---|---|---|---|---|")
     for row in results["sizes"]:
         new_rss, new_start = _summary(row["new"])

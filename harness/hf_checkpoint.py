@@ -6,14 +6,17 @@ transformers' own conversion mapping (`transformers.conversion_mapping`), so a H
 that stores MoE experts one tensor per expert (`mlp.experts.3.gate_proj.weight`) loads into
 transformers 5's fused layout (`mlp.experts.gate_up_proj [E, 2I, H]`) as `from_pretrained` would,
 and a checkpoint already in the fused layout loads as it is. A fused tensor built by stacking
-per-expert tensors reads only the experts in the rank's slice of the expert dimension.
+per-expert tensors reads only the experts in the rank's slice of the expert dimension. A
+multimodal checkpoint's language-model tensors load into its text model (`language_model_key_mapping`).
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
 from collections import defaultdict
+from collections.abc import Collection
 from dataclasses import dataclass
 
 import torch
@@ -59,6 +62,44 @@ def has_weights(directory: str) -> bool:
     return os.path.isdir(directory) and any(n.endswith((".safetensors", ".bin")) for n in os.listdir(directory))
 
 
+def language_model_key_mapping(names: Collection[str], model: nn.Module) -> dict[str, str]:
+    """Renamings (transformers' `key_mapping`: regex -> replacement, applied before the model's
+    own conversion mapping) from a multimodal checkpoint's language-model names to those of
+    `model`, its text model; empty for a checkpoint of the text model itself. The vision tower's
+    and projector's tensors keep their names, which `model` does not have: they are not read.
+
+    Multimodal layouts differ by family and by transformers version (`model.language_model.*` with
+    the head at the root, `language_model.model.*` with `language_model.lm_head.*`, `model.text_model.*`,
+    ...), so the language model is found by where the checkpoint keeps the input embedding, not
+    by name: among the prefixes it has before the embedding's name, the one under which most of
+    the text model's own names exist."""
+    base, state = model.base_model_prefix, list(model.state_dict())
+    try:
+        embedding = model.get_input_embeddings()
+    except (NotImplementedError, AttributeError):  # families without one named input embedding
+        return {}
+    embedding = next((n for n, m in model.named_modules() if m is embedding), None)
+    if not base or embedding is None or not embedding.startswith(f"{base}."):
+        return {}
+    tail = f"{embedding}.weight".removeprefix(f"{base}.")
+    if tail in names or f"{base}.{tail}" in names:
+        return {}
+    owners = sorted({name[:-len(tail)] for name in names if name.endswith(f".{tail}")})
+    if not owners:
+        return {}
+    own = [name.removeprefix(f"{base}.") for name in state if name.startswith(f"{base}.")]
+    owner = max(owners, key=lambda prefix: sum(f"{prefix}{name}" in names for name in own))
+    mapping = {f"^{re.escape(owner)}": f"{base}."}
+    # Where the base model sits under a causal LM of its own (`language_model.model.`), the head
+    # is beside it (`language_model.lm_head.weight`); newer layouts keep it at the root already.
+    if owner.endswith(f".{base}."):
+        parent = owner[:-len(base) - 1]
+        for name in state:
+            if not name.startswith(f"{base}.") and f"{parent}{name}" in names:
+                mapping[f"^{re.escape(parent + name)}$"] = name
+    return mapping
+
+
 class HFCheckpoint:
     """The weights of `directory`, read by the state-dict names of `model` (the full model, meta is fine)."""
 
@@ -77,7 +118,8 @@ class HFCheckpoint:
                 reason = str(e).splitlines()[0] if str(e) else type(e).__name__
                 raise ValueError(f"{os.path.basename(path)}: unreadable or truncated safetensors file ({reason}); "
                                  "copy it again") from None
-        transforms = get_model_conversion_mapping(model)
+        self.key_mapping = language_model_key_mapping(self.entries, model)
+        transforms = get_model_conversion_mapping(model, key_mapping=self.key_mapping or None)
         renamings = [t for t in transforms if isinstance(t, WeightRenaming)]
         converters = [t for t in transforms if isinstance(t, WeightConverter)]
         expected = model.state_dict()

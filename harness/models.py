@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from huggingface_hub.errors import StrictDataclassError
 from torch import nn
-from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig
+from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForMultimodalLM, PretrainedConfig
 
 from harness.hf_checkpoint import HFCheckpoint, has_weights
 from harness.init_weights import SeededInit
@@ -70,14 +70,20 @@ def error_reason(error: Exception) -> str:
 
 
 def _language_model_config(config: PretrainedConfig) -> PretrainedConfig:
-    """A multimodal checkpoint (Qwen3.5, Llama 4) whose causal-LM class runs on its text config
-    trains with that config: its sizes, experts and overrides are the text model's."""
+    """A multimodal checkpoint (transformers' AutoModelForMultimodalLM: Gemma 3/3n/4, Mistral3,
+    LLaVA, Qwen3.5, Llama 4, ...) whose text config has a causal-LM class trains that language
+    model: its sizes, experts and overrides are the text model's, its weights the checkpoint's
+    language-model tensors. Others (encoders, encoder-decoders, Gemma 4's speculative-decoding
+    assistants, which read the target model's hidden states) keep their config and are refused."""
     text = config.get_text_config()
-    try:
-        model_class = AutoModelForCausalLM._model_mapping[type(config)]
-    except KeyError:
+    if (text is config or type(config) not in AutoModelForMultimodalLM._model_mapping
+            or type(text) not in AutoModelForCausalLM._model_mapping):
         return config
-    return text if text is not config and isinstance(text, model_class.config_class) else config
+    # The multimodal model ties (or unties) its head by its own config when it sets one (the head
+    # is its own, e.g. Gemma 3's and Mistral3's), so its checkpoint stores the head only if untied.
+    if getattr(config, "tie_word_embeddings", None) is not None:
+        text.tie_word_embeddings = config.tie_word_embeddings
+    return text
 
 
 def build_meta_model(config: PretrainedConfig) -> nn.Module:
@@ -108,8 +114,11 @@ def reference_model(config: PretrainedConfig, seed: int, path: str | None = None
     """The single-process HF model every layout must reproduce (fp32, CPU): transformers' own
     `from_pretrained` for a local checkpoint, else the seed's fresh weights, built whole."""
     if path and not path.endswith(".json") and has_weights(path):
+        # A multimodal checkpoint's language-model names, as the harness maps them (transformers
+        # maps them only for some families).
+        key_mapping = HFCheckpoint(path, build_meta_model(config)).key_mapping or None
         return AutoModelForCausalLM.from_pretrained(path, config=config, local_files_only=True,
-                                                    dtype=torch.float32)
+                                                    dtype=torch.float32, key_mapping=key_mapping)
     model = build_meta_model(config)
     materialize(model, SeededInit(model, seed), "cpu")
     return model

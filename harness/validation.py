@@ -227,11 +227,10 @@ def _check_model(cfg: Config) -> PretrainedConfig:
 def _check_causal_lm(path: str | None, config: PretrainedConfig) -> None:
     """The harness trains what AutoModelForCausalLM builds, as a language model of its own
     (a vocabulary and a stack of decoder layers): not encoders' or image models' configs, nor
-    wrappers whose causal-LM class is the multimodal model or a speculative-decoding assistant."""
+    speculative-decoding assistants. (A multimodal checkpoint whose language model is one arrives
+    here as its text config: `models._language_model_config`.)"""
     mapping = AutoModelForCausalLM._model_mapping
-    text = config.get_text_config()
-    fix = (f"save its text_config (model_type {text.model_type}) and point model.path at that"
-           if text is not config and type(text) in mapping else "give a decoder-only language model's config")
+    fix = "give a decoder-only language model's config (or a multimodal checkpoint whose language model is one)"
     if type(config) not in mapping:
         raise ConfigError(f"model.path={path}: {config.model_type} has no causal-LM class in transformers "
                           f"(AutoModelForCausalLM); {fix}")

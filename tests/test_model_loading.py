@@ -141,7 +141,7 @@ def _write_config(path, kind: str) -> None:
     from transformers import AutoConfig
 
     path.mkdir()
-    if kind in ("t5", "llava", "gemma3"):
+    if kind in ("t5", "gemma4_unified_assistant"):
         AutoConfig.for_model(kind).save_pretrained(path)
     else:
         fields = {"bad types": {"hidden_size": "abc"}, "no layers": {"num_hidden_layers": 0}}[kind]
@@ -151,10 +151,9 @@ def _write_config(path, kind: str) -> None:
 
 @pytest.mark.parametrize("kind, expected", [
     ("t5", "t5 has no causal-LM class in transformers (AutoModelForCausalLM); give a decoder-only language model's"),
-    ("llava", "llava has no causal-LM class in transformers (AutoModelForCausalLM); save its text_config "
-              "(model_type llama) and point model.path at that"),
-    ("gemma3", "gemma3 builds Gemma3ForConditionalGeneration, not a language model of its own (its config has no "
-               "vocab_size); save its text_config (model_type gemma3_text)"),
+    # Not a multimodal model: it reads the target model's hidden states, so its text config alone is no model.
+    ("gemma4_unified_assistant", "gemma4_unified_assistant builds Gemma4UnifiedAssistantForCausalLM, not a language "
+                                 "model of its own (its config has no vocab_size); give a decoder-only"),
     ("bad types", "cannot load its config (TypeError: Field 'hidden_size' expected int, got str (value: 'abc')); "
                   "fix its config.json"),
     ("no layers", "num_hidden_layers=0: must be > 0"),
@@ -166,6 +165,16 @@ def test_config_the_harness_cannot_train_is_one_line(tmp_path, kind, expected):
         validate(tiny_config(f"--model.path={path}"), 1)
     message = str(error.value)
     assert message.startswith(f"model.path={path}: ") and expected in message and "\n" not in message
+
+
+@pytest.mark.parametrize("kind, text", [("gemma3", "gemma3_text"), ("llava", "llama"), ("mistral3", "mistral")])
+def test_multimodal_config_is_its_language_model(tmp_path, kind, text):
+    """Wrappers whose causal-LM class is the multimodal model (gemma3) or that have none (llava,
+    mistral3) train their text config's causal LM."""
+    from transformers import AutoConfig
+
+    AutoConfig.for_model(kind).save_pretrained(tmp_path)
+    assert load_config(None, str(tmp_path)).model_type == text
 
 
 def test_multimodal_checkpoint_trains_its_language_model(tmp_path):
@@ -188,3 +197,65 @@ def test_multimodal_checkpoint_trains_its_language_model(tmp_path):
     cfg = tiny_config(f"--model.path={tmp_path}", "--parallel.pp=2", "--parallel.pp_microbatches=2",
                       "--model.overrides.output_router_logits=true")
     assert compare(run_ranks(train_layout, 2, cfg)[0], reference_run(cfg)) == "ok"
+
+
+def _train_and_checkpoint(rank: int, world_size: int, cfg, root: str) -> tuple[list[float], list[float], dict]:
+    """`train_layout`'s losses and gradient norms, then a checkpoint to export."""
+    from harness.trainer import checkpoint_run, train_step
+
+    run = build_run(cfg, validate(cfg, world_size))
+    rows = [train_step(run) for _ in range(cfg.train.steps)]
+    checkpoint_run(run, root)
+    return [r["loss"] for r in rows], [r["grad_norm"] for r in rows], {}
+
+
+_SIGLIP = dict(model_type="siglip_vision_model", hidden_size=32, intermediate_size=32, num_hidden_layers=1,
+               num_attention_heads=2, image_size=28, patch_size=14)
+
+
+@pytest.mark.parametrize("kind, text, fields, layout, flags", [
+    # Tied head (the checkpoint has none); save_pretrained writes the older layout:
+    # language_model.model.*, beside the vision tower and the projector.
+    ("gemma3", "gemma3_text", dict(mm_tokens_per_image=4), "save_pretrained", ["--parallel.dp_shard=2"]),
+    # Untied head; the layout the model holds: model.language_model.*, lm_head at the root.
+    ("llava", "llama", {}, "state_dict", ["--parallel.pp=2", "--parallel.pp_microbatches=2"]),
+])
+def test_image_text_checkpoint_trains_its_text_model(tmp_path, kind, text, fields, layout, flags):
+    """A multimodal checkpoint whose causal-LM class is the multimodal model (gemma3) or that has
+    none (llava) trains its text model's causal LM: loaded bitwise equal to the multimodal
+    model's language model and head, trained like the one-process reference on 2 ranks, and
+    exported as the text model."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForImageTextToText
+
+    from harness.export import export
+    from harness.materialize import materialize
+    from harness.models import build_meta_model, weight_source
+    from tests.families import tiny_config as family_config
+    from tests.family_matrix import compare
+    from tests.reference import reference_run
+
+    path = tmp_path / kind
+    config = AutoConfig.for_model(kind, text_config=family_config(text).to_dict(), vision_config=_SIGLIP, **fields)
+    multimodal = AutoModelForImageTextToText.from_config(config)
+    if layout == "save_pretrained":
+        multimodal.save_pretrained(path)
+    else:
+        config.save_pretrained(path)
+        save_file({k: v.contiguous() for k, v in multimodal.state_dict().items()}, path / "model.safetensors")
+    expected = {**{f"model.{k}": v for k, v in multimodal.model.language_model.state_dict().items()},
+                "lm_head.weight": multimodal.lm_head.weight}
+    text_config = load_config(None, str(path))
+    assert text_config.model_type == text and text_config.tie_word_embeddings == config.tie_word_embeddings
+    harness = build_meta_model(text_config)
+    materialize(harness, weight_source(harness, 0, str(path)), "cpu")
+    for model in (harness, reference_model(text_config, 0, str(path))):
+        state = model.state_dict()
+        assert state.keys() == expected.keys() and all(torch.equal(state[k], v) for k, v in expected.items())
+
+    cfg = tiny_config(f"--model.path={path}", *flags)
+    root = str(tmp_path / "checkpoints")
+    assert compare(run_ranks(_train_and_checkpoint, 2, cfg, root)[0], reference_run(cfg)) == "ok"
+    export(root, str(tmp_path / "hf"))
+    exported, info = AutoModelForCausalLM.from_pretrained(tmp_path / "hf", local_files_only=True,
+                                                          output_loading_info=True)
+    assert exported.config.model_type == text and not any(info.values()), info

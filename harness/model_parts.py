@@ -19,6 +19,8 @@ import torch
 from torch import nn
 from transformers import PretrainedConfig
 
+from parallel.fsdp import layers_sharing_parameters
+
 # Routed-expert counts, by the config field each family uses.
 _EXPERT_COUNT_FIELDS = ("num_experts", "num_local_experts", "n_routed_experts", "moe_num_experts")
 # Experts each token is routed to, by the config field each family uses.
@@ -153,7 +155,7 @@ def skip_layer_for(model: nn.Module) -> type[SkipLayer]:
     """The pass-through that matches what the family's forward expects back from a layer: the
     hidden states (`hidden_states = layer(...)`) or a tuple led by them (`out = layer(...)`, then
     `hidden_states = out[0]`). Raises ValueError for any other use of a layer's output."""
-    loop = _layer_loop(model)
+    loop = _layer_loop(model, _base_forward_ast(model))
     layer_names = {node.id for node in ast.walk(loop.target) if isinstance(node, ast.Name)}
     assignments = [(_assigned_name(node), node.value) for node in ast.walk(loop) if isinstance(node, ast.Assign)]
     outputs = {name for name, value in assignments
@@ -237,7 +239,7 @@ def base_parts_around_layers(model: nn.Module) -> tuple[list[str], list[str]]:
     inner, layers, norm = base_model(model), layer_list(model), final_norm(model)
     skipped = {embeddings(model), layers, rotary_embedding(model)}
     forward = _base_forward_ast(model)
-    loop = _layer_loop(model)
+    loop = _layer_loop(model, forward)
     calls: dict[str, list[int]] = {}
     for node in ast.walk(forward):
         if (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute)
@@ -263,10 +265,11 @@ def _base_forward_ast(model: nn.Module) -> ast.Module:
     return ast.parse(textwrap.dedent(inspect.getsource(type(base_model(model)).forward)))
 
 
-def _layer_loop(model: nn.Module) -> ast.For:
-    """The base model forward's loop over its layers; ValueError unless there is exactly one."""
+def _layer_loop(model: nn.Module, forward: ast.Module) -> ast.For:
+    """The loop over its layers in `forward` (the base model's, parsed); ValueError unless there
+    is exactly one."""
     inner, layers = base_model(model), layer_list(model)
-    loops = [node for node in ast.walk(_base_forward_ast(model))
+    loops = [node for node in ast.walk(forward)
              if isinstance(node, ast.For) and _iterates_layers(node, inner, layers)]
     if len(loops) != 1:
         raise ValueError(f"{type(model).__name__}: its forward does not run its layers in one loop; use parallel.pp=1")
@@ -296,13 +299,12 @@ def check_pipeline_support(model: nn.Module) -> None:
         raise ValueError(f"{config.model_type}: its token embeddings sit inside {container} with other parts, which "
                          "pipeline stages do not split; use parallel.pp=1")
     # Each stage would train its own copy of a block several layers share (Zamba's transformer).
-    first_holder: dict[int, int] = {}
-    for index, layer in enumerate(layer_list(model)):
-        for name, param in layer.named_parameters():
-            first = first_holder.setdefault(id(param), index)
-            if first != index:
-                raise ValueError(f"{config.model_type}: decoder layers {first} and {index} share parameters ({name}), "
-                                 "which pipeline stages cannot split; use parallel.pp=1")
+    layers = list(layer_list(model))
+    shared = next((group for group in layers_sharing_parameters(layers) if len(group) > 1), None)
+    if shared is not None:
+        indices = " and ".join(str(next(i for i, layer in enumerate(layers) if layer is member)) for member in shared)
+        raise ValueError(f"{config.model_type}: decoder layers {indices} share parameters, which pipeline stages "
+                         "cannot split; use parallel.pp=1")
     # A part after the layers runs on the last stage only; earlier stages pass their hidden states
     # through in its place, which is right for a norm (its parameters are vectors) and nothing else.
     _, after = base_parts_around_layers(model)

@@ -307,11 +307,13 @@ def _check_experts(cfg: Config, model: nn.Module, dims: ParallelDims) -> None:
 def _check_dispatcher_available(name: str) -> None:
     """A strict DeepEP / HybridEP dispatcher that cannot run here would fail in every worker."""
     from moe.deep_ep_runtime import load_deep_ep
+    from moe.hybridep import buffer_class
 
     try:
-        deep_ep = load_deep_ep()
-        if name == "hybridep" and not hasattr(deep_ep, "HybridEPBuffer"):
-            raise RuntimeError("deep_ep has no HybridEPBuffer (needs the hybrid-ep branch)")
+        if name == "hybridep":
+            buffer_class()
+        else:
+            load_deep_ep()
     except RuntimeError as e:
         raise ConfigError(f"moe.dispatcher={name}: unavailable here ({e}) and moe.dispatcher_strict=true; "
                           "install deep_ep on a CUDA machine, or set moe.dispatcher_strict=false to fall back "

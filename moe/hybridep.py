@@ -130,8 +130,13 @@ class HybridEPDispatcher:
         return combined
 
 
-def build(group: dist.ProcessGroup) -> HybridEPDispatcher:
+def buffer_class() -> type:
+    """deep_ep's HybridEPBuffer; RuntimeError with the reason it cannot be had here."""
     buffer_cls = getattr(load_deep_ep(), "HybridEPBuffer", None)
     if buffer_cls is None:
         raise RuntimeError("deep_ep has no HybridEPBuffer (needs the hybrid-ep branch)")
-    return HybridEPDispatcher(group, buffer_cls)
+    return buffer_cls
+
+
+def build(group: dist.ProcessGroup) -> HybridEPDispatcher:
+    return HybridEPDispatcher(group, buffer_class())

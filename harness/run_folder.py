@@ -5,7 +5,8 @@
         metrics.jsonl      one row per step (train.metrics_file overrides)
         metrics.png        the plot drawn at the end
         checkpoints/       step_XXXXXXX folders (checkpoint.dir overrides)
-        logs/              rank_XXXXX.log: the traceback of a worker that failed
+        logs/              rank_XXXXX.log: the traceback of a worker that failed;
+                           launch.log: what the libraries warned while the recipe was validated
 
 The same command twice finds the same folder and resumes; a run with another model or data
 that lands in it is refused before it starts (harness/run_identity.py).
@@ -37,6 +38,10 @@ class RunFolder:
 
     def log_file(self, rank: int) -> str:
         return os.path.join(self.dir, "logs", f"rank_{rank:05d}.log")
+
+    @property
+    def launch_log(self) -> str:
+        return os.path.join(self.dir, "logs", "launch.log")
 
 
 def run_folder(cfg: Config) -> RunFolder:

@@ -18,6 +18,7 @@ from harness.config import Config, ConfigError, load_config
 from harness.plan import Plan
 from harness.validation import validate
 from launch import slurm
+from launch.library_warnings import captured_warnings, write_warnings
 from launch.recipe_help import recipe_help
 from launch.torchrun_flags import check_torchrun_flag, check_torchrun_values
 
@@ -101,18 +102,25 @@ def main(argv: list[str]) -> int:
     if "--help" in argv or "-h" in argv:
         print(recipe_help())
         return 0
-    try:
-        recipe, overrides, torchrun = split_args(argv)
-        check_torchrun_values(torchrun)
-        cfg = load_config(recipe or DEFAULT_RECIPE, overrides)
-        worker = "LOCAL_RANK" in os.environ
-        if not worker and slurm.in_multinode_step(os.environ) and not slurm.names_rendezvous(torchrun):
-            torchrun = slurm.torchrun_args(os.environ) + torchrun
-        size = int(os.environ["WORLD_SIZE"]) if worker else world_size(cfg, torchrun)
-        plan = validate(cfg, size)
-    except ConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    verbose = "--verbose" in argv
+    argv = [arg for arg in argv if arg != "--verbose"]
+    worker = "LOCAL_RANK" in os.environ
+    with captured_warnings() as library_warnings:
+        try:
+            recipe, overrides, torchrun = split_args(argv)
+            check_torchrun_values(torchrun)
+            cfg = load_config(recipe or DEFAULT_RECIPE, overrides)
+            if not worker and slurm.in_multinode_step(os.environ) and not slurm.names_rendezvous(torchrun):
+                torchrun = slurm.torchrun_args(os.environ) + torchrun
+            size = int(os.environ["WORLD_SIZE"]) if worker else world_size(cfg, torchrun)
+            plan = validate(cfg, size)
+        except ConfigError as e:
+            print(f"error: {e}", file=sys.stderr)
+            if verbose:
+                print("\n".join(library_warnings), file=sys.stderr)
+            return 2
+    if os.environ.get("RANK", "0") == "0":
+        write_warnings(library_warnings, plan.folder.launch_log)
     if worker:
         from launch.worker import run_worker
 

@@ -9,12 +9,14 @@ from typing import Any, Literal
 
 from harness.config import Config
 
-USAGE = """usage: python -m launch [torchrun flags] [--config RECIPE.yaml] [--section.field=value ...]
+USAGE = """usage: python -m launch [torchrun flags] [--verbose] [--config RECIPE.yaml] [--section.field=value ...]
 
 Validates the recipe for the world it will run on, then starts the workers through torchrun
 (or trains in-process under torchrun). Dotted flags override the recipe (null asks for a
 field's default); --nnodes, --nproc-per-node, --node-rank, --rdzv-*, --max-restarts,
---master-addr/--master-port and the other torchrun flags go to torchrun.
+--master-addr/--master-port and the other torchrun flags go to torchrun. What torch and
+transformers warn during validation goes to the run's logs/launch.log; --verbose also prints
+it after a validation error.
 
 recipe fields:"""
 

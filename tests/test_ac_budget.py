@@ -137,10 +137,21 @@ def test_launcher_refuses_a_budget_no_plan_meets(tmp_path) -> None:
     assert not (tmp_path / "run").exists()
 
 
+def test_verbose_prints_the_libraries_warnings_after_the_error(tmp_path) -> None:
+    """The budget's measurement makes torch warn (its module tracker sees a checkpointed layer
+    entered again): never before the error, and only when asked."""
+    result = _launch(tmp_path, "--verbose", "--ac.mode=budget", "--ac.budget_mib=0.5")
+    lines = result.stderr.strip().splitlines()
+    assert result.returncode == 2 and lines[0].startswith("error: ac.budget_mib=0.5: too small"), result.stderr
+    assert any("UserWarning" in line for line in lines[1:]), result.stderr
+
+
 def test_launcher_trains_under_a_budget_on_two_ranks(tmp_path) -> None:
     result = _launch(tmp_path, "--ac.mode=budget", "--ac.budget_mib=2.5")
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     output = (result.stdout + result.stderr).splitlines()
+    assert not any("Warning" in line for line in output), output
+    assert "UserWarning" in (tmp_path / "run" / "logs" / "launch.log").read_text()
     summary = [line for line in output if line.startswith("activation checkpointing:")]
     assert len(summary) == 1 and summary[0].startswith("activation checkpointing: budget 2.5 MiB -> "), summary
     assert (tmp_path / "run" / "metrics.jsonl").read_text().count("\n") == 1

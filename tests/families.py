@@ -160,7 +160,7 @@ def tiny_config(family: str, tied: bool | None = None) -> PretrainedConfig:
         for key, pattern in _resized_patterns(config, config.num_hidden_layers).items():
             setattr(config, key, pattern)
     # Dropout and router jitter draw random numbers in training, which no two layouts draw alike:
-    # off here, as the README's supported-models section says.
+    # off here, as docs/supported-models.md says.
     for key in training_randomness(config):
         setattr(config, key, 0.0)
     if tied is not None:

@@ -4,7 +4,7 @@ multipliers, tied embeddings, per-layer rotary, Mamba / linear-attention / convo
 block several layers share) and MoE families with different routers and expert layouts. Each
 layout is one process group for all of them. A cell passes when it matches the one-process run,
 or, for the cells listed in REFUSED (and in LIBRARY_REFUSED on the transformers version it names),
-when validation refuses it in one line naming the reason; the whole matrix is `python -m tests.family_matrix` (README: Supported models)."""
+when validation refuses it in one line naming the reason; the whole matrix is `python -m tests.family_matrix` (docs/family-matrix.md)."""
 
 from __future__ import annotations
 

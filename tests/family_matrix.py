@@ -133,7 +133,7 @@ def main(argv: list[str] | None = None) -> None:
                 with open(args.out, "w") as f:  # after every group: a long run keeps what it did
                     json.dump(matrix, f, indent=2)
                 print(f"{layout}: " + ", ".join(f"{f}={c.split(':')[0]}" for f, c in cells.items()), flush=True)
-    table = markdown_table(matrix, args.layouts)
+    table = markdown_table(matrix, args.layouts) + "\n\n" + outcome_counts(matrix, args.layouts)
     print(table)
     if args.markdown:
         with open(args.markdown, "w") as f:
@@ -156,6 +156,18 @@ are left out.
 
 {table}
 """
+
+
+def outcome_counts(matrix: dict[str, dict[str, str]], layouts: list[str]) -> str:
+    """How many cells of each layout are ok, refused, mismatch or error, as a list."""
+    built = [cells for cells in matrix.values() if "build" not in cells]
+    lines = [f"In all, over {len(built)} families:", ""]
+    for layout in layouts:
+        kinds = [cells[layout].split(":")[0] for cells in built if cells.get(layout)]
+        counts = ", ".join(f"{kinds.count(kind)} {kind}" for kind in ("ok", "refused", "mismatch", "error")
+                           if kind in kinds)
+        lines.append(f"- {layout}: {counts}")
+    return "\n".join(lines)
 
 
 def markdown_table(matrix: dict[str, dict[str, str]], layouts: list[str]) -> str:

@@ -18,6 +18,7 @@ import re
 from collections import Counter, defaultdict
 from collections.abc import Collection
 from dataclasses import dataclass
+from itertools import chain
 
 import torch
 from safetensors import safe_open
@@ -163,6 +164,13 @@ class HFCheckpoint:
             if candidate in self.plain or candidate in self.fused:
                 return candidate
         return None
+
+    def keys_read(self) -> set[str]:
+        """The checkpoint keys that fill the model (not a multimodal checkpoint's vision tower)."""
+        sources = {self._source(name) for name in self.expected} - {None}
+        return {key for source in sources
+                for key in ([self.plain[source]] if source in self.plain
+                            else chain.from_iterable(self.fused[source][1].values()))}
 
     def check(self) -> None:
         """Raises ValueError (one line) for missing tensors, wrong shapes and dtypes it cannot load."""

@@ -102,6 +102,27 @@ def test_sharded_load_is_from_pretrained_for_both_expert_layouts(tmp_path):
     _assert_all_checked(run_ranks(_compare_layouts, WORLD, cases), cases)
 
 
+def _weights_lines(rank: int, world_size: int, paths: list[str | None]) -> list[str]:
+    from harness.summary import startup_summary
+
+    lines = []
+    for path in paths:
+        cfg = tiny_config(f"--model.path={path}" if path else "--model.preset=qwen3_moe", "--train.seed=7")
+        model_config = load_config(cfg.model.preset, path)
+        summary = startup_summary(cfg, validate(cfg, 1), model_config, "Qwen3MoeForCausalLM", 0, [], 0, None)
+        lines += [line for line in summary if line.startswith("weights:")]
+    return lines
+
+
+def test_summary_says_where_the_weights_come_from(tmp_path):
+    model = reference_model(load_config("qwen3_moe", None), seed=0)
+    model.save_pretrained(tmp_path / "hub")  # experts one tensor each: 39 + 4 layers x 3 x 8
+    model.config.save_pretrained(tmp_path / "config_only")
+    paths = [str(tmp_path / "hub"), str(tmp_path / "config_only"), None]
+    assert run_ranks(_weights_lines, 1, paths)[0] == [f"weights: {paths[0]}, 135 of its 135 tensors read",
+                                                      "weights: fresh init, seed 7", "weights: fresh init, seed 7"]
+
+
 def _write_config(path, kind: str) -> None:
     """A config.json the harness cannot train (what a user may point model.path at)."""
     from transformers import AutoConfig

@@ -15,9 +15,10 @@ from __future__ import annotations
 import json
 import os
 import re
-from collections import defaultdict
+from collections import Counter, defaultdict
 from collections.abc import Collection
 from dataclasses import dataclass
+from itertools import chain
 
 import torch
 from safetensors import safe_open
@@ -45,6 +46,7 @@ def weight_files(directory: str) -> list[str]:
     """The safetensors files of a model directory: those its index names, else every *.safetensors."""
     index = os.path.join(directory, INDEX_FILE)
     if os.path.isfile(index):
+        check_readable(index)
         try:
             with open(index) as f:
                 names = sorted(set(json.load(f)["weight_map"].values()))
@@ -52,14 +54,27 @@ def weight_files(directory: str) -> list[str]:
             raise ValueError(f"{INDEX_FILE}: unreadable ({e}); rewrite it or remove it") from None
         missing = [n for n in names if not os.path.isfile(os.path.join(directory, n))]
         if missing:
-            raise ValueError(f"{INDEX_FILE} names {missing[0]}, which does not exist; copy the missing shard files")
+            raise ValueError(f"{INDEX_FILE} names {len(names)} shard files and {len(missing)} are missing (first: "
+                             f"{missing[0]}); copy the missing shard files")
     else:
         names = sorted(n for n in os.listdir(directory) if n.endswith(".safetensors"))
     return [os.path.join(directory, n) for n in names]
 
 
 def has_weights(directory: str) -> bool:
-    return os.path.isdir(directory) and any(n.endswith((".safetensors", ".bin")) for n in os.listdir(directory))
+    """Whether `directory` holds weights or names some (an index whose shards may be missing)."""
+    return os.path.isdir(directory) and any(n.endswith((".safetensors", ".bin")) or n == INDEX_FILE
+                                            for n in os.listdir(directory))
+
+
+def check_readable(path: str) -> None:
+    """Raises ValueError (one line) when this user may not read `path` (a directory: list it)."""
+    fix = "give the user running training read access to it"
+    if os.path.isdir(path):
+        if not os.access(path, os.R_OK | os.X_OK):
+            raise ValueError(f"cannot list the directory (permission denied); {fix}")
+    elif not os.access(path, os.R_OK):
+        raise ValueError(f"{os.path.basename(path)}: not readable (permission denied); {fix}")
 
 
 def language_model_key_mapping(names: Collection[str], model: nn.Module) -> dict[str, str]:
@@ -104,11 +119,13 @@ class HFCheckpoint:
     """The weights of `directory`, read by the state-dict names of `model` (the full model, meta is fine)."""
 
     def __init__(self, directory: str, model: nn.Module) -> None:
-        if not any(n.endswith(".safetensors") for n in os.listdir(directory)):
+        files = weight_files(directory)
+        if not files:
             raise ValueError("only .bin weights found; this loader reads safetensors: re-save the model with "
                              "save_pretrained(..., safe_serialization=True)")
         self.entries: dict[str, _Entry] = {}
-        for path in weight_files(directory):
+        for path in files:
+            check_readable(path)  # safetensors reports a file it may not open as missing
             try:
                 with safe_open(path, framework="pt") as f:
                     for key in f.keys():
@@ -148,6 +165,13 @@ class HFCheckpoint:
                 return candidate
         return None
 
+    def keys_read(self) -> set[str]:
+        """The checkpoint keys that fill the model (not a multimodal checkpoint's vision tower)."""
+        sources = {self._source(name) for name in self.expected} - {None}
+        return {key for source in sources
+                for key in ([self.plain[source]] if source in self.plain
+                            else chain.from_iterable(self.fused[source][1].values()))}
+
     def check(self) -> None:
         """Raises ValueError (one line) for missing tensors, wrong shapes and dtypes it cannot load."""
         bad_dtype = next((k for k, e in self.entries.items() if e.dtype not in _FLOAT_DTYPES), None)
@@ -160,10 +184,46 @@ class HFCheckpoint:
             raise ValueError(f"checkpoint is missing {len(missing)} of the model's {len(self.expected)} tensors "
                              f"(first: {missing[0]}); check that config.json belongs to these weights")
         for name, shape in self.expected.items():
-            found = tuple(self._read(self._source(name), meta=True).shape)
+            if name in self.fused:
+                self._check_experts(name, shape)
+            try:
+                found = tuple(self._read(self._source(name), meta=True).shape)
+            except RuntimeError as e:  # the conversion's stack/cat of tensors that do not fit together
+                raise ValueError(f"tensor {name} cannot be built from the checkpoint's tensors "
+                                 f"({str(e).splitlines()[0]}); check that config.json (and model.overrides) match "
+                                 "these weights") from None
             if found != shape:
                 raise ValueError(f"tensor {name} has shape {list(found)} in the checkpoint but the config gives "
                                  f"{list(shape)}; check that config.json (and model.overrides) match these weights")
+
+    def _check_experts(self, name: str, shape: tuple[int, ...]) -> None:
+        """Raises ValueError (one line) unless the per-expert tensors that `name` stacks are one for
+        each of its experts, all of one shape: `_read` takes an expert's position in the list for
+        its index, and the conversion's stack fails on tensors of different shapes."""
+        converter, keys_by_pattern = self.fused[name]
+        merge = converter.operations[0]
+        if not isinstance(merge, MergeModulelist):
+            return
+        count = shape[merge.dim]
+        for pattern in converter.source_patterns:
+            keys = keys_by_pattern.get(pattern, [])
+            present = {_split_expert_index(key)[1] for key in keys}
+            missing = [i for i in range(count) if i not in present]
+            if missing:
+                if keys:
+                    before, _, after = _split_expert_index(keys[0])
+                    first = f"{before}.{missing[0]}.{after}"
+                else:
+                    first = pattern.replace("\\", "").replace("*", str(missing[0]))
+                raise ValueError(f"checkpoint is missing {len(missing)} of the {count} experts' tensors that make "
+                                 f"{name} (first: {first}); check that config.json belongs to these weights and "
+                                 "that the checkpoint is complete")
+            usual = Counter(self.entries[key].shape for key in keys).most_common(1)[0][0]
+            odd = next((key for key in keys if self.entries[key].shape != usual), None)
+            if odd is not None:
+                raise ValueError(f"tensor {odd} has shape {list(self.entries[odd].shape)} in the checkpoint but the "
+                                 f"other experts' have {list(usual)}; the checkpoint is damaged: copy or export it "
+                                 "again")
 
     def fill(self, module_name: str, module: nn.Module, targets: dict[str, Target]) -> None:
         computed = {attr: t for attr, t in targets.items() if not t.persistent}
@@ -203,3 +263,11 @@ class HFCheckpoint:
             if region is None or not entry.shape:
                 return f.get_tensor(key)
             return f.get_slice(key)[region]
+
+
+def _split_expert_index(key: str) -> tuple[str, int, str]:
+    """A per-expert checkpoint key as (before, expert index, after): transformers' patterns for
+    them have one wildcard, the expert index, after any layer index: the key's last numeric part."""
+    parts = key.split(".")
+    position = max(i for i, part in enumerate(parts) if part.isdigit())
+    return ".".join(parts[:position]), int(parts[position]), ".".join(parts[position + 1:])

@@ -95,25 +95,38 @@ def build_meta_model(config: PretrainedConfig) -> nn.Module:
         return AutoModelForCausalLM.from_config(config, dtype=torch.float32)
 
 
+def _checkpoint_dir(path: str | None) -> bool:
+    """Whether `path` is a model directory with weights (else the weights are a fresh init)."""
+    return bool(path) and not path.endswith(".json") and has_weights(path)
+
+
 def weight_source(model: nn.Module, seed: int, path: str | None = None) -> WeightSource:
     """Where `model`'s (the full meta model's) weights come from: the safetensors of a local model
     directory, else a fresh initialisation for `seed`."""
-    if path and not path.endswith(".json") and has_weights(path):
+    if _checkpoint_dir(path):
         return HFCheckpoint(path, model)
     return SeededInit(model, seed)
+
+
+def describe_weights(config: PretrainedConfig, seed: int, path: str | None = None) -> str:
+    """Where the weights of a model of `config` come from, as `weight_source` decides, in words."""
+    if _checkpoint_dir(path):
+        checkpoint = HFCheckpoint(path, build_meta_model(config))
+        return f"{path}, {len(checkpoint.keys_read())} of its {len(checkpoint.entries)} tensors read"
+    return f"fresh init, seed {seed}"
 
 
 def check_weights(path: str, config: PretrainedConfig) -> None:
     """Raises ValueError (one line) when the checkpoint in `path`, if any, cannot fill a model of
     `config`: unreadable files, missing tensors, wrong shapes or dtypes. Reads file headers only."""
-    if not path.endswith(".json") and has_weights(path):
+    if _checkpoint_dir(path):
         HFCheckpoint(path, build_meta_model(config)).check()
 
 
 def reference_model(config: PretrainedConfig, seed: int, path: str | None = None) -> nn.Module:
     """The single-process HF model every layout must reproduce (fp32, CPU): transformers' own
     `from_pretrained` for a local checkpoint, else the seed's fresh weights, built whole."""
-    if path and not path.endswith(".json") and has_weights(path):
+    if _checkpoint_dir(path):
         # A multimodal checkpoint's language-model names, as the harness maps them (transformers
         # maps them only for some families).
         key_mapping = HFCheckpoint(path, build_meta_model(config)).key_mapping or None

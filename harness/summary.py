@@ -10,6 +10,7 @@ from transformers import PretrainedConfig
 
 from harness import model_parts
 from harness.config import Config
+from harness.models import describe_weights
 from harness.plan import Plan
 from parallel.activation_checkpointing import resolved_optional_ops
 from parallel.compile import compile_unavailable_reason
@@ -44,6 +45,7 @@ def startup_summary(cfg: Config, plan: Plan, model_config: PretrainedConfig, mod
     lines = [
         f"model: {model_class} ({cfg.model.path or 'preset ' + cfg.model.preset}), {parameters:,} parameters, "
         f"{model_config.num_hidden_layers} layers, vocab {model_config.vocab_size}",
+        f"weights: {describe_weights(model_config, cfg.train.seed, cfg.model.path)}",
         f"mesh: {dims.describe()} on {device_type} ({dist.get_backend()})",
     ]
     for view, groups in dims.rank_groups().items():

@@ -17,6 +17,7 @@ from transformers import AutoModelForCausalLM, PretrainedConfig
 from harness.checkpoint import check_checkpoint, start_point
 from harness.config import AcMode, Config, ConfigError
 from harness.data_checks import check_corpus, check_data_config
+from harness.hf_checkpoint import check_readable
 from harness.loss import token_loss_sum
 from harness.model_parts import (check_pipeline_support, decoder_layers, expert_count, experts_per_token, moe_blocks,
                                  router_aux_loss_function)
@@ -193,6 +194,10 @@ def _check_model(cfg: Config) -> PretrainedConfig:
         if not os.path.exists(m.path):
             raise ConfigError(f"model.path={m.path}: no such file or directory; give a local HF model "
                               "directory or its config.json")
+        try:
+            check_readable(m.path)
+        except ValueError as e:
+            raise ConfigError(f"model.path={m.path}: {e}") from None
         if os.path.isdir(m.path) and not os.path.isfile(os.path.join(m.path, "config.json")):
             raise ConfigError(f"model.path={m.path}: no config.json in that directory")
     try:

@@ -194,12 +194,14 @@ def _check_model(cfg: Config) -> PretrainedConfig:
         if not os.path.exists(m.path):
             raise ConfigError(f"model.path={m.path}: no such file or directory; give a local HF model "
                               "directory or its config.json")
+        config_file = os.path.join(m.path, "config.json") if os.path.isdir(m.path) else m.path
         try:
             check_readable(m.path)
+            if not os.path.isfile(config_file):
+                raise ValueError("no config.json in that directory")
+            check_readable(config_file)
         except ValueError as e:
             raise ConfigError(f"model.path={m.path}: {e}") from None
-        if os.path.isdir(m.path) and not os.path.isfile(os.path.join(m.path, "config.json")):
-            raise ConfigError(f"model.path={m.path}: no config.json in that directory")
     try:
         model_config = load_model_config(m.preset, m.path)
     except (OSError, ValueError, KeyError, TypeError, StrictDataclassError) as e:

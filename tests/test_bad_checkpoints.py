@@ -116,11 +116,13 @@ def test_launcher_refuses_a_bad_checkpoint_in_one_line(tmp_path):
 @pytest.mark.parametrize("damage, unreadable, mode, expected", [
     ("none", "", 0o300, "cannot list the directory (permission denied); give the user running training read "
                         "access to it"),
+    ("none", "", 0o600, "cannot list the directory (permission denied)"),
+    ("none", "config.json", 0o000, "config.json: not readable (permission denied)"),
     ("none", "model.safetensors", 0o000, "model.safetensors: not readable (permission denied); give the user "
                                          "running training read access to it"),
     ("sharded", "model.safetensors.index.json", 0o000, "model.safetensors.index.json: not readable (permission "
                                                       "denied)"),
-], ids=["directory", "shard", "index"])
+], ids=["directory", "directory without search", "config", "shard", "index"])
 def test_checkpoint_without_read_permission_says_so(tmp_path, damage, unreadable, mode, expected):
     path = _bad_checkpoint(tmp_path, damage)
     os.chmod(os.path.join(path, unreadable), mode)

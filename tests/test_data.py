@@ -12,13 +12,13 @@ import numpy as np
 import pytest
 
 import harness.data.prepare as prepare_module
-from harness.config import ConfigError, load_config
+from harness.config import ConfigError
 from harness.data import BatchSampler, TokenCorpus
 from harness.data.prepare import prepare_corpus
 from harness.data.sources import DataError, stdlib_files
 from harness.data.tokenizer import token_dtype
 from harness.validation import validate
-from tests.data_helpers import corpus_folder, word_tokenizer, write_jsonl
+from tests.data_helpers import corpus_folder, data_recipe, word_tokenizer, write_jsonl
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -122,13 +122,6 @@ def torch_equal(a, b) -> bool:
     return np.array_equal(np.asarray(a), np.asarray(b))
 
 
-def _recipe(tmp_path, *overrides: str):
-    base = ["--model.preset=llama", "--parallel.dp_shard=1", "--train.global_batch_size=2",
-            "--train.micro_batch_size=2", "--train.seq_len=16", f"--data.cache_dir={tmp_path / 'cache'}",
-            f"--checkpoint.dir={tmp_path / 'checkpoints'}", "--train.metrics_file=null"]
-    return load_config(None, [*base, *overrides])
-
-
 def test_data_errors_are_one_line_config_errors(tmp_path):
     missing = str(tmp_path / "nope.jsonl")
     empty = tmp_path / "empty.txt"
@@ -146,13 +139,14 @@ def test_data_errors_are_one_line_config_errors(tmp_path):
     }
     for override, expected in cases.items():
         with pytest.raises(ConfigError, match=None) as raised:
-            validate(_recipe(tmp_path, override), 1)
+            validate(data_recipe(tmp_path, override), 1)
         assert expected in str(raised.value) and "\n" not in str(raised.value), (override, str(raised.value))
     with pytest.raises(ConfigError, match="held-out sequences"):
-        validate(_recipe(tmp_path, f"--data.source={write_jsonl(str(tmp_path / 'm.jsonl'), ['x' * 100])}",
-                         "--eval.every=1", "--eval.held_out=0.1"), 1)
+        validate(data_recipe(tmp_path, f"--data.source={write_jsonl(str(tmp_path / 'm.jsonl'), ['x' * 100])}",
+                             "--eval.every=1", "--eval.held_out=0.1"), 1)
     with pytest.raises(ConfigError, match="data.document_mask: position ids are not carried"):
-        validate(_recipe(tmp_path, "--data.document_mask=true", "--parallel.pp=2", "--train.global_batch_size=4"), 2)
+        validate(data_recipe(tmp_path, "--data.document_mask=true", "--parallel.pp=2",
+                             "--train.global_batch_size=4"), 2)
 
 
 def test_cli_prepares_and_reports_a_bad_source_with_exit_2(tmp_path):
@@ -179,3 +173,4 @@ def test_saved_hf_dataset_is_a_source(tmp_path):
     datasets.DatasetDict({"train": saved}).save_to_disk(str(tmp_path / "splits"))
     with pytest.raises(DataError, match="a saved DatasetDict; point it at one split's folder, e.g. .*splits/train"):
         prepare_corpus(str(tmp_path / "splits"), None, "text", 0, str(tmp_path / "cache"), workers=1, progress=False)
+

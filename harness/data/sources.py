@@ -17,6 +17,7 @@ from collections.abc import Iterator
 STDLIB = "stdlib"
 FILE_SUFFIXES = (".txt", ".jsonl", ".parquet")
 INSTALL_HINT = "pip install -e '.[data]'"
+TEXT_TYPES = ("string", "large_string", "string_view")  # Arrow's text types, as pyarrow and datasets name them
 
 
 class DataError(ValueError):
@@ -114,15 +115,23 @@ def _jsonl_documents(path: str, text_field: str) -> Iterator[str]:
 
 def _parquet_documents(path: str, text_field: str) -> Iterator[str]:
     try:
+        import pyarrow as pa
         import pyarrow.parquet as pq
     except ImportError:
         raise DataError(f"{path}: reading .parquet needs pyarrow; {INSTALL_HINT}") from None
-    parquet = pq.ParquetFile(path)
-    if text_field not in parquet.schema_arrow.names:
-        raise DataError(f"{path}: no column {text_field!r} (columns: {', '.join(parquet.schema_arrow.names)}); "
-                        "set data.text_field")
-    for batch in parquet.iter_batches(columns=[text_field], batch_size=1024):
-        yield from (text for text in batch.column(0).to_pylist() if text)
+    # A damaged footer fails on opening (ArrowInvalid), a damaged page only when it is read (OSError).
+    try:
+        parquet = pq.ParquetFile(path)
+        schema = parquet.schema_arrow
+        if text_field not in schema.names:
+            raise DataError(f"{path}: no column {text_field!r} (columns: {', '.join(schema.names)}); "
+                            "set data.text_field")
+        column = schema.field(text_field).type
+        _check_text_column(path, text_field, str(column.value_type if pa.types.is_dictionary(column) else column))
+        for batch in parquet.iter_batches(columns=[text_field], batch_size=1024):
+            yield from (text for text in batch.column(0).to_pylist() if text)
+    except (pa.ArrowException, OSError) as e:
+        raise DataError(f"{path}: not a readable .parquet file ({_first_line(e)}); replace or remove it") from None
 
 
 def _saved_dataset_documents(path: str, text_field: str) -> Iterator[str]:
@@ -134,8 +143,20 @@ def _saved_dataset_documents(path: str, text_field: str) -> Iterator[str]:
     if text_field not in dataset.column_names:
         raise DataError(f"{path}: no column {text_field!r} (columns: {', '.join(dataset.column_names)}); "
                         "set data.text_field")
+    feature = dataset.features[text_field]
+    _check_text_column(path, text_field, getattr(feature, "dtype", type(feature).__name__))
     for batch in dataset.select_columns([text_field]).iter(batch_size=1024):
         yield from (text for text in batch[text_field] if text)
+
+
+def _check_text_column(path: str, text_field: str, type_name: str) -> None:
+    if type_name not in TEXT_TYPES:
+        raise DataError(f"{path}: column {text_field!r} holds {type_name} values, not text; set data.text_field "
+                        "to a text column")
+
+
+def _first_line(error: Exception) -> str:
+    return next((line.strip() for line in str(error).splitlines() if line.strip()), type(error).__name__)
 
 
 def describe(source: str) -> str:

@@ -1,0 +1,73 @@
+"""Bad data is refused in one line that names the field, what is wrong and the fix, before any
+process starts: validation raises ConfigError, which the launcher prints as `error: ...` (exit 2)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from harness.config import ConfigError
+from harness.validation import validate
+from tests.data_helpers import data_recipe, word_tokenizer, write_jsonl
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TEXT = "plenty of text for a few windows " * 20
+
+
+def _refusal(tmp_path, *overrides: str) -> str:
+    with pytest.raises(ConfigError) as raised:
+        validate(data_recipe(tmp_path, *overrides), 1)
+    message = str(raised.value)
+    assert "\n" not in message, message
+    return message
+
+
+def _corrupt_parquet(tmp_path, damage: str = "truncated") -> str:
+    """A parquet file cut short (its footer is gone: opening fails) or with its first page header
+    overwritten (opening works, reading fails)."""
+    path = str(tmp_path / "corrupt.parquet")
+    pq.write_table(pa.table({"text": [TEXT] * 4}), path)
+    with open(path, "r+b") as f:
+        if damage == "truncated":
+            f.truncate(os.path.getsize(path) - 20)
+        else:
+            f.seek(4)
+            f.write(b"\xff" * 64)
+    return path
+
+
+def test_parquet_column_that_holds_no_text(tmp_path):
+    pq.write_table(pa.table({"text": list(range(100))}), tmp_path / "ints.parquet")
+    message = _refusal(tmp_path, f"--data.source={tmp_path / 'ints.parquet'}")
+    assert "ints.parquet: column 'text' holds int64 values, not text; set data.text_field to a text column" in message
+
+
+def test_saved_dataset_column_that_holds_no_text(tmp_path):
+    datasets = pytest.importorskip("datasets", reason="optional: pip install -e '.[data]'")
+    datasets.Dataset.from_dict({"text": list(range(100))}).save_to_disk(str(tmp_path / "saved"))
+    message = _refusal(tmp_path, f"--data.source={tmp_path / 'saved'}")
+    assert "saved: column 'text' holds int64 values, not text; set data.text_field to a text column" in message
+
+
+@pytest.mark.parametrize("damage", ["truncated", "page-header"])
+def test_corrupt_parquet(tmp_path, damage):
+    message = _refusal(tmp_path, f"--data.source={_corrupt_parquet(tmp_path, damage)}")
+    assert "corrupt.parquet: not a readable .parquet file (" in message and "replace or remove it" in message
+
+
+@pytest.mark.parametrize("case", ["corrupt-parquet"])
+def test_launcher_exits_2_with_one_line(tmp_path, case):
+    source = _corrupt_parquet(tmp_path) if case == "corrupt-parquet" else write_jsonl(str(tmp_path / "d.jsonl"), [TEXT])
+    cache_dir = "/proc/harness_data_cache" if case == "cache-dir" else str(tmp_path / "cache")
+    result = subprocess.run([sys.executable, "-m", "launch", f"--data.source={source}", f"--data.cache_dir={cache_dir}",
+                             f"--run.dir={tmp_path / 'run'}", "--train.metrics_file=null"],
+                            capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert result.returncode == 2, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: data."), result.stderr

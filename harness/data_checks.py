@@ -29,20 +29,14 @@ def check_data_config(cfg: Config, model_config: PretrainedConfig, dims: Paralle
     if dims.pp > 1 and e.every:
         raise ConfigError("eval.every: validation does not run under pipeline parallel yet; "
                           "set parallel.pp=1 or eval.every=0")
-    try:
-        source_files(d.source)
-    except DataError as err:
-        raise ConfigError(_data_line(err)) from None
-    if d.tokenizer is None:
-        vocab = BYTE_VOCAB
-    elif not os.path.isdir(d.tokenizer):
+    if d.tokenizer is not None and not os.path.isdir(d.tokenizer):
         raise ConfigError(f"data.tokenizer={d.tokenizer}: no such directory; give a local HF tokenizer "
                           "directory, or leave it unset for bytes")
-    else:
-        try:
-            vocab = load_tokenizer(d.tokenizer).vocab_size
-        except (OSError, ValueError) as err:
-            raise ConfigError(f"data.tokenizer={d.tokenizer}: cannot load it ({str(err).splitlines()[0]})") from None
+    try:
+        source_files(d.source)
+        vocab = BYTE_VOCAB if d.tokenizer is None else load_tokenizer(d.tokenizer).vocab_size
+    except DataError as err:
+        raise ConfigError(_data_line(err)) from None
     if vocab > model_config.vocab_size:
         what = "unset means bytes (256 ids)" if d.tokenizer is None else f"the tokenizer has {vocab:,} ids"
         raise ConfigError(f"data.tokenizer: {what} but the model's vocab_size is {model_config.vocab_size:,}; "

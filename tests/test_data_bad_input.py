@@ -13,6 +13,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from harness.config import ConfigError
+from harness.data.prepare import prepare_corpus
+from harness.data.sources import DataError
 from harness.validation import validate
 from tests.data_helpers import data_recipe, word_tokenizer, write_jsonl
 
@@ -59,6 +61,16 @@ def test_saved_dataset_column_that_holds_no_text(tmp_path):
 def test_corrupt_parquet(tmp_path, damage):
     message = _refusal(tmp_path, f"--data.source={_corrupt_parquet(tmp_path, damage)}")
     assert "corrupt.parquet: not a readable .parquet file (" in message and "replace or remove it" in message
+
+
+@pytest.mark.parametrize("content", [{"version": "1.0", "model": {"type": "Nope"}}, [1, 2]], ids=["fields", "list"])
+def test_corrupt_tokenizer_json(tmp_path, content):
+    tokenizer = word_tokenizer(str(tmp_path / "tok"), words=20)
+    with open(os.path.join(tokenizer, "tokenizer.json"), "w") as f:
+        json.dump(content, f)
+    assert f"data.tokenizer={tokenizer}: cannot load it (" in _refusal(tmp_path, f"--data.tokenizer={tokenizer}")
+    with pytest.raises(DataError, match="cannot load it"):  # `python -m harness.data prepare`: the same line
+        prepare_corpus(write_jsonl(str(tmp_path / "d.jsonl"), [TEXT]), tokenizer, "text", 0, str(tmp_path / "cache"))
 
 
 @pytest.mark.parametrize("case", ["corrupt-parquet"])

@@ -131,7 +131,7 @@ def _parquet_documents(path: str, text_field: str) -> Iterator[str]:
         for batch in parquet.iter_batches(columns=[text_field], batch_size=1024):
             yield from (text for text in batch.column(0).to_pylist() if text)
     except (pa.ArrowException, OSError) as e:
-        raise DataError(f"{path}: not a readable .parquet file ({_first_line(e)}); replace or remove it") from None
+        raise DataError(f"{path}: not a readable .parquet file ({error_line(e)}); replace or remove it") from None
 
 
 def _saved_dataset_documents(path: str, text_field: str) -> Iterator[str]:
@@ -155,8 +155,10 @@ def _check_text_column(path: str, text_field: str, type_name: str) -> None:
                         "to a text column")
 
 
-def _first_line(error: Exception) -> str:
-    return next((line.strip() for line in str(error).splitlines() if line.strip()), type(error).__name__)
+def error_line(error: Exception) -> str:
+    """A library's error in one line: its type and the first line of its message."""
+    first = next((line.strip() for line in str(error).splitlines() if line.strip()), "")
+    return f"{type(error).__name__}: {first}" if first else type(error).__name__
 
 
 def describe(source: str) -> str:

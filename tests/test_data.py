@@ -5,8 +5,10 @@ from __future__ import annotations
 import json
 import os
 import resource
+import socket
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -174,3 +176,23 @@ def test_saved_hf_dataset_is_a_source(tmp_path):
     with pytest.raises(DataError, match="a saved DatasetDict; point it at one split's folder, e.g. .*splits/train"):
         prepare_corpus(str(tmp_path / "splits"), None, "text", 0, str(tmp_path / "cache"), workers=1, progress=False)
 
+
+def test_stale_temporaries_of_killed_prepares_are_removed(tmp_path):
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    finished = subprocess.Popen([sys.executable, "-c", ""])
+    finished.wait()
+    host = socket.gethostname()
+    dead = cache / f"aaaa.tmp-{host}-{finished.pid}"  # its process is gone
+    running = cache / f"bbbb.tmp-{host}-{os.getpid()}"  # a prepare still at work on this host
+    elsewhere = cache / "cccc.tmp-other-host-7"  # another host's, written to a moment ago
+    abandoned = cache / "dddd.tmp-other-host-8"  # another host's, untouched for two days
+    for folder in (dead, running, elsewhere, abandoned):
+        folder.mkdir()
+        (folder / "tokens_00000.bin").write_bytes(b"x")
+    two_days_ago = time.time() - 2 * 86_400
+    for path in (abandoned / "tokens_00000.bin", abandoned):
+        os.utime(path, (two_days_ago, two_days_ago))
+    source = write_jsonl(str(tmp_path / "d.jsonl"), ["one", "two"])
+    prepare_corpus(source, None, "text", 0, str(cache), workers=1, progress=False)
+    assert sorted(p.name for p in cache.iterdir() if ".tmp-" in p.name) == [running.name, elsewhere.name]

@@ -73,7 +73,14 @@ def test_corrupt_tokenizer_json(tmp_path, content):
         prepare_corpus(write_jsonl(str(tmp_path / "d.jsonl"), [TEXT]), tokenizer, "text", 0, str(tmp_path / "cache"))
 
 
-@pytest.mark.parametrize("case", ["corrupt-parquet"])
+@pytest.mark.parametrize("cache_dir", ["/proc/harness_data_cache", "/proc"], ids=["cannot-create", "cannot-write"])
+def test_cache_dir_that_cannot_be_written(tmp_path, cache_dir):
+    source = write_jsonl(str(tmp_path / "d.jsonl"), [TEXT])
+    message = _refusal(tmp_path, f"--data.source={source}", f"--data.cache_dir={cache_dir}")
+    assert message.startswith(f"data.cache_dir={cache_dir}: cannot write there (") and "choose a writable folder" in message
+
+
+@pytest.mark.parametrize("case", ["corrupt-parquet", "cache-dir"])
 def test_launcher_exits_2_with_one_line(tmp_path, case):
     source = _corrupt_parquet(tmp_path) if case == "corrupt-parquet" else write_jsonl(str(tmp_path / "d.jsonl"), [TEXT])
     cache_dir = "/proc/harness_data_cache" if case == "cache-dir" else str(tmp_path / "cache")

@@ -7,7 +7,8 @@ A prepared corpus is a folder `<cache_dir>/<fingerprint>/`:
   documents.idx         int64 offset of each document's first token (Megatron's .idx, reduced)
   meta.json             dtype, token / document / shard counts, vocabulary size, what it came from
 It is written under a temporary name and renamed when complete, so a crash or a concurrent
-prepare of the same fingerprint never leaves a half-written corpus that looks valid.
+prepare of the same fingerprint never leaves a half-written corpus that looks valid; the
+temporaries of killed prepares are removed by the next prepare (harness/data/temporaries.py).
 """
 
 from __future__ import annotations
@@ -17,13 +18,13 @@ import json
 import multiprocessing
 import os
 import shutil
-import socket
 import sys
 from collections.abc import Iterable, Iterator
 
 import numpy as np
 
 from harness.data.sources import STDLIB, DataError, describe, documents, source_files
+from harness.data.temporaries import remove_stale_temporaries, temporary_folder
 from harness.data.tokenizer import ByteTokenizer, HFTokenizer, load_tokenizer, token_dtype
 
 FORMAT_VERSION = 1
@@ -80,10 +81,15 @@ def prepare_corpus(source: str, tokenizer: str | None, text_field: str, max_byte
     path = prepared_path(cache_dir, source, tokenizer, text_field, max_bytes)
     if is_prepared(path):
         return path
-    os.makedirs(cache_dir, exist_ok=True)
-    partial = f"{path}.tmp-{socket.gethostname()}-{os.getpid()}"
-    shutil.rmtree(partial, ignore_errors=True)
-    os.makedirs(partial)
+    partial = temporary_folder(path)
+    try:
+        os.makedirs(cache_dir, exist_ok=True)
+        shutil.rmtree(partial, ignore_errors=True)
+        os.makedirs(partial)
+    except OSError as e:  # validation's os.access check cannot tell: root passes it even under /proc
+        raise DataError(f"data.cache_dir={cache_dir}: cannot write there ({e.strerror}); choose a writable "
+                        "folder") from None
+    remove_stale_temporaries(cache_dir)
     try:
         total = max_bytes if source == STDLIB else sum(os.path.getsize(f) for f in _all_files(source_files(source)))
         # Bytes need no tokenizing work: reading the source in this process is the whole cost, and

@@ -80,6 +80,17 @@ def test_cache_dir_that_cannot_be_written(tmp_path, cache_dir):
     assert message.startswith(f"data.cache_dir={cache_dir}: cannot write there (") and "choose a writable folder" in message
 
 
+def test_broken_symlink_and_symlink_loop_in_a_source_folder(tmp_path):
+    for name, links in [("broken", {"b.txt": "missing.txt"}), ("loop", {"x.txt": "y.txt", "y.txt": "x.txt"})]:
+        folder = tmp_path / name
+        folder.mkdir()
+        (folder / "a.txt").write_text(TEXT)
+        for link, target in links.items():
+            os.symlink(target, folder / link)
+        message = _refusal(tmp_path, f"--data.source={folder}")
+        assert f"{folder}/{sorted(links)[0]}: a broken symbolic link (" in message and "fix or remove it" in message
+
+
 @pytest.mark.parametrize("case", ["corrupt-parquet", "cache-dir"])
 def test_launcher_exits_2_with_one_line(tmp_path, case):
     source = _corrupt_parquet(tmp_path) if case == "corrupt-parquet" else write_jsonl(str(tmp_path / "d.jsonl"), [TEXT])

@@ -37,7 +37,7 @@ SMALL_SOURCE_BYTES = 16 << 20  # below this, tokenizing in this process beats st
 
 def fingerprint(source: str, tokenizer: str | None, text_field: str, max_bytes: int) -> str:
     """Changes when a source file (path, size, mtime), the tokenizer's files or the options do."""
-    files = [(f, os.path.getsize(f), os.stat(f).st_mtime_ns) for f in _all_files(source_files(source))]
+    files = [(f, *_size_and_mtime(f)) for f in _all_files(source_files(source))]
     key = {"format": FORMAT_VERSION, "files": files, "tokenizer": _tokenizer_hash(tokenizer),
            "text_field": text_field if source != STDLIB else None, "max_bytes": max_bytes if source == STDLIB else None}
     return hashlib.sha256(json.dumps(key).encode()).hexdigest()[:20]
@@ -52,6 +52,15 @@ def _all_files(entries: list[str]) -> list[str]:
         else:
             out.append(os.path.abspath(entry))
     return out
+
+
+def _size_and_mtime(path: str) -> tuple[int, int]:
+    try:
+        stat = os.stat(path)
+    except OSError as e:
+        what = "a broken symbolic link" if os.path.islink(path) else "unreadable"
+        raise DataError(f"{path}: {what} ({e.strerror}); fix or remove it") from None
+    return stat.st_size, stat.st_mtime_ns
 
 
 def _tokenizer_hash(path: str | None) -> str | None:

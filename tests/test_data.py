@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import resource
 import socket
@@ -196,3 +197,22 @@ def test_stale_temporaries_of_killed_prepares_are_removed(tmp_path):
     source = write_jsonl(str(tmp_path / "d.jsonl"), ["one", "two"])
     prepare_corpus(source, None, "text", 0, str(cache), workers=1, progress=False)
     assert sorted(p.name for p in cache.iterdir() if ".tmp-" in p.name) == [running.name, elsewhere.name]
+
+
+def test_invalid_utf8_is_replaced_counted_and_reported_at_prepare(tmp_path, caplog):
+    folder = tmp_path / "source"
+    folder.mkdir()
+    # \xe9 before a space, then \xff and \xfe: 3 invalid sequences; the encoded U+FFFD is valid text.
+    (folder / "a.txt").write_bytes(b"caf\xe9 ok \xff\xfe end \xef\xbf\xbd kept\n")
+    (folder / "b.jsonl").write_bytes(b'{"text": "bad \x80 byte"}\n')
+    (folder / "c.txt").write_text("clean\n")
+    with caplog.at_level(logging.WARNING, logger="harness.data.prepare"):
+        path = prepare_corpus(str(folder), None, "text", 0, str(tmp_path / "cache"), workers=1, progress=False)
+    assert caplog.messages == [f"data: 4 invalid UTF-8 sequences replaced with U+FFFD in 2 files (first: {folder}/a.txt)"]
+    corpus = TokenCorpus(path)
+    stream = corpus.read(0, len(corpus)).astype(np.uint8).tobytes()
+    assert stream.startswith("caf\ufffd ok \ufffd\ufffd end \ufffd kept\n\0".encode())
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="harness.data.prepare"):
+        prepare_corpus(str(folder), None, "text", 0, str(tmp_path / "cache"), workers=1, progress=False)
+    assert caplog.messages == []  # said when preparing, not on every reuse

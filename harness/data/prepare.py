@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import multiprocessing
 import os
 import shutil
@@ -23,6 +24,7 @@ from collections.abc import Iterable, Iterator
 
 import numpy as np
 
+from harness.data.invalid_utf8 import ReplacedSequences
 from harness.data.sources import STDLIB, DataError, describe, documents, source_files
 from harness.data.temporaries import remove_stale_temporaries, temporary_folder
 from harness.data.tokenizer import ByteTokenizer, HFTokenizer, load_tokenizer, token_dtype
@@ -33,6 +35,8 @@ INDEX = "documents.idx"
 SHARD_TOKENS = 1 << 28  # tokens per shard file: 256 MiB at uint8, 512 MiB at uint16
 CHUNK_BYTES = 1 << 20  # text per task handed to a worker process
 SMALL_SOURCE_BYTES = 16 << 20  # below this, tokenizing in this process beats starting workers
+
+logger = logging.getLogger(__name__)
 
 
 def fingerprint(source: str, tokenizer: str | None, text_field: str, max_bytes: int) -> str:
@@ -104,7 +108,8 @@ def prepare_corpus(source: str, tokenizer: str | None, text_field: str, max_byte
         # Bytes need no tokenizing work: reading the source in this process is the whole cost, and
         # workers would only add pickling (87 vs 12 MB/s measured, tests/bench/data_bench.py).
         workers = workers if total > SMALL_SOURCE_BYTES and tokenizer is not None else 1
-        meta = _write(partial, _chunks(documents(source, text_field, max_bytes)), tokenizer, workers,
+        replaced = ReplacedSequences()
+        meta = _write(partial, _chunks(documents(source, text_field, max_bytes, replaced)), tokenizer, workers,
                       _progress_bar(total, progress))
         if meta["tokens"] == 0:
             raise DataError(f"data.source={source}: no text in it; give files that hold text")
@@ -116,6 +121,8 @@ def prepare_corpus(source: str, tokenizer: str | None, text_field: str, max_byte
         except OSError:
             if not is_prepared(path):  # another process finished the same corpus first: keep theirs
                 raise
+        if replaced.files:
+            logger.warning(replaced.line())
     finally:
         shutil.rmtree(partial, ignore_errors=True)
     return path

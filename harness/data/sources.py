@@ -14,6 +14,8 @@ import sys
 import sysconfig
 from collections.abc import Iterator
 
+from harness.data.invalid_utf8 import ERRORS as INVALID_UTF8, ReplacedSequences
+
 STDLIB = "stdlib"
 FILE_SUFFIXES = (".txt", ".jsonl", ".parquet")
 INSTALL_HINT = "pip install -e '.[data]'"
@@ -67,24 +69,28 @@ def stdlib_files() -> list[str]:
     return sorted(files)
 
 
-def documents(source: str, text_field: str, max_bytes: int) -> Iterator[str | bytes]:
-    """Every document of the source in order. `max_bytes` bounds the built-in corpus only: its
-    documents stop where they and one separator byte each fill `max_bytes`."""
+def documents(source: str, text_field: str, max_bytes: int, replaced: ReplacedSequences) -> Iterator[str | bytes]:
+    """Every document of the source in order; invalid UTF-8 in .txt and .jsonl files becomes U+FFFD,
+    counted in `replaced`. `max_bytes` bounds the built-in corpus only: its documents stop where
+    they and one separator byte each fill `max_bytes`."""
     if source == STDLIB:
         yield from _stdlib_documents(max_bytes)
         return
     for path in source_files(source):
         if os.path.isdir(path):
             yield from _saved_dataset_documents(path, text_field)
-        elif path.endswith(".jsonl"):
-            yield from _jsonl_documents(path, text_field)
         elif path.endswith(".parquet"):
             yield from _parquet_documents(path, text_field)
         else:
-            with open(path, encoding="utf-8", errors="replace") as f:
-                text = f.read()
-            if text:
-                yield text
+            with replaced.reading(path):
+                yield from _jsonl_documents(path, text_field) if path.endswith(".jsonl") else _text_document(path)
+
+
+def _text_document(path: str) -> Iterator[str]:
+    with open(path, encoding="utf-8", errors=INVALID_UTF8) as f:
+        text = f.read()
+    if text:
+        yield text
 
 
 def _stdlib_documents(max_bytes: int) -> Iterator[bytes]:
@@ -99,7 +105,7 @@ def _stdlib_documents(max_bytes: int) -> Iterator[bytes]:
 
 
 def _jsonl_documents(path: str, text_field: str) -> Iterator[str]:
-    with open(path, encoding="utf-8", errors="replace") as f:
+    with open(path, encoding="utf-8", errors=INVALID_UTF8) as f:
         for number, line in enumerate(f, start=1):
             if not line.strip():
                 continue

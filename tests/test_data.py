@@ -19,6 +19,7 @@ from harness.config import ConfigError
 from harness.data import BatchSampler, TokenCorpus
 from harness.data.prepare import prepare_corpus
 from harness.data.sources import DataError, stdlib_files
+from harness.data.splits import split_windows
 from harness.data.tokenizer import token_dtype
 from harness.validation import validate
 from tests.data_helpers import corpus_folder, data_recipe, word_tokenizer, write_jsonl
@@ -216,3 +217,13 @@ def test_invalid_utf8_is_replaced_counted_and_reported_at_prepare(tmp_path, capl
     with caplog.at_level(logging.WARNING, logger="harness.data.prepare"):
         prepare_corpus(str(folder), None, "text", 0, str(tmp_path / "cache"), workers=1, progress=False)
     assert caplog.messages == []  # said when preparing, not on every reuse
+
+
+def test_training_and_held_out_windows_share_no_token():
+    """Window i is tokens [i*seq_len, (i+1)*seq_len]: its inputs and, shifted by one, its labels."""
+    seq_len = 16
+    train, held_out = split_windows(4_001, seq_len, 0.1)
+    last_training_token = train[-1] * seq_len + seq_len
+    first_held_out_token = held_out[0] * seq_len
+    assert last_training_token < first_held_out_token
+    assert len(train) == 225 and len(held_out) == 24  # the training split is as before

@@ -91,6 +91,16 @@ def test_broken_symlink_and_symlink_loop_in_a_source_folder(tmp_path):
         assert f"{folder}/{sorted(links)[0]}: a broken symbolic link (" in message and "fix or remove it" in message
 
 
+def test_eval_steps_beyond_the_held_out_split_are_refused(tmp_path):
+    """Evaluating more batches than the held-out split holds would wrap and count windows twice."""
+    source = write_jsonl(str(tmp_path / "d.jsonl"), ["w " * 2_000])  # 4,001 tokens: 250 windows of 16
+    ok = data_recipe(tmp_path, f"--data.source={source}", "--eval.every=1", "--eval.held_out=0.1", "--eval.steps=12")
+    validate(ok, 1)  # 24 windows held out (one at the boundary left out): 12 batches of 2
+    message = _refusal(tmp_path, f"--data.source={source}", "--eval.every=1", "--eval.held_out=0.1", "--eval.steps=13")
+    assert message == ("eval.steps=13: 13 batches of train.global_batch_size=2 need 26 held-out sequences but "
+                       "the held-out split has 24; lower eval.steps to at most 12 or raise eval.held_out")
+
+
 @pytest.mark.parametrize("case", ["corrupt-parquet", "cache-dir"])
 def test_launcher_exits_2_with_one_line(tmp_path, case):
     source = _corrupt_parquet(tmp_path) if case == "corrupt-parquet" else write_jsonl(str(tmp_path / "d.jsonl"), [TEXT])

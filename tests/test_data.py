@@ -16,11 +16,12 @@ import pytest
 
 import harness.data.prepare as prepare_module
 from harness.config import ConfigError
-from harness.data import BatchSampler, TokenCorpus
-from harness.data.prepare import prepare_corpus
+from harness.data import BatchSampler, TokenCorpus, load_tokens
+from harness.data.prepare import fingerprint, prepare_corpus
 from harness.data.sources import DataError, stdlib_files
 from harness.data.splits import split_windows
 from harness.data.tokenizer import token_dtype
+from harness.data_checks import check_corpus
 from harness.validation import validate
 from tests.data_helpers import corpus_folder, data_recipe, word_tokenizer, write_jsonl
 
@@ -227,3 +228,24 @@ def test_training_and_held_out_windows_share_no_token():
     first_held_out_token = held_out[0] * seq_len
     assert last_training_token < first_held_out_token
     assert len(train) == 225 and len(held_out) == 24  # the training split is as before
+
+
+def test_the_fingerprint_is_computed_once_per_job(tmp_path, monkeypatch):
+    """The launcher's validation computes it; the workers it starts inherit its environment and
+    neither their validation nor their loading stats the sources again."""
+    computed = []
+
+    def counted(*args):
+        computed.append(args)
+        return fingerprint(*args)
+
+    monkeypatch.setattr(prepare_module, "fingerprint", counted)
+    cfg = data_recipe(tmp_path, f"--data.source={write_jsonl(str(tmp_path / 'd.jsonl'), ['x ' * 100])}")
+    check_corpus(cfg)  # the launcher
+    monkeypatch.setenv("LOCAL_RANK", "0")
+    check_corpus(cfg)  # a worker's validation
+    load_tokens(cfg.data)  # a worker's loading
+    assert len(computed) == 1
+    other = data_recipe(tmp_path, f"--data.source={write_jsonl(str(tmp_path / 'e.jsonl'), ['y ' * 100])}")
+    load_tokens(other.data)
+    assert len(computed) == 2  # another source is another corpus

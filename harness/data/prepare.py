@@ -91,9 +91,16 @@ def is_prepared(path: str) -> bool:
 def prepare_corpus(source: str, tokenizer: str | None, text_field: str, max_bytes: int, cache_dir: str,
             workers: int = 1, progress: bool = True) -> str:
     """The prepared corpus's folder; tokenizes only when no complete one has this fingerprint."""
-    path = prepared_path(cache_dir, source, tokenizer, text_field, max_bytes)
+    return prepare_into(prepared_path(cache_dir, source, tokenizer, text_field, max_bytes), source, tokenizer,
+                        text_field, max_bytes, workers, progress)
+
+
+def prepare_into(path: str, source: str, tokenizer: str | None, text_field: str, max_bytes: int, workers: int = 1,
+                 progress: bool = True) -> str:
+    """`path` (the source's `prepared_path`), tokenizing the source into it unless it is complete."""
     if is_prepared(path):
         return path
+    cache_dir = os.path.dirname(path)
     partial = temporary_folder(path)
     try:
         os.makedirs(cache_dir, exist_ok=True)

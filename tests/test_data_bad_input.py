@@ -77,7 +77,8 @@ def test_corrupt_tokenizer_json(tmp_path, content):
 def test_cache_dir_that_cannot_be_written(tmp_path, cache_dir):
     source = write_jsonl(str(tmp_path / "d.jsonl"), [TEXT])
     message = _refusal(tmp_path, f"--data.source={source}", f"--data.cache_dir={cache_dir}")
-    assert message.startswith(f"data.cache_dir={cache_dir}: cannot write there (") and "choose a writable folder" in message
+    assert message.startswith(f"data.cache_dir={cache_dir}: cannot write there (")
+    assert message.endswith("); choose a writable folder")
 
 
 def test_broken_symlink_and_symlink_loop_in_a_source_folder(tmp_path):

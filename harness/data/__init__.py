@@ -22,7 +22,7 @@ from harness.data.sources import DataError
 
 __all__ = ["BatchSampler", "DataError", "TokenCorpus", "load_tokens", "prepare_data", "window_count"]
 
-CORPUS_ENV = "HARNESS_DATA_CORPUS"  # {"data": the data options, "path": their prepared corpus's folder}
+CORPUS_ENV = "HARNESS_DATA_CORPUS"  # {"data": where and with which options, "path": their prepared corpus's folder}
 
 
 def corpus_path(cfg: DataConfig) -> str:
@@ -30,7 +30,8 @@ def corpus_path(cfg: DataConfig) -> str:
     hashes the tokenizer (0.3 s at 20,000 files), so the first process of a job to compute it
     records it in the environment, which the workers that the launcher starts inherit: it is
     computed once per job, not by every rank at validation, at preparing and at loading."""
-    data = [cfg.source, cfg.tokenizer, cfg.text_field, cfg.max_bytes, cfg.cache_dir]
+    # The working folder too: the source and cache paths may be relative to it.
+    data = [os.getcwd(), cfg.source, cfg.tokenizer, cfg.text_field, cfg.max_bytes, cfg.cache_dir]
     recorded = json.loads(os.environ.get(CORPUS_ENV, "{}"))
     if recorded.get("data") == data:
         return recorded["path"]

@@ -36,7 +36,8 @@ def check_splits(tokens: int, cfg: Config) -> None:
 
 
 def samplers(corpus: TokenCorpus, cfg: Config) -> tuple[BatchSampler, BatchSampler | None]:
-    """The training sampler (shuffled) and, when evaluation is on, the held-out one (fixed order)."""
+    """The training sampler (shuffled) and, when evaluation is on, the held-out one (fixed order).
+    Checked again here: workers started by plain torchrun may prepare after their validation."""
     check_splits(len(corpus), cfg)
     t = cfg.train
     if cfg.eval.every == 0:

@@ -3,8 +3,8 @@ removal of those that a killed prepare left behind.
 
 Several prepares may share a cache folder, from this host and from others (a shared file
 system), so a temporary is removed only when its prepare is surely gone: its process is dead on
-this host, or, for other hosts' (whose processes cannot be seen from here), nothing in it was
-written for a day; a running prepare writes tokens every few seconds.
+this host, or nothing in it was written for a day (the only sign for another host's prepare,
+whose process cannot be seen from here); a running prepare writes tokens every few seconds.
 """
 
 from __future__ import annotations

@@ -2,9 +2,10 @@
 read by each rank one window at a time.
 
 Modules: sources (documents from files, folders, saved datasets, the built-in corpus),
-tokenizer (bytes or a local HF tokenizer), prepare (shards + document index, cached by
-fingerprint), corpus (the memory-mapped reader), order (a table-free seeded permutation),
-sampler (which windows each step and rank read), splits (train / held-out windows).
+invalid_utf8 (what reading text replaced), tokenizer (bytes or a local HF tokenizer), prepare
+(shards + document index, cached by fingerprint), temporaries (prepares' temporary folders),
+corpus (the memory-mapped reader), order (a table-free seeded permutation), sampler (which
+windows each step and rank read), splits (train / held-out windows).
 """
 
 from __future__ import annotations

@@ -9,7 +9,7 @@ from transformers import PretrainedConfig
 from harness.config import Config, ConfigError
 from harness.data import DataError, TokenCorpus, cached_path, prepare_data
 from harness.data.sources import source_files
-from harness.data.splits import split_windows
+from harness.data.splits import check_splits
 from harness.data.tokenizer import BYTE_VOCAB, load_tokenizer
 from parallel.mesh import ParallelDims
 
@@ -29,20 +29,14 @@ def check_data_config(cfg: Config, model_config: PretrainedConfig, dims: Paralle
     if dims.pp > 1 and e.every:
         raise ConfigError("eval.every: validation does not run under pipeline parallel yet; "
                           "set parallel.pp=1 or eval.every=0")
-    try:
-        source_files(d.source)
-    except DataError as err:
-        raise ConfigError(_data_line(err)) from None
-    if d.tokenizer is None:
-        vocab = BYTE_VOCAB
-    elif not os.path.isdir(d.tokenizer):
+    if d.tokenizer is not None and not os.path.isdir(d.tokenizer):
         raise ConfigError(f"data.tokenizer={d.tokenizer}: no such directory; give a local HF tokenizer "
                           "directory, or leave it unset for bytes")
-    else:
-        try:
-            vocab = load_tokenizer(d.tokenizer).vocab_size
-        except (OSError, ValueError) as err:
-            raise ConfigError(f"data.tokenizer={d.tokenizer}: cannot load it ({str(err).splitlines()[0]})") from None
+    try:
+        source_files(d.source)
+        vocab = BYTE_VOCAB if d.tokenizer is None else load_tokenizer(d.tokenizer).vocab_size
+    except DataError as err:
+        raise ConfigError(_data_line(err)) from None
     if vocab > model_config.vocab_size:
         what = "unset means bytes (256 ids)" if d.tokenizer is None else f"the tokenizer has {vocab:,} ids"
         raise ConfigError(f"data.tokenizer: {what} but the model's vocab_size is {model_config.vocab_size:,}; "
@@ -51,23 +45,19 @@ def check_data_config(cfg: Config, model_config: PretrainedConfig, dims: Paralle
 
 def check_corpus(cfg: Config) -> None:
     """Prepares the corpus (once: it is cached) and checks it holds a global batch for training
-    and, when evaluation is on, for the held-out split. A torchrun worker only checks a corpus
-    that is already cached: one process per node prepares it (the launcher, or local rank 0)."""
+    and, when evaluation is on, eval.steps global batches held out. A torchrun worker only checks
+    a corpus that is already cached: one process per node prepares it (the launcher, or local
+    rank 0)."""
     try:
         path = cached_path(cfg.data) if "LOCAL_RANK" in os.environ else prepare_data(cfg.data)
     except DataError as err:
         raise ConfigError(_data_line(err)) from None
     if path is None:
         return
-    t = cfg.train
-    tokens = len(TokenCorpus(path))
-    train, held_out = split_windows(tokens, t.seq_len, cfg.eval.held_out if cfg.eval.every else 0.0)
-    for name, windows in (("training", train), ("held-out", held_out if cfg.eval.every else None)):
-        if windows is not None and len(windows) < t.global_batch_size:
-            fix = "raise eval.held_out" if name == "held-out" else "use more data"
-            raise ConfigError(f"data.source={cfg.data.source}: {tokens:,} tokens give {len(windows)} {name} sequences "
-                              f"of train.seq_len={t.seq_len}, fewer than one global batch of {t.global_batch_size}; "
-                              f"{fix}, or lower seq_len or global_batch_size")
+    try:
+        check_splits(len(TokenCorpus(path)), cfg)
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
 
 
 def _data_line(err: DataError) -> str:

@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import os
 
+from harness.config import Config, load_config
+
 
 def write_jsonl(path: str, texts: list[str], field: str = "text") -> str:
     with open(path, "w") as f:
@@ -37,3 +39,12 @@ def corpus_folder(root: str, documents: int = 40) -> str:
     pq.write_table(pa.table({"text": [f"parquet row {i} " * 5 for i in range(documents)]}),
                    os.path.join(folder, "c.parquet"))
     return folder
+
+
+def data_recipe(tmp_path, *overrides: str) -> Config:
+    """A tiny llama on one rank (2 sequences of 16 tokens per step) whose cache and checkpoints
+    are the test's own."""
+    base = ["--model.preset=llama", "--parallel.dp_shard=1", "--train.global_batch_size=2",
+            "--train.micro_batch_size=2", "--train.seq_len=16", f"--data.cache_dir={tmp_path / 'cache'}",
+            f"--checkpoint.dir={tmp_path / 'checkpoints'}", "--train.metrics_file=null"]
+    return load_config(None, [*base, *overrides])

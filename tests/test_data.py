@@ -3,22 +3,27 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import resource
+import socket
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
 
 import harness.data.prepare as prepare_module
-from harness.config import ConfigError, load_config
-from harness.data import BatchSampler, TokenCorpus
-from harness.data.prepare import prepare_corpus
+from harness.config import ConfigError
+from harness.data import BatchSampler, TokenCorpus, load_tokens
+from harness.data.prepare import fingerprint, prepare_corpus
 from harness.data.sources import DataError, stdlib_files
+from harness.data.splits import split_windows
 from harness.data.tokenizer import token_dtype
+from harness.data_checks import check_corpus
 from harness.validation import validate
-from tests.data_helpers import corpus_folder, word_tokenizer, write_jsonl
+from tests.data_helpers import corpus_folder, data_recipe, word_tokenizer, write_jsonl
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -122,13 +127,6 @@ def torch_equal(a, b) -> bool:
     return np.array_equal(np.asarray(a), np.asarray(b))
 
 
-def _recipe(tmp_path, *overrides: str):
-    base = ["--model.preset=llama", "--parallel.dp_shard=1", "--train.global_batch_size=2",
-            "--train.micro_batch_size=2", "--train.seq_len=16", f"--data.cache_dir={tmp_path / 'cache'}",
-            f"--checkpoint.dir={tmp_path / 'checkpoints'}", "--train.metrics_file=null"]
-    return load_config(None, [*base, *overrides])
-
-
 def test_data_errors_are_one_line_config_errors(tmp_path):
     missing = str(tmp_path / "nope.jsonl")
     empty = tmp_path / "empty.txt"
@@ -146,13 +144,14 @@ def test_data_errors_are_one_line_config_errors(tmp_path):
     }
     for override, expected in cases.items():
         with pytest.raises(ConfigError, match=None) as raised:
-            validate(_recipe(tmp_path, override), 1)
+            validate(data_recipe(tmp_path, override), 1)
         assert expected in str(raised.value) and "\n" not in str(raised.value), (override, str(raised.value))
     with pytest.raises(ConfigError, match="held-out sequences"):
-        validate(_recipe(tmp_path, f"--data.source={write_jsonl(str(tmp_path / 'm.jsonl'), ['x' * 100])}",
-                         "--eval.every=1", "--eval.held_out=0.1"), 1)
+        validate(data_recipe(tmp_path, f"--data.source={write_jsonl(str(tmp_path / 'm.jsonl'), ['x' * 100])}",
+                             "--eval.every=1", "--eval.held_out=0.1"), 1)
     with pytest.raises(ConfigError, match="data.document_mask: position ids are not carried"):
-        validate(_recipe(tmp_path, "--data.document_mask=true", "--parallel.pp=2", "--train.global_batch_size=4"), 2)
+        validate(data_recipe(tmp_path, "--data.document_mask=true", "--parallel.pp=2",
+                             "--train.global_batch_size=4"), 2)
 
 
 def test_cli_prepares_and_reports_a_bad_source_with_exit_2(tmp_path):
@@ -179,3 +178,74 @@ def test_saved_hf_dataset_is_a_source(tmp_path):
     datasets.DatasetDict({"train": saved}).save_to_disk(str(tmp_path / "splits"))
     with pytest.raises(DataError, match="a saved DatasetDict; point it at one split's folder, e.g. .*splits/train"):
         prepare_corpus(str(tmp_path / "splits"), None, "text", 0, str(tmp_path / "cache"), workers=1, progress=False)
+
+
+def test_stale_temporaries_of_killed_prepares_are_removed(tmp_path):
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    finished = subprocess.Popen([sys.executable, "-c", ""])
+    finished.wait()
+    host = socket.gethostname()
+    dead = cache / f"aaaa.tmp-{host}-{finished.pid}"  # its process is gone
+    running = cache / f"bbbb.tmp-{host}-{os.getpid()}"  # a prepare still at work on this host
+    elsewhere = cache / "cccc.tmp-other-host-7"  # another host's, written to a moment ago
+    abandoned = cache / "dddd.tmp-other-host-8"  # another host's, untouched for two days
+    for folder in (dead, running, elsewhere, abandoned):
+        folder.mkdir()
+        (folder / "tokens_00000.bin").write_bytes(b"x")
+    two_days_ago = time.time() - 2 * 86_400
+    for path in (abandoned / "tokens_00000.bin", abandoned):
+        os.utime(path, (two_days_ago, two_days_ago))
+    source = write_jsonl(str(tmp_path / "d.jsonl"), ["one", "two"])
+    prepare_corpus(source, None, "text", 0, str(cache), workers=1, progress=False)
+    assert sorted(p.name for p in cache.iterdir() if ".tmp-" in p.name) == [running.name, elsewhere.name]
+
+
+def test_invalid_utf8_is_replaced_counted_and_reported_at_prepare(tmp_path, caplog):
+    folder = tmp_path / "source"
+    folder.mkdir()
+    # \xe9 before a space, then \xff and \xfe: 3 invalid sequences; the encoded U+FFFD is valid text.
+    (folder / "a.txt").write_bytes(b"caf\xe9 ok \xff\xfe end \xef\xbf\xbd kept\n")
+    (folder / "b.jsonl").write_bytes(b'{"text": "bad \x80 byte"}\n')
+    (folder / "c.txt").write_text("clean\n")
+    with caplog.at_level(logging.WARNING, logger="harness.data.prepare"):
+        path = prepare_corpus(str(folder), None, "text", 0, str(tmp_path / "cache"), workers=1, progress=False)
+    assert caplog.messages == [f"data: 4 invalid UTF-8 sequences replaced with U+FFFD in 2 files (first: {folder}/a.txt)"]
+    corpus = TokenCorpus(path)
+    stream = corpus.read(0, len(corpus)).astype(np.uint8).tobytes()
+    assert stream.startswith("caf\ufffd ok \ufffd\ufffd end \ufffd kept\n\0".encode())
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="harness.data.prepare"):
+        prepare_corpus(str(folder), None, "text", 0, str(tmp_path / "cache"), workers=1, progress=False)
+    assert caplog.messages == []  # said when preparing, not on every reuse
+
+
+def test_training_and_held_out_windows_share_no_token():
+    """Window i is tokens [i*seq_len, (i+1)*seq_len]: its inputs and, shifted by one, its labels."""
+    seq_len = 16
+    train, held_out = split_windows(4_001, seq_len, 0.1)
+    last_training_token = train[-1] * seq_len + seq_len
+    first_held_out_token = held_out[0] * seq_len
+    assert last_training_token < first_held_out_token
+    assert len(train) == 225 and len(held_out) == 24  # the training split is as before
+
+
+def test_the_fingerprint_is_computed_once_per_job(tmp_path, monkeypatch):
+    """The launcher's validation computes it; the workers it starts inherit its environment and
+    neither their validation nor their loading stats the sources again."""
+    computed = []
+
+    def counted(*args):
+        computed.append(args)
+        return fingerprint(*args)
+
+    monkeypatch.setattr(prepare_module, "fingerprint", counted)
+    cfg = data_recipe(tmp_path, f"--data.source={write_jsonl(str(tmp_path / 'd.jsonl'), ['x ' * 100])}")
+    check_corpus(cfg)  # the launcher
+    monkeypatch.setenv("LOCAL_RANK", "0")
+    check_corpus(cfg)  # a worker's validation
+    load_tokens(cfg.data)  # a worker's loading
+    assert len(computed) == 1
+    other = data_recipe(tmp_path, f"--data.source={write_jsonl(str(tmp_path / 'e.jsonl'), ['y ' * 100])}")
+    load_tokens(other.data)
+    assert len(computed) == 2  # another source is another corpus

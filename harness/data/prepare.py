@@ -7,23 +7,26 @@ A prepared corpus is a folder `<cache_dir>/<fingerprint>/`:
   documents.idx         int64 offset of each document's first token (Megatron's .idx, reduced)
   meta.json             dtype, token / document / shard counts, vocabulary size, what it came from
 It is written under a temporary name and renamed when complete, so a crash or a concurrent
-prepare of the same fingerprint never leaves a half-written corpus that looks valid.
+prepare of the same fingerprint never leaves a half-written corpus that looks valid; the
+temporaries of killed prepares are removed by the next prepare (harness/data/temporaries.py).
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import multiprocessing
 import os
 import shutil
-import socket
 import sys
 from collections.abc import Iterable, Iterator
 
 import numpy as np
 
+from harness.data.invalid_utf8 import ReplacedSequences
 from harness.data.sources import STDLIB, DataError, describe, documents, source_files
+from harness.data.temporaries import remove_stale_temporaries, temporary_folder
 from harness.data.tokenizer import ByteTokenizer, HFTokenizer, load_tokenizer, token_dtype
 
 FORMAT_VERSION = 1
@@ -33,10 +36,12 @@ SHARD_TOKENS = 1 << 28  # tokens per shard file: 256 MiB at uint8, 512 MiB at ui
 CHUNK_BYTES = 1 << 20  # text per task handed to a worker process
 SMALL_SOURCE_BYTES = 16 << 20  # below this, tokenizing in this process beats starting workers
 
+logger = logging.getLogger(__name__)
+
 
 def fingerprint(source: str, tokenizer: str | None, text_field: str, max_bytes: int) -> str:
     """Changes when a source file (path, size, mtime), the tokenizer's files or the options do."""
-    files = [(f, os.path.getsize(f), os.stat(f).st_mtime_ns) for f in _all_files(source_files(source))]
+    files = [(f, *_size_and_mtime(f)) for f in _all_files(source_files(source))]
     key = {"format": FORMAT_VERSION, "files": files, "tokenizer": _tokenizer_hash(tokenizer),
            "text_field": text_field if source != STDLIB else None, "max_bytes": max_bytes if source == STDLIB else None}
     return hashlib.sha256(json.dumps(key).encode()).hexdigest()[:20]
@@ -51,6 +56,15 @@ def _all_files(entries: list[str]) -> list[str]:
         else:
             out.append(os.path.abspath(entry))
     return out
+
+
+def _size_and_mtime(path: str) -> tuple[int, int]:
+    try:
+        stat = os.stat(path)
+    except OSError as e:
+        what = "a broken symbolic link" if os.path.islink(path) else "unreadable"
+        raise DataError(f"{path}: {what} ({e.strerror}); fix or remove it") from None
+    return stat.st_size, stat.st_mtime_ns
 
 
 def _tokenizer_hash(path: str | None) -> str | None:
@@ -77,19 +91,32 @@ def is_prepared(path: str) -> bool:
 def prepare_corpus(source: str, tokenizer: str | None, text_field: str, max_bytes: int, cache_dir: str,
             workers: int = 1, progress: bool = True) -> str:
     """The prepared corpus's folder; tokenizes only when no complete one has this fingerprint."""
-    path = prepared_path(cache_dir, source, tokenizer, text_field, max_bytes)
+    return prepare_into(prepared_path(cache_dir, source, tokenizer, text_field, max_bytes), source, tokenizer,
+                        text_field, max_bytes, workers, progress)
+
+
+def prepare_into(path: str, source: str, tokenizer: str | None, text_field: str, max_bytes: int, workers: int = 1,
+                 progress: bool = True) -> str:
+    """`path` (the source's `prepared_path`), tokenizing the source into it unless it is complete."""
     if is_prepared(path):
         return path
-    os.makedirs(cache_dir, exist_ok=True)
-    partial = f"{path}.tmp-{socket.gethostname()}-{os.getpid()}"
-    shutil.rmtree(partial, ignore_errors=True)
-    os.makedirs(partial)
+    cache_dir = os.path.dirname(path)
+    partial = temporary_folder(path)
+    try:
+        os.makedirs(cache_dir, exist_ok=True)
+        shutil.rmtree(partial, ignore_errors=True)
+        os.makedirs(partial)
+    except OSError as e:  # validation's os.access check cannot tell: root passes it even under /proc
+        raise DataError(f"data.cache_dir={cache_dir}: cannot write there ({e.strerror}); choose a writable "
+                        "folder") from None
+    remove_stale_temporaries(cache_dir)
     try:
         total = max_bytes if source == STDLIB else sum(os.path.getsize(f) for f in _all_files(source_files(source)))
         # Bytes need no tokenizing work: reading the source in this process is the whole cost, and
         # workers would only add pickling (87 vs 12 MB/s measured, tests/bench/data_bench.py).
         workers = workers if total > SMALL_SOURCE_BYTES and tokenizer is not None else 1
-        meta = _write(partial, _chunks(documents(source, text_field, max_bytes)), tokenizer, workers,
+        replaced = ReplacedSequences()
+        meta = _write(partial, _chunks(documents(source, text_field, max_bytes, replaced)), tokenizer, workers,
                       _progress_bar(total, progress))
         if meta["tokens"] == 0:
             raise DataError(f"data.source={source}: no text in it; give files that hold text")
@@ -101,6 +128,8 @@ def prepare_corpus(source: str, tokenizer: str | None, text_field: str, max_byte
         except OSError:
             if not is_prepared(path):  # another process finished the same corpus first: keep theirs
                 raise
+        if replaced.files:
+            logger.warning(replaced.line())
     finally:
         shutil.rmtree(partial, ignore_errors=True)
     return path

@@ -14,9 +14,12 @@ import sys
 import sysconfig
 from collections.abc import Iterator
 
+from harness.data.invalid_utf8 import ERRORS as INVALID_UTF8, ReplacedSequences
+
 STDLIB = "stdlib"
 FILE_SUFFIXES = (".txt", ".jsonl", ".parquet")
 INSTALL_HINT = "pip install -e '.[data]'"
+TEXT_TYPES = ("string", "large_string", "string_view")  # Arrow's text types, as pyarrow and datasets name them
 
 
 class DataError(ValueError):
@@ -66,24 +69,28 @@ def stdlib_files() -> list[str]:
     return sorted(files)
 
 
-def documents(source: str, text_field: str, max_bytes: int) -> Iterator[str | bytes]:
-    """Every document of the source in order. `max_bytes` bounds the built-in corpus only: its
-    documents stop where they and one separator byte each fill `max_bytes`."""
+def documents(source: str, text_field: str, max_bytes: int, replaced: ReplacedSequences) -> Iterator[str | bytes]:
+    """Every document of the source in order; invalid UTF-8 in .txt and .jsonl files becomes U+FFFD,
+    counted in `replaced`. `max_bytes` bounds the built-in corpus only: its documents stop where
+    they and one separator byte each fill `max_bytes`."""
     if source == STDLIB:
         yield from _stdlib_documents(max_bytes)
         return
     for path in source_files(source):
         if os.path.isdir(path):
             yield from _saved_dataset_documents(path, text_field)
-        elif path.endswith(".jsonl"):
-            yield from _jsonl_documents(path, text_field)
         elif path.endswith(".parquet"):
             yield from _parquet_documents(path, text_field)
         else:
-            with open(path, encoding="utf-8", errors="replace") as f:
-                text = f.read()
-            if text:
-                yield text
+            with replaced.reading(path):
+                yield from _jsonl_documents(path, text_field) if path.endswith(".jsonl") else _text_document(path)
+
+
+def _text_document(path: str) -> Iterator[str]:
+    with open(path, encoding="utf-8", errors=INVALID_UTF8) as f:
+        text = f.read()
+    if text:
+        yield text
 
 
 def _stdlib_documents(max_bytes: int) -> Iterator[bytes]:
@@ -98,7 +105,7 @@ def _stdlib_documents(max_bytes: int) -> Iterator[bytes]:
 
 
 def _jsonl_documents(path: str, text_field: str) -> Iterator[str]:
-    with open(path, encoding="utf-8", errors="replace") as f:
+    with open(path, encoding="utf-8", errors=INVALID_UTF8) as f:
         for number, line in enumerate(f, start=1):
             if not line.strip():
                 continue
@@ -114,15 +121,23 @@ def _jsonl_documents(path: str, text_field: str) -> Iterator[str]:
 
 def _parquet_documents(path: str, text_field: str) -> Iterator[str]:
     try:
+        import pyarrow as pa
         import pyarrow.parquet as pq
     except ImportError:
         raise DataError(f"{path}: reading .parquet needs pyarrow; {INSTALL_HINT}") from None
-    parquet = pq.ParquetFile(path)
-    if text_field not in parquet.schema_arrow.names:
-        raise DataError(f"{path}: no column {text_field!r} (columns: {', '.join(parquet.schema_arrow.names)}); "
-                        "set data.text_field")
-    for batch in parquet.iter_batches(columns=[text_field], batch_size=1024):
-        yield from (text for text in batch.column(0).to_pylist() if text)
+    # A damaged footer fails on opening (ArrowInvalid), a damaged page only when it is read (OSError).
+    try:
+        parquet = pq.ParquetFile(path)
+        schema = parquet.schema_arrow
+        if text_field not in schema.names:
+            raise DataError(f"{path}: no column {text_field!r} (columns: {', '.join(schema.names)}); "
+                            "set data.text_field")
+        column = schema.field(text_field).type
+        _check_text_column(path, text_field, str(column.value_type if pa.types.is_dictionary(column) else column))
+        for batch in parquet.iter_batches(columns=[text_field], batch_size=1024):
+            yield from (text for text in batch.column(0).to_pylist() if text)
+    except (pa.ArrowException, OSError) as e:
+        raise DataError(f"{path}: not a readable .parquet file ({error_line(e)}); replace or remove it") from None
 
 
 def _saved_dataset_documents(path: str, text_field: str) -> Iterator[str]:
@@ -134,8 +149,22 @@ def _saved_dataset_documents(path: str, text_field: str) -> Iterator[str]:
     if text_field not in dataset.column_names:
         raise DataError(f"{path}: no column {text_field!r} (columns: {', '.join(dataset.column_names)}); "
                         "set data.text_field")
+    feature = dataset.features[text_field]
+    _check_text_column(path, text_field, getattr(feature, "dtype", type(feature).__name__))
     for batch in dataset.select_columns([text_field]).iter(batch_size=1024):
         yield from (text for text in batch[text_field] if text)
+
+
+def _check_text_column(path: str, text_field: str, type_name: str) -> None:
+    if type_name not in TEXT_TYPES:
+        raise DataError(f"{path}: column {text_field!r} holds {type_name} values, not text; set data.text_field "
+                        "to a text column")
+
+
+def error_line(error: Exception) -> str:
+    """A library's error in one line: its type and the first line of its message."""
+    first = next((line.strip() for line in str(error).splitlines() if line.strip()), "")
+    return f"{type(error).__name__}: {first}" if first else type(error).__name__
 
 
 def describe(source: str) -> str:

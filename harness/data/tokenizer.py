@@ -7,6 +7,8 @@ import os
 
 import numpy as np
 
+from harness.data.sources import DataError, error_line
+
 BYTE_VOCAB = 256
 
 
@@ -39,7 +41,13 @@ class HFTokenizer:
 
 
 def load_tokenizer(path: str | None) -> ByteTokenizer | HFTokenizer:
-    return ByteTokenizer() if path is None else HFTokenizer(path)
+    if path is None:
+        return ByteTokenizer()
+    try:
+        return HFTokenizer(path)
+    except Exception as e:  # the loader is the check of the files: damaged ones raise KeyError, TypeError, ...
+        raise DataError(f"data.tokenizer={path}: cannot load it ({error_line(e)}); give a folder written by a "
+                        "tokenizer's save_pretrained, or leave it unset for bytes") from None
 
 
 def token_dtype(vocab_size: int) -> np.dtype:

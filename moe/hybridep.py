@@ -6,19 +6,22 @@ the other along the dispatch's handle. HybridEP routes by a dense [tokens, exper
 probability matrix, built here from the top-k ids (its own top-k path cannot take -1 ids), so
 the probability gradient reaches the top-k weights through that scatter. Its dispatched
 probabilities hold every expert of the NVLink domain: this rank's are the columns from
-`local_rank * local_experts`.
+`local_rank * local_experts`. `build` checks at start what upstream asserts when the buffer is
+built (rules in moe/hybridep_support.py).
 """
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 import torch
 import torch.distributed as dist
 
-from moe.deep_ep_runtime import (check_bf16, define_combine, ensure_buffer, fake_handle_id, get_buffer,
-                                 get_handle, load_deep_ep, release_handle, release_unless_backward,
-                                 store_handle)
+from moe.deep_ep_runtime import (check_bf16, define_combine, ensure_buffer, fake_handle_id, gather_facts,
+                                 get_buffer, get_handle, load_deep_ep, release_handle, release_unless_backward,
+                                 row_size_problem, store_handle)
+from moe.hybridep_support import DOMAIN_SIZE_VARIABLE, group_problem, local_facts, multinode_build, setting_problem
 from moe.routing import Routed, dense_routing, routed_ids
 
 _BACKEND = "hybridep"
@@ -138,5 +141,32 @@ def buffer_class() -> type:
     return buffer_cls
 
 
-def build(group: dist.ProcessGroup) -> HybridEPDispatcher:
+def _local_problem(hidden_size: int) -> str | None:
+    """What rules HybridEP out on this rank alone, without a process group."""
+    problem = row_size_problem(hidden_size)
+    if problem is not None:
+        return problem
+    try:
+        buffer_class()
+    except RuntimeError as exc:
+        return str(exc)
+    return None
+
+
+def preflight(ep: int, hidden_size: int) -> None:
+    """RuntimeError with the reason HybridEP cannot run `ep` ranks here, as far as this process can
+    tell before any process group exists (the NVLink domains only where the environment sets them)."""
+    setting = os.environ.get(DOMAIN_SIZE_VARIABLE)
+    problem = _local_problem(hidden_size)
+    if problem is None and setting is not None:
+        problem = setting_problem(ep, setting, {multinode_build()})
+    if problem is not None:
+        raise RuntimeError(problem)
+
+
+def build(group: dist.ProcessGroup, hidden_size: int) -> HybridEPDispatcher:
+    """Collective: every rank reports its facts, and all take the same decision on them."""
+    problem = group_problem(gather_facts(group, local_facts(_local_problem(hidden_size))))
+    if problem is not None:
+        raise RuntimeError(problem)
     return HybridEPDispatcher(group, buffer_class())

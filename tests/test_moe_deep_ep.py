@@ -102,13 +102,13 @@ def _refusals(deep_ep) -> dict[str, str]:
     mesh = ep_mesh(2, WORLD)
     found = {}
     with cuda_reported():
-        dispatcher, _ = resolve_dispatcher("deepep", True, mesh.get_group())
+        dispatcher, _ = resolve_dispatcher("deepep", True, mesh.get_group(), 64)
     try:
         dispatcher.dispatch(torch.randn(3, 64), torch.zeros(3, 2, dtype=torch.long), torch.ones(3, 2), 8)
     except ValueError as exc:
         found["fp32"] = str(exc)
     with cuda_reported(), mock.patch("socket.gethostname", return_value=f"host{dist.get_rank()}"):
-        found["hosts"] = resolve_dispatcher("deepep", False, mesh.get_group())[1]
+        found["hosts"] = resolve_dispatcher("deepep", False, mesh.get_group(), 64)[1]
     return found
 
 

@@ -1,5 +1,8 @@
 """DeepEP and HybridEP where upstream fails, against the `deep_ep` emulation (tests/fake_deep_ep),
 which fails there as upstream does; 4 gloo ranks, HF's Qwen3-MoE experts in bf16 under EP:
+- HybridEP's combine leaves the rows of tokens no rank received unwritten (NaN in the emulation):
+  outputs and gradients match alltoall's, zero for such tokens;
+- HybridEP needs one token count on every rank: ranks of 5, 3, 6 and 4 tokens match alltoall;
 - an EP group over several NVLink domains (a host per rank, no domain size set) falls back from
   HybridEP's intranode build with the reason, or raises under strict; the multi-node build runs it;
 - DeepEP on PCIe GPUs: 4 ranks fall back (upstream asserts 2 at most), and 2 ranks too while
@@ -27,6 +30,7 @@ from tests.multiproc import run_ranks
 WORLD = 4
 NUM_EXPERTS = 8  # the qwen3_moe preset's
 TOP_K = 2
+UNEQUAL_TOKENS = (5, 3, 6, 4)
 
 
 def _experts(backend: str, ep: int, hidden_size: int, strict: bool) -> nn.Module:
@@ -41,11 +45,15 @@ def _experts(backend: str, ep: int, hidden_size: int, strict: bool) -> nn.Module
     return experts
 
 
-def _step(backend: str, ep: int = 4, tokens: int = 6, hidden_size: int = 64, strict: bool = False) -> dict:
-    """One forward and backward of this rank's tokens."""
+def _step(backend: str, ep: int = 4, tokens: int = 6, unrouted: bool = False, hidden_size: int = 64,
+          strict: bool = False) -> dict:
+    """One forward and backward of this rank's tokens; with `unrouted`, every third token has only
+    the padding id (past the experts), so no rank receives it."""
     experts = _experts(backend, ep, hidden_size, strict)
     generator = torch.Generator().manual_seed(11 + dist.get_rank())
     ids = torch.stack([torch.randperm(NUM_EXPERTS, generator=generator)[:TOP_K] for _ in range(tokens)])
+    if unrouted:
+        ids[::3] = NUM_EXPERTS
     hidden = torch.randn(tokens, hidden_size, generator=generator).bfloat16().requires_grad_()
     weights = torch.rand(tokens, TOP_K, generator=generator).bfloat16().requires_grad_()
     out = experts(hidden, ids, weights)
@@ -69,6 +77,9 @@ def _reason(backend: str, **step) -> Any:
 def _all_cases(rank: int, world: int) -> dict:
     emulated_deep_ep()
     results: dict = {}
+    for backend in ("alltoall", "deepep", "hybridep"):
+        results[("unrouted", backend)] = _outcome(lambda: _step(backend, unrouted=True))
+        results[("unequal", backend)] = _outcome(lambda: _step(backend, tokens=UNEQUAL_TOKENS[rank]))
     with mock.patch("socket.gethostname", return_value=f"host{rank}"), mock.patch.dict(os.environ):
         del os.environ["NUM_OF_HYBRID_EP_RANKS_PER_NVLINK_DOMAIN"]
         install_hybrid_ep_build(multinode=False)
@@ -85,6 +96,31 @@ def _all_cases(rank: int, world: int) -> dict:
 @cache
 def _results() -> list[dict]:
     return run_ranks(_all_cases, WORLD, timeout=600)
+
+
+def _assert_matches_alltoall(case: str, backend: str, results: dict) -> None:
+    mine, reference = results[(case, backend)], results[(case, "alltoall")]
+    assert isinstance(mine, dict) and mine["reason"] == backend, (case, backend, mine)
+    for name in ("out", "grad_hidden", "grad_weights", "grad_experts"):
+        got, want = mine[name], reference[name]
+        for g, w in zip(got, want) if isinstance(got, list) else [(got, want)]:
+            assert torch.isfinite(g).all(), (case, backend, name)
+            torch.testing.assert_close(g, w, rtol=0.02, atol=0.02, msg=f"{case} {backend} {name}")
+
+
+def test_rows_of_tokens_no_rank_receives_are_zero_on_every_backend() -> None:
+    for results in _results():
+        for backend in ("deepep", "hybridep"):
+            _assert_matches_alltoall("unrouted", backend, results)
+            step = results[("unrouted", backend)]
+            assert not step["out"][::3].any() and not step["grad_hidden"][::3].any(), backend
+            assert step["out"][1::3].any(), backend
+
+
+def test_unequal_token_counts_match_alltoall() -> None:
+    for results in _results():
+        for backend in ("deepep", "hybridep"):
+            _assert_matches_alltoall("unequal", backend, results)
 
 
 def test_hybridep_over_nvlink_domains_needs_the_multinode_build() -> None:

@@ -308,23 +308,19 @@ def _check_experts(cfg: Config, model: nn.Module, dims: ParallelDims) -> None:
         except ValueError as e:
             raise ConfigError(f"parallel.ep={dims.ep}: {e}; set parallel.ep=1") from None
     if cfg.moe.dispatcher != "alltoall" and cfg.moe.dispatcher_strict:
-        _check_dispatcher_available(cfg.moe.dispatcher)
+        _check_dispatcher_available(cfg.moe.dispatcher, dims.ep, blocks[0].experts)
 
 
-def _check_dispatcher_available(name: str) -> None:
+def _check_dispatcher_available(name: str, ep: int, experts: nn.Module) -> None:
     """A strict DeepEP / HybridEP dispatcher that cannot run here would fail in every worker."""
-    from moe.deep_ep_runtime import load_deep_ep
-    from moe.hybridep import buffer_class
+    from moe.dispatch import preflight
+    from moe.experts import expert_input_size
 
     try:
-        if name == "hybridep":
-            buffer_class()
-        else:
-            load_deep_ep()
+        preflight(name, ep, expert_input_size(experts))
     except RuntimeError as e:
         raise ConfigError(f"moe.dispatcher={name}: unavailable here ({e}) and moe.dispatcher_strict=true; "
-                          "install deep_ep on a CUDA machine, or set moe.dispatcher_strict=false to fall back "
-                          "to alltoall") from None
+                          "set moe.dispatcher_strict=false to fall back to alltoall") from None
 
 
 def _check_aux_loss(model: nn.Module, dims: ParallelDims) -> None:

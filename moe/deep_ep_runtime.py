@@ -1,6 +1,7 @@
-"""What the DeepEP and HybridEP backends share: loading `deep_ep`, one communication buffer per
-process and group, the table that carries layout handles across the op boundary, and the
-combine op both backends register.
+"""What the DeepEP and HybridEP backends share: loading `deep_ep`, what their start-up checks
+share (every rank's facts, the row size the kernels copy), one communication buffer per process
+and group, the table that carries layout handles across the op boundary, and the combine op both
+backends register.
 
 Handles cross the op boundary as ids: a dispatch op returns a small CPU int64 tensor naming a
 handle kept here, so the op's outputs are plain tensors that selective activation checkpointing
@@ -14,7 +15,6 @@ from __future__ import annotations
 
 import atexit
 import itertools
-import socket
 from collections.abc import Callable
 from functools import partial
 from typing import Any
@@ -37,15 +37,50 @@ def load_deep_ep() -> Any:
     return deep_ep
 
 
-def hosts_of(group: dist.ProcessGroup) -> list[str]:
-    """The host name of every rank of `group`, in group rank order (collective)."""
-    hosts: list = [None] * dist.get_world_size(group)
-    dist.all_gather_object(hosts, socket.gethostname(), group=group)
-    return hosts
+def gather_facts(group: dist.ProcessGroup, facts: Any) -> list[Any]:
+    """`facts` of every rank of `group`, in group rank order (collective).
+
+    The start-up checks decide on this list, the same on every rank, so no two ranks choose
+    different dispatchers (a split choice would hang the first dispatch).
+    """
+    gathered: list = [None] * dist.get_world_size(group)
+    dist.all_gather_object(gathered, facts, group=group)
+    return gathered
+
+
+def first_problem(problems: list[str | None]) -> str | None:
+    """The first rank's reason not to run, named by rank unless every rank has it."""
+    found = [(rank, problem) for rank, problem in enumerate(problems) if problem is not None]
+    if not found:
+        return None
+    rank, problem = found[0]
+    return problem if len(found) == len(problems) and len(set(problems)) == 1 else f"rank {rank}: {problem}"
+
+
+def host_block_size(hosts: list[str]) -> int | None:
+    """How many ranks each host holds when the group is one block of consecutive ranks per host,
+    all blocks the same size; None for any other placement."""
+    size = hosts.count(hosts[0])
+    blocks = [hosts[i:i + size] for i in range(0, len(hosts), size)]
+    if len(hosts) % size or any(len(set(block)) != 1 for block in blocks) or len({b[0] for b in blocks}) != len(blocks):
+        return None
+    return size
+
+
+# Both kernels move bfloat16 rows only (fp8 needs scales this harness does not produce), copied in
+# whole 16-byte units (int4 loads, TMA); upstream asserts that at the first dispatch.
+_ROW_BYTES_MULTIPLE = 16
+_BF16_BYTES = 2
+
+
+def row_size_problem(hidden_size: int) -> str | None:
+    if hidden_size * _BF16_BYTES % _ROW_BYTES_MULTIPLE:
+        return (f"hidden size {hidden_size} makes rows of {hidden_size * _BF16_BYTES} bytes; the kernels copy rows "
+                f"in {_ROW_BYTES_MULTIPLE}-byte units (a hidden size divisible by {_ROW_BYTES_MULTIPLE // _BF16_BYTES})")
+    return None
 
 
 def check_bf16(name: str, x: torch.Tensor) -> None:
-    # Both kernels move bfloat16 rows only (fp8 needs scales this harness does not produce).
     if x.dtype != torch.bfloat16:
         raise ValueError(f"moe.dispatcher={name}: the kernels move bfloat16 hidden states only, got {x.dtype}; "
                          "train in bf16 (CUDA mixed precision) or choose moe.dispatcher=alltoall")

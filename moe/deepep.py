@@ -6,29 +6,27 @@ dispatch is a combine along the dispatch's layout handle, and the backward of co
 dispatch along it. Every kernel runs on DeepEP's communication stream after the compute
 stream's work so far, and the compute stream waits for it before the outputs are used.
 
-The ops register whenever this module imports; the kernels need `deep_ep` (deepseek-ai/DeepEP)
-and CUDA, checked by `build`.
+The ops register whenever this module imports; the kernels need `deep_ep` (deepseek-ai/DeepEP),
+CUDA, and a group and GPUs they serve, which upstream asserts when the buffer is built at the
+first forward: `build` checks all of it at start instead (rules in moe/deepep_support.py).
 """
 
 from __future__ import annotations
 
 import inspect
-from collections import Counter
 from typing import Any
 
 import torch
 import torch.distributed as dist
 
-from moe.deep_ep_runtime import (check_bf16, define_combine, ensure_buffer, fake_handle_id, get_buffer,
-                                 get_handle, hosts_of, load_deep_ep, release_handle, release_unless_backward,
-                                 store_handle)
+from moe.deep_ep_runtime import (check_bf16, define_combine, ensure_buffer, fake_handle_id, gather_facts,
+                                 get_buffer, get_handle, load_deep_ep, release_handle, release_unless_backward,
+                                 row_size_problem, store_handle)
+from moe.deepep_support import group_problem, local_facts, pcie_problem
+from moe.gpu_probe import gpu_name
 from moe.routing import Routed, dense_routing, routed_ids
 
 _BACKEND = "deepep"
-# Intranode kernels: all ranks of the group on one NVLink host, in groups of these sizes.
-_INTRANODE_EP_SIZES = (2, 4, 8)
-# Internode kernels: NVLink within a host (NUM_MAX_NVL_PEERS in DeepEP), RDMA between hosts.
-_RANKS_PER_HOST_INTERNODE = 8
 
 
 def _wait(buffer: Any, kernel, *args, **kwargs) -> tuple:
@@ -141,30 +139,34 @@ class DeepEPDispatcher:
         return combined
 
 
-def _check_topology(buffer_cls: type, group: dist.ProcessGroup) -> None:
-    """RuntimeError unless DeepEP's kernels can serve this group's placement over hosts."""
-    world = dist.get_world_size(group)
-    hosts = hosts_of(group)
-    per_host = Counter(hosts)
-    if len(per_host) == 1:
-        if world not in _INTRANODE_EP_SIZES:
-            raise RuntimeError(f"EP size {world} unsupported on one host (intranode kernels: {_INTRANODE_EP_SIZES})")
-        return
-    # Upstream picks the intranode (NVLink IPC) path whenever the group has <= 8 ranks, which
-    # fails in Buffer() when those ranks sit on several hosts.
-    blocks = [hosts[i:i + _RANKS_PER_HOST_INTERNODE] for i in range(0, world, _RANKS_PER_HOST_INTERNODE)]
-    if world % _RANKS_PER_HOST_INTERNODE or any(len(set(block)) != 1 for block in blocks) \
-            or len({block[0] for block in blocks}) != len(blocks):
-        raise RuntimeError(f"EP group of {world} ranks spans {len(per_host)} hosts: DeepEP's internode kernels "
-                           f"need {_RANKS_PER_HOST_INTERNODE} consecutive ranks on each host")
+def _local_problem(world: int, hidden_size: int) -> str | None:
+    """What rules DeepEP out on this rank alone, without a process group."""
+    problem = row_size_problem(hidden_size)
+    if problem is not None:
+        return problem
     try:
-        buffer_cls.get_dispatch_config(world)
-    except AssertionError as exc:
-        raise RuntimeError(f"EP size {world} unsupported by DeepEP's internode kernels ({exc})") from exc
+        load_deep_ep().Buffer.get_dispatch_config(world)
+    except RuntimeError as exc:
+        return str(exc)
+    except AssertionError as exc:  # upstream's table of the group sizes its kernels are tuned for
+        return f"EP size {world} unsupported by DeepEP's kernels ({exc})"
+    return None
 
 
-def build(group: dist.ProcessGroup) -> DeepEPDispatcher:
+def preflight(ep: int, hidden_size: int) -> None:
+    """RuntimeError with the reason DeepEP cannot run `ep` ranks of this machine's GPUs, as far as
+    this process can tell before any process group exists."""
+    problem = _local_problem(ep, hidden_size) or pcie_problem(gpu_name(), ep)
+    if problem is not None:
+        raise RuntimeError(problem)
+
+
+def build(group: dist.ProcessGroup, hidden_size: int) -> DeepEPDispatcher:
+    """Collective: every rank reports its facts, and all take the same decision on them."""
+    facts = gather_facts(group, local_facts(_local_problem(dist.get_world_size(group), hidden_size)))
+    problem = group_problem(facts)
+    if problem is not None:
+        raise RuntimeError(problem)
     deep_ep = load_deep_ep()
-    _check_topology(deep_ep.Buffer, group)
     # `topk_idx_t`: the index dtype the build was compiled with (int64 unless configured otherwise).
     return DeepEPDispatcher(group, deep_ep.Buffer, getattr(deep_ep, "topk_idx_t", torch.int64))

@@ -20,7 +20,7 @@ from torch.distributed.tensor import Shard, distribute_tensor
 from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS
 
 from moe.dispatch import resolve_dispatcher
-from moe.experts import expert_param_names, local_experts_forward
+from moe.experts import expert_input_size, expert_param_names, local_experts_forward
 from moe.routing import Dispatcher
 
 logger = logging.getLogger(__name__)
@@ -74,7 +74,7 @@ def apply_expert_parallel(blocks: list[tuple[nn.Module, nn.Module | None]], ep_m
     ep = ep_mesh.size()
     for experts, _ in blocks:
         check_expert_parallel_support(experts, ep)
-    chosen, reason = resolve_dispatcher(dispatcher, strict, ep_mesh.get_group())
+    chosen, reason = resolve_dispatcher(dispatcher, strict, ep_mesh.get_group(), expert_input_size(blocks[0][0]))
     for experts, _ in blocks:
         for name in expert_param_names(experts):
             param = getattr(experts, name)

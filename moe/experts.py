@@ -24,6 +24,12 @@ def expert_param_names(experts: nn.Module) -> tuple[str, ...]:
     return names + tuple(f"{name}_bias" for name in names) if experts.has_bias else names
 
 
+def expert_input_size(experts: nn.Module) -> int:
+    """The width of the rows the experts take: what a dispatcher moves."""
+    up = getattr(experts, up_projection_name(experts))
+    return up.shape[1] if experts.is_transposed else up.shape[2]
+
+
 def _grouped_mm_works(x: torch.Tensor, weight: torch.Tensor) -> bool:
     if not hasattr(F, "grouped_mm") or x.shape[0] == 0:
         # An empty batch reaches the CPU kernel's backward with a zero-stride gradient it rejects.

@@ -123,6 +123,15 @@ def test_strict_dispatcher_that_cannot_run_here(tmp_path):
                          "--moe.dispatcher=deepep", "--moe.dispatcher_strict=true"), 2)
 
 
+@pytest.mark.parametrize("dispatcher", ["deepep", "hybridep"])
+def test_strict_dispatcher_with_rows_the_kernels_cannot_copy(tmp_path, dispatcher):
+    # Known from the model before any process group, with or without deep_ep: exit 2 under strict.
+    with pytest.raises(ConfigError, match=f"moe.dispatcher={dispatcher}: unavailable here \\(hidden size 60 makes "
+                                          "rows of 120 bytes; .*\\) and moe.dispatcher_strict=true"):
+        validate(_recipe(tmp_path, "--model.preset=qwen3_moe", "--model.overrides.hidden_size=60", "--parallel.ep=2",
+                         "--parallel.dp_shard=2", f"--moe.dispatcher={dispatcher}", "--moe.dispatcher_strict=true"), 2)
+
+
 def test_recipe_errors(tmp_path):
     with pytest.raises(ConfigError, match="--config .*no such file"):
         load_config(str(tmp_path / "missing.yaml"))

@@ -16,10 +16,7 @@ One spawn of 4 ranks runs every case (CPU is scarce), in bf16, the only dtype th
 
 from __future__ import annotations
 
-import os
-import sys
 from collections import Counter
-from contextlib import contextmanager
 from functools import partial
 from unittest import mock
 
@@ -31,35 +28,14 @@ from torch.distributed.tensor import DTensor
 from harness.loss import token_loss_sum
 from harness.model_parts import decoder_layers
 from harness.models import build_meta_model, load_config
+from tests.deep_ep_emulation import cuda_reported, emulated_deep_ep, ep_mesh
 from tests.moe_common import batch, canonical, parallelize_ep
 from tests.multiproc import run_ranks
 
-FAKE_DEEP_EP = os.path.join(os.path.dirname(__file__), "fake_deep_ep")
 WORLD = 4
 PRESETS = ("qwen3_moe", "deepseek_v3")
 BACKENDS = ("deepep", "hybridep")
 BUFFERS = {"deepep": "Buffer", "hybridep": "HybridEPBuffer"}
-
-
-def _emulated_deep_ep():
-    sys.path.insert(0, FAKE_DEEP_EP)
-    # Two NVLink domains of 2 ranks: at EP=4, HybridEP's local rank differs from the EP rank.
-    os.environ["NUM_OF_HYBRID_EP_RANKS_PER_NVLINK_DOMAIN"] = "2"
-    import deep_ep
-
-    assert deep_ep.__file__.startswith(FAKE_DEEP_EP), deep_ep.__file__
-    return deep_ep
-
-
-@contextmanager
-def _cuda_reported():
-    # The emulation runs its kernels on CPU: the backends' CUDA check is the one thing it cannot pass.
-    with mock.patch("torch.cuda.is_available", return_value=True):
-        yield
-
-
-def _ep_mesh(ep: int):
-    return init_device_mesh("cpu", (WORLD // ep, ep), mesh_dim_names=("dp", "ep"))["ep"]
 
 
 def _grads(modules) -> dict[str, torch.Tensor]:
@@ -70,10 +46,10 @@ def _grads(modules) -> dict[str, torch.Tensor]:
 def _step(deep_ep, preset: str, ep: int, backend: str, checkpointing: str | None) -> dict:
     """One forward and backward of this rank's rows; the buffer's kernel calls in each phase."""
     config = load_config(preset, None)
-    mesh = _ep_mesh(ep)
+    mesh = ep_mesh(ep, WORLD)
     inputs, labels = batch(config.vocab_size, rows=2 * ep)
     mine = slice(mesh.get_local_rank(), None, ep)
-    with _cuda_reported():
+    with cuda_reported():
         model = build_meta_model(config)
         experts = parallelize_ep(model, mesh, backend, checkpointing, torch.bfloat16)
     dispatcher = experts[0]._expert_parallel.dispatcher
@@ -108,7 +84,7 @@ def _pipeline(deep_ep, preset: str, backend: str) -> dict:
 
     buffer_cls = getattr(deep_ep, BUFFERS.get(backend, "Buffer"))
     created = buffer_cls.created
-    with _cuda_reported():
+    with cuda_reported():
         plan = pipeline_model(stage_builder(model), len(decoder_layers(model)), meshes["pp"],
                               schedule="Interleaved1F1B", n_microbatches=2, stages_per_rank=2, layers_per_stage=None,
                               parallelize_fn=partial(parallelize_ep, mesh=meshes["ep"], dispatcher=backend,
@@ -123,16 +99,16 @@ def _pipeline(deep_ep, preset: str, backend: str) -> dict:
 def _refusals(deep_ep) -> dict[str, str]:
     from moe.dispatch import resolve_dispatcher
 
-    mesh = _ep_mesh(2)
+    mesh = ep_mesh(2, WORLD)
     found = {}
-    with _cuda_reported():
-        dispatcher, _ = resolve_dispatcher("deepep", True, mesh.get_group())
+    with cuda_reported():
+        dispatcher, _ = resolve_dispatcher("deepep", True, mesh.get_group(), 64)
     try:
         dispatcher.dispatch(torch.randn(3, 64), torch.zeros(3, 2, dtype=torch.long), torch.ones(3, 2), 8)
     except ValueError as exc:
         found["fp32"] = str(exc)
-    with _cuda_reported(), mock.patch("socket.gethostname", return_value=f"host{dist.get_rank()}"):
-        found["hosts"] = resolve_dispatcher("deepep", False, mesh.get_group())[1]
+    with cuda_reported(), mock.patch("socket.gethostname", return_value=f"host{dist.get_rank()}"):
+        found["hosts"] = resolve_dispatcher("deepep", False, mesh.get_group(), 64)[1]
     return found
 
 
@@ -148,7 +124,7 @@ def _summary() -> list[str]:
 
 
 def _all_cases(rank: int, world: int) -> dict:
-    deep_ep = _emulated_deep_ep()
+    deep_ep = emulated_deep_ep()
     from moe.deep_ep_runtime import _HANDLES as handles
 
     results: dict = {"steps": {}, "pipeline": {}}
@@ -160,9 +136,9 @@ def _all_cases(rank: int, world: int) -> dict:
     results["control"] = _step(deep_ep, "qwen3_moe", 4, "deepep", "recompute_all")
     results["no_checkpointing"] = _step(deep_ep, "deepseek_v3", 4, "hybridep", None)
     results["handles_after_backward"] = len(handles)
-    with _cuda_reported():
+    with cuda_reported():
         model = build_meta_model(load_config("qwen3_moe", None))
-        parallelize_ep(model, _ep_mesh(4), "deepep", None, torch.bfloat16)
+        parallelize_ep(model, ep_mesh(4, WORLD), "deepep", None, torch.bfloat16)
     with torch.no_grad():
         model(batch(256, rows=1)[0])
     results["handles_after_no_grad"] = len(handles)

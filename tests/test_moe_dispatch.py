@@ -54,7 +54,7 @@ def _resolution(rank: int, world: int) -> dict:
     experts = apply_expert_parallel(ep_blocks(model), mesh, "deepep")
     deepep_lines = list(records.lines)
     records.lines.clear()
-    hybrid, hybrid_reason = resolve_dispatcher("hybridep", False, group)
+    hybrid, hybrid_reason = resolve_dispatcher("hybridep", False, group, 64)
 
     x = torch.randn(3 + rank, 4, dtype=torch.float64, requires_grad=True)
     splits = [1, 2 + rank] if rank else [2, 1]
@@ -67,8 +67,8 @@ def _resolution(rank: int, world: int) -> dict:
         deepep_lines=deepep_lines, experts=len(experts),
         dispatchers={type(m._expert_parallel.dispatcher).__name__ for m in experts},
         hybrid=(type(hybrid).__name__, hybrid_reason, list(records.lines)),
-        strict=_errors(lambda: resolve_dispatcher("deepep", True, group)),
-        unknown=_errors(lambda: resolve_dispatcher("nccl", False, group)),
+        strict=_errors(lambda: resolve_dispatcher("deepep", True, group, 64)),
+        unknown=_errors(lambda: resolve_dispatcher("nccl", False, group, 64)),
         indivisible=_errors(lambda: apply_expert_parallel(
             ep_blocks(build_meta_model(load_config("qwen3_moe", None, {"num_experts": 7}))), mesh)),
     )
@@ -95,7 +95,7 @@ def test_saved_op_names_exist() -> None:
 
 def test_unknown_dispatcher_is_a_value_error_before_any_group() -> None:
     with pytest.raises(ValueError, match="choose one of alltoall, deepep, hybridep"):
-        resolve_dispatcher("deep_ep", False, None)
+        resolve_dispatcher("deep_ep", False, None, 64)
 
 
 def test_backend_ops_resolve_with_fake_implementations() -> None:

@@ -3,6 +3,10 @@
     python -m tests.bench.ep_gpu_check [--out runs/ep_gpu_check.json] [--quick]
 
 For each dispatcher (alltoall, deepep, hybridep) at EP = every GPU (up to 8):
+- start-up checks: what DeepEP's and HybridEP's checks saw on this machine (hosts, GPU names and
+  which PCIe NVLink checks ran, NVLink domains and the HybridEP build) and what they decided;
+- contracts: the real kernels where the CPU emulation can only mimic upstream: tokens routed to
+  no expert (their combined rows and gradients must be zero) and a different token count per rank;
 - parity: one forward and backward of qwen3_moe and deepseek_v3 under selective AC, loss and
   every gradient against alltoall (the CPU tests show them bitwise equal with the emulation);
 - throughput: dispatch and combine alone on a synthetic batch, GB/s of hidden states received;
@@ -32,6 +36,7 @@ from tests.bench.results import write_results
 
 PRESETS = ("qwen3_moe", "deepseek_v3")
 GB = 1e9
+NOT_RUN = "no start-up check, kernel contract, parity or timing ran"
 
 
 def _skip_reason() -> str | None:
@@ -123,17 +128,93 @@ def _parity(preset: str) -> list[dict[str, Any]]:
     return rows
 
 
+def _shapes(quick: bool) -> tuple[int, int, int, int]:
+    """Tokens per rank, hidden size, experts and top-k of the synthetic batches."""
+    return (1024, 2048, 32, 4) if quick else (4096, 7168, 64, 8)
+
+
+def _startup_checks(quick: bool) -> list[dict[str, Any]]:
+    from moe import deepep_support, hybridep_support
+    from moe.deep_ep_runtime import gather_facts
+    from moe.dispatch import resolve_dispatcher
+
+    group = dist.group.WORLD
+    deepep_facts = gather_facts(group, deepep_support.local_facts(None))
+    hybridep_facts = gather_facts(group, hybridep_support.local_facts(None))
+    names = sorted({str(f.gpu_name) for f in deepep_facts})
+    if not any(deepep_support.is_pcie(name) for name in names):
+        nvlink = "not needed (no PCIe card)"
+    elif all(f.nvlink_peers is not None for f in deepep_facts):
+        nvlink = "ran (NVML)"
+    else:
+        nvlink = "could not run (NVML unavailable)"
+    setting = hybridep_facts[0].domain_size_setting
+    domains = f"{hybridep_support.DOMAIN_SIZE_VARIABLE}={setting}" if setting else "one per host"
+    builds = {{True: "yes", False: "no", None: "unknown"}[f.multinode_build] for f in hybridep_facts}
+    hidden = _shapes(quick)[1]
+    return [dict(check="start-up", dispatcher="deepep", hosts=len({f.host for f in deepep_facts}),
+                 facts=f"GPUs {', '.join(names)}; PCIe NVLink pair check {nvlink}",
+                 result=resolve_dispatcher("deepep", False, group, hidden)[1]),
+            dict(check="start-up", dispatcher="hybridep", hosts=len({f.host for f in hybridep_facts}),
+                 facts=f"NVLink domains {domains}; HYBRID_EP_MULTINODE build: {'/'.join(sorted(builds))}",
+                 result=resolve_dispatcher("hybridep", False, group, hidden)[1])]
+
+
+def _contracts(quick: bool) -> list[dict[str, Any]]:
+    """Dispatch and combine (with backward) of rows, against alltoall: every third token routed to
+    the padding id only, then a token count that differs per rank."""
+    from moe.dispatch import resolve_dispatcher
+
+    tokens, hidden, experts, top_k = _shapes(quick)
+    rank = dist.get_rank()
+    cases = {"unrouted tokens": tokens, "token count per rank": tokens - 8 * rank}
+    # A group of its own: HybridEP's buffer keeps the token count its group agreed on first.
+    group = dist.new_group(list(range(dist.get_world_size())))
+    results: dict[tuple[str, str], Any] = {}
+    for name in DISPATCHERS:
+        dispatcher, reason = resolve_dispatcher(name, False, group, hidden)
+        for case, count in cases.items():
+            if dispatcher.name != name:
+                results[(case, name)] = reason
+                continue
+            generator = torch.Generator(device="cuda").manual_seed(rank)
+            x = torch.randn(count, hidden, device="cuda", dtype=torch.bfloat16, generator=generator).requires_grad_()
+            weights, ids = torch.rand(count, experts, device="cuda", generator=generator).topk(top_k, dim=1)
+            if case == "unrouted tokens":
+                ids[::3] = experts
+            routed, handle = dispatcher.dispatch(x, ids, weights.to(x.dtype), experts)
+            combined = dispatcher.combine(routed.x, handle)
+            (combined.float() * torch.linspace(-1, 1, hidden, device="cuda")).sum().backward()
+            results[(case, name)] = (combined.detach(), x.grad)
+    rows = []
+    for (case, name), got in results.items():
+        if name == "alltoall":
+            continue
+        if isinstance(got, str):
+            rows.append(dict(check=f"contract: {case}", dispatcher=name, result=got))
+            continue
+        finite = all(bool(t.isfinite().all()) for t in got)
+        unrouted_zero = case != "unrouted tokens" or not any(bool(t[::3].any()) for t in got)
+        diff = max((g.float() - r.float()).abs().max().item() for g, r in zip(got, results[(case, "alltoall")]))
+        # Over every rank: the worst difference, and whether any rank saw bad rows.
+        worst = torch.tensor([diff, float(not (finite and unrouted_zero))], device="cuda")
+        dist.all_reduce(worst, op=dist.ReduceOp.MAX)
+        rows.append(dict(check=f"contract: {case}", dispatcher=name, max_diff=worst[0].item(),
+                         result="non-finite or unwritten rows" if worst[1].item() else "ok"))
+    return rows
+
+
 def _throughput(quick: bool) -> list[dict[str, Any]]:
     from moe.dispatch import resolve_dispatcher
 
-    tokens, hidden, experts, top_k = (1024, 2048, 32, 4) if quick else (4096, 7168, 64, 8)
+    tokens, hidden, experts, top_k = _shapes(quick)
     generator = torch.Generator(device="cuda").manual_seed(dist.get_rank())
     x = torch.randn(tokens, hidden, device="cuda", dtype=torch.bfloat16, generator=generator)
     weights, ids = torch.rand(tokens, experts, device="cuda", generator=generator).topk(top_k, dim=1)
     weights = weights.to(x.dtype)
     rows = []
     for name in DISPATCHERS:
-        dispatcher, reason = resolve_dispatcher(name, False, dist.group.WORLD)
+        dispatcher, reason = resolve_dispatcher(name, False, dist.group.WORLD, hidden)
         if dispatcher.name != name:
             rows.append(dict(check="throughput", dispatcher=name, result=reason))
             continue
@@ -185,7 +266,8 @@ def _worker(out: str, quick: bool) -> None:
     torch.cuda.set_device(local_rank)
     dist.init_process_group("nccl", device_id=torch.device("cuda", local_rank))
     rows = []
-    for section in ([lambda p=p: _parity(p) for p in PRESETS] + [lambda: _throughput(quick), lambda: _step_times(quick)]):
+    sections = [lambda: _startup_checks(quick), lambda: _contracts(quick)] + [lambda p=p: _parity(p) for p in PRESETS]
+    for section in sections + [lambda: _throughput(quick), lambda: _step_times(quick)]:
         try:
             rows += section()
         except Exception as exc:  # one failing section is a row, the others still run
@@ -200,7 +282,7 @@ def check_expert_parallel(quick: bool = False) -> list[dict[str, Any]]:
     """Runs the check under torchrun on every GPU (up to 8); its rows, or one saying why not."""
     reason = _skip_reason()
     if reason is not None:
-        return [dict(check="EP dispatchers over NCCL", result=f"skipped: {reason}")]
+        return [dict(check="EP dispatchers over NCCL", result=f"skipped: {reason} ({NOT_RUN})")]
     with tempfile.TemporaryDirectory() as tmp:
         out = os.path.join(tmp, "rows.json")
         command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={_world()}",
@@ -233,7 +315,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     reason = _skip_reason()
     if reason is not None:
-        print(f"ep_gpu_check: skipped ({reason})")
+        print(f"ep_gpu_check: skipped ({reason}; {NOT_RUN})")
         return 0
     rows = check_expert_parallel(args.quick)
     print_table(rows)

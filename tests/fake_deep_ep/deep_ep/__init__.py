@@ -6,13 +6,23 @@ tuples `dispatch` and `combine` return; top-k ids made local with -1 (weight 0) 
 other ranks; combine as an unweighted sum accumulated in fp32; cached-handle dispatch;
 HybridEP's dispatched probabilities over every expert of the NVLink domain (the columns of
 other ranks hold garbage: NaN here) and its cached dispatch that needs the expert count. Like
-the kernels it asserts bf16 rows, fp32 weights, `topk_idx_t` ids and contiguity. Each kernel
-call is counted in the class's `calls`.
+the kernels it asserts bf16 rows, fp32 weights, `topk_idx_t` ids, 16-byte rows and contiguity.
+Each kernel call is counted in the class's `calls`.
+
+Where upstream fails, so does the emulation: `Buffer` asserts one host (its intranode IPC
+buffers) and, on a GPU whose name says PCIE, at most 2 ranks (deep_ep's
+check_nvlink_connections; the NVLink query between the pair is not emulated).
+`HybridEPBuffer` asserts the same token count on every rank and, unless built with
+HYBRID_EP_MULTINODE=1 (read from the environment when a buffer is built: the emulation's build),
+a group within one NVLink domain: NUM_OF_HYBRID_EP_RANKS_PER_NVLINK_DOMAIN ranks when set, else
+those of one host (upstream's IPC detection). Its combine leaves the rows of tokens no rank
+received unwritten, as upstream's `torch::empty` output does: NaN here.
 """
 
 from __future__ import annotations
 
 import os
+import socket
 from collections import Counter
 from typing import Any
 
@@ -61,6 +71,18 @@ def _all_gather_rows(t: torch.Tensor, group: dist.ProcessGroup) -> list[torch.Te
     return _exchange([t] * dist.get_world_size(group), group)
 
 
+def _hosts(group: dist.ProcessGroup) -> list[str]:
+    hosts: list = [None] * group.size()
+    dist.all_gather_object(hosts, socket.gethostname(), group=group)
+    return hosts
+
+
+def _check_nvlink_connections(group: dist.ProcessGroup) -> None:
+    if "PCIE" in torch.cuda.get_device_name():
+        assert group.size() <= 2, "PCIe GPUs only have pairwise NVLink connections"
+        import pynvml  # noqa: F401  (upstream queries NVLink between the pair with it)
+
+
 def _check_rows(name: str, t: torch.Tensor, dtype: torch.dtype, rows: int | None = None) -> None:
     assert t.dim() == 2 and t.is_contiguous(), f"{name}: expected a contiguous 2-D tensor"
     assert t.dtype == dtype, f"{name}: expected {dtype}, got {t.dtype}"
@@ -79,6 +101,8 @@ class Buffer:
         assert group is not None and not low_latency_mode, "emulated: normal kernels on a process group only"
         self.group, self.rank, self.group_size = group, group.rank(), group.size()
         assert self.group_size in _INTRANODE_RANKS, "emulated: intranode kernels only"
+        _check_nvlink_connections(group)
+        assert len(set(_hosts(group))) == 1, "intranode IPC buffers cannot be opened on another host"
         assert num_nvl_bytes > 0
         self.num_nvl_bytes, self.num_rdma_bytes = num_nvl_bytes, num_rdma_bytes
         self.low_latency_mode, self.explicitly_destroy = low_latency_mode, explicitly_destroy
@@ -207,11 +231,15 @@ class HybridEPBuffer:
         assert not use_fp8, "emulated: bf16 only"
         self.group, self.rank, self.group_size = group, group.rank(), group.size()
         env_value = os.getenv("NUM_OF_HYBRID_EP_RANKS_PER_NVLINK_DOMAIN")
-        self.num_of_hybrid_ep_ranks_per_nvlink_domain = int(env_value) if env_value else self.group_size
+        hosts = _hosts(group)
+        detected = hosts.count(hosts[self.rank])
+        self.num_of_hybrid_ep_ranks_per_nvlink_domain = int(env_value) if env_value is not None else detected
         assert self.group_size % self.num_of_hybrid_ep_ranks_per_nvlink_domain == 0
         self.local_rank = self.rank % self.num_of_hybrid_ep_ranks_per_nvlink_domain
         self.node_rank = self.rank // self.num_of_hybrid_ep_ranks_per_nvlink_domain
         self.num_of_nodes = self.group_size // self.num_of_hybrid_ep_ranks_per_nvlink_domain
+        assert self.num_of_nodes == 1 or os.getenv("HYBRID_EP_MULTINODE") == "1", \
+            "Inter-node communication is not supported. Please rebuild with HYBRID_EP_MULTINODE flag"
         self.hidden_dim, self.num_local_experts = hidden_dim, num_local_experts
         self.max_num_of_tokens_per_rank = max_num_of_tokens_per_rank
         HybridEPBuffer.created += 1
@@ -230,6 +258,7 @@ class HybridEPBuffer:
         _check_rows("hidden", hidden, torch.bfloat16)
         tokens, hidden_dim = hidden.shape
         assert hidden_dim <= self.hidden_dim
+        assert hidden_dim * hidden.element_size() % 16 == 0, "TMA copies 16-byte units"
         if routing_map is not None:
             assert routing_map.dtype == torch.bool
             num_of_experts = routing_map.size(-1)
@@ -295,6 +324,8 @@ class HybridEPBuffer:
         combined = torch.zeros(tokens, hidden.shape[1])
         for r in range(self.group_size):
             combined.index_add_(0, s2d[:, r].ge(0).nonzero().view(-1), back[r].float())
+        unwritten = s2d.lt(0).all(1)  # tokens no rank received
+        combined[unwritten] = float("nan")
         combined_probs = None
         if probs is not None:
             _check_rows("probs", probs, torch.float32, rows)
@@ -306,4 +337,5 @@ class HybridEPBuffer:
                 node = r // self.num_of_hybrid_ep_ranks_per_nvlink_domain
                 columns = combined_probs[:, node * width:(node + 1) * width]
                 columns.index_add_(0, s2d[:, r].ge(0).nonzero().view(-1), back_probs[r])
+            combined_probs[unwritten] = float("nan")
         return combined.to(torch.bfloat16), combined_probs

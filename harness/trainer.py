@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import math
 import os
 import time
 from collections.abc import Callable
@@ -27,6 +28,7 @@ from harness.memory import peak_mib, state_mib
 from harness.metrics import MetricsLog, report_outputs
 from harness.model_parts import aux_loss_coefficient, decoder_layers, expert_count, moe_blocks
 from harness.models import build_meta_model, load_config as load_model_config, weight_source
+from harness.nonfinite import NonFiniteStep, TrainingStopped, nonfinite_line
 from harness.parallelize import parallelize
 from harness.plan import Plan, resolved_recipe
 from harness.preemption import PreemptionRequest
@@ -227,8 +229,9 @@ def agree_on_step(run: Run) -> None:
 def agree_after_backward(run: Run, loss: torch.Tensor, grad_norm: torch.Tensor,
                          preemption: PreemptionRequest | None) -> tuple[PendingStep, bool]:
     """The values of the step about to be applied, and whether any rank asked to stop after it:
-    one world all-reduce of this rank's loss share, the preemption flag and the expert counts,
-    and one read from the device (the step's one wait).
+    one world all-reduce of this rank's loss share, a flag for a non-finite gradient norm, the
+    preemption flag and the expert counts, and one read from the device (the step's one wait).
+    Raises NonFiniteStep when the loss or the gradient norm is not finite.
 
     The all-reduce has the same layout at every step: a ring all-reduce splits its buffer by the
     buffer's length, so summing several steps' losses in one buffer would make a step's float sum
@@ -237,19 +240,24 @@ def agree_after_backward(run: Run, loss: torch.Tensor, grad_norm: torch.Tensor,
     device = device_for_rank()
     asked = preemption is not None and preemption.requested
     counts = run.expert_load.take_counts().to(device) if run.expert_load is not None else torch.zeros(0, device=device)
+    flags = torch.stack([(~torch.isfinite(grad_norm)).float(), torch.tensor(float(asked), device=device)])
     # Ranks without the last pipeline stage contribute zero loss, so a world sum is the dp sum.
-    summed = torch.cat([loss.reshape(1), torch.tensor([float(asked)], device=device), counts])
+    summed = torch.cat([loss.reshape(1), flags, counts])
     dist.all_reduce(summed)
     host = torch.cat([summed, grad_norm.reshape(1).float(), run.loss_fn.global_tokens.reshape(1)]).tolist()
-    (global_loss, askers), expert_counts, (norm, tokens) = host[:2], host[2:-2], host[-2:]
-    pending = PendingStep(step=run.step + 1, lr=run.scheduler.get_last_lr()[0], tokens=int(tokens), loss=global_loss,
+    (global_loss, bad_norms, askers), expert_counts, (norm, tokens) = host[:3], host[3:-2], host[-2:]
+    step = run.step + 1
+    # Any rank's non-finite gradient norm counts, so every rank raises here, or none does.
+    if not math.isfinite(global_loss) or bad_norms > 0:
+        raise NonFiniteStep(step, global_loss, norm)
+    pending = PendingStep(step=step, lr=run.scheduler.get_last_lr()[0], tokens=int(tokens), loss=global_loss,
                           grad_norm=norm, expert_counts=expert_counts if run.expert_load is not None else None)
     return pending, askers > 0
 
 
 def run_step(run: Run, preemption: PreemptionRequest | None = None) -> tuple[PendingStep, bool]:
     """One optimizer step over the global batch, after `agree_on_step`; returns its values and
-    whether to stop after it (`agree_after_backward`)."""
+    whether to stop after it (`agree_after_backward`, which also refuses a non-finite step)."""
     cfg, device = run.cfg, device_for_rank()
     dp_rank, dp_size = dist.get_rank(run.dp_group), dist.get_world_size(run.dp_group)
     inputs, labels = run.sampler.local_batch(run.step, dp_rank, dp_size)
@@ -353,7 +361,7 @@ def train(cfg: Config, plan: Plan, preemption: PreemptionRequest | None = None) 
                      enabled=dist.get_rank() == 0, start_step=run.step, tensorboard_dir=cfg.logging.tensorboard_dir)
     rows: list[dict] = []
     pending: list[PendingStep] = []  # steps since the last logged one, written together
-    total = cfg.train.steps
+    first_step, total = run.step + 1, cfg.train.steps
     window_start = time.perf_counter()
     try:
         while run.step < total:
@@ -377,6 +385,12 @@ def train(cfg: Config, plan: Plan, preemption: PreemptionRequest | None = None) 
             if stop:
                 logger.info("preemption signal: stopped after step %d", step)
                 break
+    except NonFiniteStep as bad:
+        if pending:  # the steps before it were applied: their rows stay
+            _log_rows(log, metrics_rows(run, pending, _wait_for_device() - window_start))
+        newest = complete_checkpoints(folder.checkpoint_dir)
+        raise TrainingStopped(nonfinite_line(bad, newest[-1][1] if newest else None, first_step,
+                                             start.path if start is not None else None, cfg.model.path)) from None
     finally:
         log.close()
     if dist.get_rank() == 0:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import math
 import os
 import time
 from collections.abc import Callable
@@ -27,6 +28,7 @@ from harness.memory import peak_mib, state_mib
 from harness.metrics import MetricsLog, report_outputs
 from harness.model_parts import aux_loss_coefficient, decoder_layers, expert_count, moe_blocks
 from harness.models import build_meta_model, load_config as load_model_config, weight_source
+from harness.nonfinite import NonFiniteStep, TrainingStopped, nonfinite_line
 from harness.parallelize import parallelize
 from harness.plan import Plan, resolved_recipe
 from harness.preemption import PreemptionRequest
@@ -197,20 +199,20 @@ def _forward_backward(model: nn.Module, loss_fn: GlobalTokenLoss, aux_terms: int
 
 @dataclass
 class PendingStep:
-    """A finished step whose row still holds device tensors: reading them waits for the device,
-    so rows are read in one go on logging steps (`read_rows`)."""
+    """A finished step's values, on the host; rows are written in bursts on logging steps
+    (`metrics_rows`)."""
     step: int
     lr: float
-    tokens: torch.Tensor  # the step's global token count
-    loss: torch.Tensor  # this rank's share of the step's loss (zero off the last pipeline stage)
-    grad_norm: torch.Tensor
-    expert_counts: torch.Tensor | None  # this rank's routing decisions per expert
-    extra: dict = field(default_factory=dict)  # host values added to the row (evaluation)
+    tokens: int  # the step's global token count
+    loss: float
+    grad_norm: float
+    expert_counts: list[float] | None  # routing decisions per expert, summed over the world
+    extra: dict = field(default_factory=dict)  # values added to the row (evaluation)
 
 
-def agree_on_step(run: Run, preemption: PreemptionRequest | None = None) -> bool:
-    """Sets the loss divisor of the next step (its global token count) and returns whether any
-    rank asked to stop: one world all-reduce per step for both.
+def agree_on_step(run: Run) -> None:
+    """Sets the loss divisor of the next step: its global token count, from one world all-reduce
+    that nothing waits for.
 
     Every pipeline rank of a data-parallel group counts the same labels, so the world sum is pp
     times the data-parallel sum. The sum is float64 so the count is exact before it is cast.
@@ -219,16 +221,43 @@ def agree_on_step(run: Run, preemption: PreemptionRequest | None = None) -> bool
     pp = dist.get_world_size(run.pp_group) if run.pp_group is not None else 1
     assert dp_size * pp == dist.get_world_size(), "the world is pp x dp"
     _, labels = run.sampler.local_batch(run.step, dp_rank, dp_size)
+    tokens = torch.tensor([float(count_tokens(labels))], dtype=torch.float64, device=device_for_rank())
+    dist.all_reduce(tokens)
+    run.loss_fn.global_tokens = (tokens[0] / pp).float()
+
+
+def agree_after_backward(run: Run, loss: torch.Tensor, grad_norm: torch.Tensor,
+                         preemption: PreemptionRequest | None) -> tuple[PendingStep, bool]:
+    """The values of the step about to be applied, and whether any rank asked to stop after it:
+    one world all-reduce of this rank's loss share, a flag for a non-finite gradient norm, the
+    preemption flag and the expert counts, and one read from the device (the step's one wait).
+    Raises NonFiniteStep when the loss or the gradient norm is not finite.
+
+    The all-reduce has the same layout at every step: a ring all-reduce splits its buffer by the
+    buffer's length, so summing several steps' losses in one buffer would make a step's float sum
+    depend on the steps read with it, and so on where the run last resumed.
+    """
+    device = device_for_rank()
     asked = preemption is not None and preemption.requested
-    agreed = torch.tensor([float(count_tokens(labels)), float(asked)], dtype=torch.float64, device=device_for_rank())
-    dist.all_reduce(agreed)
-    run.loss_fn.global_tokens = (agreed[0] / pp).float()
-    return bool(agreed[1] > 0) if preemption is not None else False
+    counts = run.expert_load.take_counts().to(device) if run.expert_load is not None else torch.zeros(0, device=device)
+    flags = torch.stack([(~torch.isfinite(grad_norm)).float(), torch.tensor(float(asked), device=device)])
+    # Ranks without the last pipeline stage contribute zero loss, so a world sum is the dp sum.
+    summed = torch.cat([loss.reshape(1), flags, counts])
+    dist.all_reduce(summed)
+    host = torch.cat([summed, grad_norm.reshape(1).float(), run.loss_fn.global_tokens.reshape(1)]).tolist()
+    (global_loss, bad_norms, askers), expert_counts, (norm, tokens) = host[:3], host[3:-2], host[-2:]
+    step = run.step + 1
+    # Any rank's non-finite gradient norm counts, so every rank raises here, or none does.
+    if not math.isfinite(global_loss) or bad_norms > 0:
+        raise NonFiniteStep(step, global_loss, norm)
+    pending = PendingStep(step=step, lr=run.scheduler.get_last_lr()[0], tokens=int(tokens), loss=global_loss,
+                          grad_norm=norm, expert_counts=expert_counts if run.expert_load is not None else None)
+    return pending, askers > 0
 
 
-def run_step(run: Run) -> PendingStep:
-    """One optimizer step over the global batch, after `agree_on_step`; waits for the device only
-    where a collective or the optimizer does."""
+def run_step(run: Run, preemption: PreemptionRequest | None = None) -> tuple[PendingStep, bool]:
+    """One optimizer step over the global batch, after `agree_on_step`; returns its values and
+    whether to stop after it (`agree_after_backward`, which also refuses a non-finite step)."""
     cfg, device = run.cfg, device_for_rank()
     dp_rank, dp_size = dist.get_rank(run.dp_group), dist.get_world_size(run.dp_group)
     inputs, labels = run.sampler.local_batch(run.step, dp_rank, dp_size)
@@ -246,43 +275,29 @@ def run_step(run: Run) -> PendingStep:
         run.tied.sum_gradients()
     grad_norm = clip_grad_norm_(params, cfg.train.max_grad_norm, run.pp_group,
                                 uncounted=run.tied.uncounted if run.tied is not None else ())
-    lr = run.scheduler.get_last_lr()[0]
+    pending, stop = agree_after_backward(run, loss, grad_norm, preemption)
     run.optimizer.step()
     run.scheduler.step()
     if cfg.moe.bias_update_rate > 0:
         update_expert_bias(run.modules, cfg.moe.bias_update_rate, run.dp_group)
     run.optimizer.zero_grad(set_to_none=True)
     run.state.step += 1
-    return PendingStep(step=run.step, lr=lr, tokens=run.loss_fn.global_tokens, loss=loss, grad_norm=grad_norm,
-                       expert_counts=run.expert_load.take_counts() if run.expert_load is not None else None)
+    return pending, stop
 
 
-def read_rows(run: Run, pending: list[PendingStep], elapsed_s: float) -> list[dict]:
-    """The metrics rows of `pending` (every rank, the same steps): one world all-reduce of their
-    losses and expert counts, one read from the device. `elapsed_s`: wall time of those steps,
-    shared evenly, since the host ran ahead of the device between logging steps."""
-    device = device_for_rank()
-    # Ranks without the last pipeline stage contribute zero loss, so a world sum is the dp sum.
-    parts = [torch.stack([p.loss for p in pending])]
-    if pending[0].expert_counts is not None:
-        parts.append(torch.stack([p.expert_counts for p in pending]).flatten().to(device))
-    summed = torch.cat(parts)
-    dist.all_reduce(summed)
-    n = len(pending)
-    host = torch.cat([summed, torch.stack([p.tokens for p in pending]), torch.stack([p.grad_norm for p in pending])]).tolist()
-    losses, counts, tokens, norms = host[:n], host[n:len(summed)], host[-2 * n:-n], host[-n:]
+def metrics_rows(run: Run, pending: list[PendingStep], elapsed_s: float) -> list[dict]:
+    """The metrics rows of `pending`. `elapsed_s`: wall time of those steps, shared evenly."""
     params = run.optimizer.param_groups[0]["params"]
-    memory = {**state_mib(params, run.optimizer), "peak_mib": peak_mib(device)}
-    step_time = elapsed_s / n
+    memory = {**state_mib(params, run.optimizer), "peak_mib": peak_mib(device_for_rank())}
+    step_time = elapsed_s / len(pending)
     rows = []
-    for i, p in enumerate(pending):
-        tokens_per_s = tokens[i] / step_time
+    for p in pending:
+        tokens_per_s = p.tokens / step_time
         mfu = tokens_per_s / dist.get_world_size() * run.flops_per_token / run.peak_flops_per_rank
-        row = {"step": p.step, "loss": losses[i], "grad_norm": norms[i], "lr": p.lr, "tokens": int(tokens[i]),
+        row = {"step": p.step, "loss": p.loss, "grad_norm": p.grad_norm, "lr": p.lr, "tokens": p.tokens,
                "tokens_per_s": tokens_per_s, "step_time_s": step_time, "mfu": mfu, **memory}
-        if counts:
-            experts = len(counts) // n
-            row.update(expert_load_row(counts[i * experts:(i + 1) * experts]))
+        if p.expert_counts is not None:
+            row.update(expert_load_row(p.expert_counts))
         row.update(p.extra)
         rows.append(row)
     return rows
@@ -292,8 +307,8 @@ def train_step(run: Run) -> dict:
     """One optimizer step over the global batch, read back at once; returns its metrics row."""
     started = time.perf_counter()
     agree_on_step(run)
-    pending = run_step(run)
-    return read_rows(run, [pending], time.perf_counter() - started)[0]
+    pending, _ = run_step(run)
+    return metrics_rows(run, [pending], time.perf_counter() - started)[0]
 
 
 def _wait_for_device() -> float:
@@ -345,36 +360,37 @@ def train(cfg: Config, plan: Plan, preemption: PreemptionRequest | None = None) 
     log = MetricsLog(folder.metrics_file, cfg.train.steps, cfg.logging.log_every, cfg.logging.progress,
                      enabled=dist.get_rank() == 0, start_step=run.step, tensorboard_dir=cfg.logging.tensorboard_dir)
     rows: list[dict] = []
-    pending: list[PendingStep] = []  # steps since the last logged one, read back together
-    saved, stop, total = run.step, False, cfg.train.steps
+    pending: list[PendingStep] = []  # steps since the last logged one, written together
+    first_step, total = run.step + 1, cfg.train.steps
     window_start = time.perf_counter()
     try:
         while run.step < total:
-            stop = agree_on_step(run, preemption)
-            if stop:
-                break
-            pending.append(run_step(run))
+            agree_on_step(run)
+            done, stop = run_step(run, preemption)
+            pending.append(done)
             step = run.step
             evaluating = cfg.eval.every > 0 and (step % cfg.eval.every == 0 or step == total)
-            checkpointing = is_due(cfg.checkpoint.every, step, total)
+            checkpointing = stop or is_due(cfg.checkpoint.every, step, total)
             if evaluating or checkpointing or log.wants_row(step):
                 elapsed = _wait_for_device() - window_start
                 if evaluating:
                     pending[-1].extra.update(evaluate(run.modules[0], run.eval_sampler, cfg.eval.steps,
                                                       cfg.train.micro_batch_size, cfg.data.document_mask,
                                                       run.dp_group, device_for_rank()))
-                rows += _log_rows(log, read_rows(run, pending, elapsed))
+                rows += _log_rows(log, metrics_rows(run, pending, elapsed))
                 pending = []
                 if checkpointing:
                     checkpoint_run(run, folder.checkpoint_dir)
-                    saved = step
                 window_start = time.perf_counter()
-        if stop:
-            if pending:
-                rows += _log_rows(log, read_rows(run, pending, _wait_for_device() - window_start))
-            if run.step > saved:
-                checkpoint_run(run, folder.checkpoint_dir)
-            logger.info("preemption signal: stopped after step %d", run.step)
+            if stop:
+                logger.info("preemption signal: stopped after step %d", step)
+                break
+    except NonFiniteStep as bad:
+        if pending:  # the steps before it were applied: their rows stay
+            _log_rows(log, metrics_rows(run, pending, _wait_for_device() - window_start))
+        newest = complete_checkpoints(folder.checkpoint_dir)
+        raise TrainingStopped(nonfinite_line(bad, newest[-1][1] if newest else None, first_step,
+                                             start.path if start is not None else None, cfg.model.path)) from None
     finally:
         log.close()
     if dist.get_rank() == 0:

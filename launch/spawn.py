@@ -10,6 +10,7 @@ import sys
 from torch.distributed import run as torchrun_module
 from torch.distributed.elastic.multiprocessing.errors import ChildFailedError, ProcessFailure
 
+from harness.nonfinite import TrainingStopped
 from harness.run_folder import RunFolder
 
 # Flags that choose a rendezvous; without any of them the job is one node on localhost.
@@ -19,7 +20,7 @@ _RENDEZVOUS_FLAGS = ("--nnodes", "--rdzv-endpoint", "--rdzv_endpoint", "--rdzv-b
 
 def spawn_workers(config_args: list[str], torchrun: list[str], nproc_per_node: int, folder: RunFolder) -> int:
     """Runs `python -m launch <config_args>` on every rank; returns 0, or 1 after one line that
-    names the first failing rank, its message and its log."""
+    names the first failing rank, its message and its log (or why every rank stopped training)."""
     args = list(torchrun)
     if not any(a.split("=")[0] in ("--nproc-per-node", "--nproc_per_node") for a in args):
         args += ["--nproc-per-node", str(nproc_per_node)]
@@ -49,12 +50,16 @@ def _quiet_agent() -> None:
 
 
 def failure_line(error: ChildFailedError, folder: RunFolder) -> str:
-    """The first rank that raised (by its error file's time, then rank), else the first to die."""
+    """The first rank that raised (by its error file's time, then rank), else the first to die.
+    A `TrainingStopped` message is every rank's: it is the line, whole."""
     raised = {rank: f for rank, f in error.failures.items() if isinstance(f.message, dict)}
     if raised:
         rank = min(raised, key=lambda r: (raised[r].timestamp, r))
-        message = _first_line(raised[rank].message.get("message", ""))
-        return f"rank {rank} failed: {message} (full log: {folder.log_file(rank)})"
+        text = raised[rank].message.get("message", "")
+        stopped = text.removeprefix(f"{TrainingStopped.__name__}: ")
+        if stopped != text:
+            return stopped
+        return f"rank {rank} failed: {_first_line(text)} (full log: {folder.log_file(rank)})"
     rank, failure = error.get_first_failure()
     return f"rank {rank} {_how_it_ended(failure)} before reporting an error (no log written)"
 

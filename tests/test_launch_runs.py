@@ -1,7 +1,9 @@
 """Run folders end to end: a run, a worker failure reported in one line, the same command
-resuming, nothing left to train, and a foreign checkpoint refused before any worker starts.
+resuming, nothing left to train, a foreign checkpoint refused before any worker starts, and a
+non-finite loss (a diverging run, its resume, weights with a NaN) stopping the job in one line.
 
-Real launcher processes on a 2-rank gloo job; every later step reuses the first run's folder.
+Real launcher processes on a 2-rank gloo job; the run-folder tests reuse the first run's folder,
+the non-finite ones start their own.
 """
 
 from __future__ import annotations
@@ -15,9 +17,10 @@ from pathlib import Path
 import pytest
 import torch
 import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
 
 from harness.config import ConfigError, load_config
-from harness.models import load_config as load_model_config
+from harness.models import load_config as load_model_config, reference_model
 from harness.run_identity import IDENTITY_FILE, identity_file_text, run_identity
 from harness.validation import validate
 
@@ -44,6 +47,14 @@ def _snapshot(folder: Path) -> dict[str, bytes]:
 
 def _steps(metrics: Path) -> list[int]:
     return [json.loads(line)["step"] for line in metrics.read_text().splitlines()]
+
+
+def _one_error_line(done: subprocess.CompletedProcess) -> str:
+    assert done.returncode == 1, done.stderr[-3000:]
+    assert "Traceback" not in done.stderr, done.stderr[-3000:]
+    errors = [line for line in done.stderr.splitlines() if line.startswith("error")]
+    assert len(errors) == 1, done.stderr[-3000:]
+    return errors[0]
 
 
 @pytest.fixture(scope="module")
@@ -74,12 +85,10 @@ def test_worker_failure_is_one_line_then_the_same_command_resumes(first_run):
     blocker = folder / "checkpoints" / "step_0000003.tmp"
     blocker.write_text("in the way")
     failed = _launch(first_run, "--train.steps=3")
-    assert failed.returncode == 1
-    errors = [line for line in failed.stderr.splitlines() if line.startswith("error")]
     log = folder / "logs" / "rank_00000.log"
-    assert errors == [f"error: rank 0 failed: FileExistsError: [Errno 17] File exists: "
-                      f"'{blocker.relative_to(first_run)}' (full log: {log.relative_to(first_run)})"]
-    assert "Traceback" not in failed.stderr and "Traceback" in log.read_text()
+    assert _one_error_line(failed) == (f"error: rank 0 failed: FileExistsError: [Errno 17] File exists: "
+                                       f"'{blocker.relative_to(first_run)}' (full log: {log.relative_to(first_run)})")
+    assert "Traceback" in log.read_text()
     blocker.unlink()
 
     resumed = _launch(first_run, "--train.steps=3")
@@ -113,6 +122,48 @@ def test_another_model_in_the_same_folder_is_refused_before_any_worker(first_run
 
 def _newest(folder: Path) -> str:
     return sorted(p.name for p in (folder / "checkpoints").iterdir())[-1]
+
+
+def _checkpoints(cwd: Path) -> list[str]:
+    folder = cwd / "runs" / "tiny" / "checkpoints"
+    return sorted(p.name for p in folder.iterdir()) if folder.is_dir() else []
+
+
+# One step at this rate leaves weights whose next forward overflows.
+DIVERGING = ["--train.steps=6", "--checkpoint.every=1", "--train.lr=1e30"]
+
+
+def test_a_diverging_run_stops_in_one_line_and_keeps_the_last_good_checkpoint(tmp_path):
+    (tmp_path / "tiny.yaml").write_text(RECIPE)
+    assert _one_error_line(_launch(tmp_path, *DIVERGING)) == (
+        "error: step 2: loss is nan (grad_norm nan); training stopped without applying that step, the newest "
+        "checkpoint is runs/tiny/checkpoints/step_0000001: lower train.lr and run the same command to resume from it")
+    assert _checkpoints(tmp_path) == ["step_0000001"]
+    assert _steps(tmp_path / "runs" / "tiny" / "metrics.jsonl") == [1]
+    dcp_to_torch_save(tmp_path / "runs" / "tiny" / "checkpoints" / "step_0000001", tmp_path / "saved.pt")
+    saved = torch.load(tmp_path / "saved.pt", weights_only=False)
+    assert all(torch.isfinite(value).all() for value in saved["model"].values())
+
+    # The same command resumes that checkpoint, whose weights are finite but already too large
+    # for the next forward: the line says so, and nothing is saved over it.
+    assert _one_error_line(_launch(tmp_path, *DIVERGING)) == (
+        "error: step 2: loss is nan (grad_norm nan); training stopped without applying that step, the newest "
+        "checkpoint is runs/tiny/checkpoints/step_0000001: the weights of runs/tiny/checkpoints/step_0000001 "
+        "already give it; start from an earlier checkpoint (--checkpoint.resume_from=PATH) with a lower train.lr")
+    assert _checkpoints(tmp_path) == ["step_0000001"]
+
+
+def test_weights_with_a_nan_stop_the_first_step_in_one_line(tmp_path):
+    (tmp_path / "tiny.yaml").write_text(RECIPE)
+    model = reference_model(load_model_config("llama", None), seed=0)
+    with torch.no_grad():
+        model.model.layers[1].mlp.up_proj.weight[3, 5] = float("nan")
+    model.save_pretrained(tmp_path / "nan_llama")
+    done = _launch(tmp_path, f"--model.path={tmp_path / 'nan_llama'}")
+    assert _one_error_line(done) == (
+        "error: step 1: loss is nan (grad_norm nan); training stopped without applying that step, no checkpoint "
+        f"was saved: the weights at model.path={tmp_path / 'nan_llama'} already give it: check them")
+    assert _checkpoints(tmp_path) == []
 
 
 # Validation alone, on a checkpoint written in this process with a real run.json.

@@ -6,7 +6,8 @@ Three tables, on the llama preset widened to hidden 128 (0.66M parameters), seq 
 batch 8, one forward per step on each rank, one CPU thread per rank:
 
 - overhead: the harness's step (`build_run` and the training loop's steps on a 1-rank group:
-  the fused token/preemption all-reduce each step, rows read back on logging steps) against the one-process reference step of the tests
+  the token-count all-reduce before each step, the one of its metrics after its backward,
+  rows written on logging steps) against the one-process reference step of the tests
   (`tests.reference.reference_step`: forward, backward, clipping, AdamW) on the same HF model and
   batches, LR schedule included. Both run in one process, taking turns step by step, so load
   from other processes hits both alike.
@@ -37,7 +38,7 @@ from harness.memory import state_bytes
 from harness.models import load_config as load_model_config, reference_model
 from harness.schedule import lr_factor
 from harness.metrics import MetricsLog
-from harness.trainer import Run, agree_on_step, build_run, read_rows, run_step, train_step
+from harness.trainer import Run, agree_on_step, build_run, metrics_rows, run_step, train_step
 from harness.validation import validate
 from tests.multiproc import run_ranks
 from tests.reference import reference_optimizer, reference_step
@@ -125,9 +126,9 @@ def overhead(steps: int) -> dict[str, Any]:
                 reference.append(time.perf_counter() - start)
                 start = time.perf_counter()
                 agree_on_step(run)
-                pending.append(run_step(run))
-                if wants_row(run.step):  # the training loop's cadence: rows read back on logging steps
-                    read_rows(run, pending, time.perf_counter() - window_start)
+                pending.append(run_step(run)[0])
+                if wants_row(run.step):  # the training loop's cadence: rows written on logging steps
+                    metrics_rows(run, pending, time.perf_counter() - window_start)
                     pending, window_start = [], time.perf_counter()
                 harness.append(time.perf_counter() - start)
         finally:

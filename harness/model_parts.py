@@ -348,6 +348,15 @@ def moe_blocks(model: nn.Module) -> list[MoEBlock]:
     return blocks
 
 
+def tensor_parallel_parts(model: nn.Module) -> dict:
+    """What `parallel.tensor_parallel` shards, by its parameter names: the family's TP plan (names
+    relative to the base model), the base model, its decoder layers, embeddings, final norm and head."""
+    layers = decoder_layers(model)
+    return dict(family=model.config.model_type, plan=getattr(model.config, "base_model_tp_plan", None),
+                base=base_model(model), layers=list(layers.values() if isinstance(layers, nn.ModuleDict) else layers),
+                embeddings=embeddings(model), final_norm=final_norm(model), head=lm_head(model))
+
+
 def describe(module: nn.Module) -> str:
     """What a model or pipeline stage holds, e.g. 'embed_tokens, layers 0-1, norm, lm_head'."""
     parts = ["embed_tokens"] if embeddings(module) is not None else []

@@ -212,17 +212,18 @@ def agree_on_step(run: Run, preemption: PreemptionRequest | None = None) -> bool
     """Sets the loss divisor of the next step (its global token count) and returns whether any
     rank asked to stop: one world all-reduce per step for both.
 
-    Every pipeline rank of a data-parallel group counts the same labels, so the world sum is pp
-    times the data-parallel sum. The sum is float64 so the count is exact before it is cast.
+    Every pipeline and tensor-parallel rank of a data-parallel group counts the same labels, so
+    the world sum is pp x tp times the data-parallel sum. The sum is float64 so the count is exact
+    before it is cast.
     """
     dp_rank, dp_size = dist.get_rank(run.dp_group), dist.get_world_size(run.dp_group)
-    pp = dist.get_world_size(run.pp_group) if run.pp_group is not None else 1
-    assert dp_size * pp == dist.get_world_size(), "the world is pp x dp"
+    copies = run.plan.dims.pp * run.plan.dims.tp
+    assert dp_size * copies == dist.get_world_size(), "the world is pp x dp x tp"
     _, labels = run.sampler.local_batch(run.step, dp_rank, dp_size)
     asked = preemption is not None and preemption.requested
     agreed = torch.tensor([float(count_tokens(labels)), float(asked)], dtype=torch.float64, device=device_for_rank())
     dist.all_reduce(agreed)
-    run.loss_fn.global_tokens = (agreed[0] / pp).float()
+    run.loss_fn.global_tokens = (agreed[0] / copies).float()
     return bool(agreed[1] > 0) if preemption is not None else False
 
 
@@ -262,8 +263,9 @@ def read_rows(run: Run, pending: list[PendingStep], elapsed_s: float) -> list[di
     losses and expert counts, one read from the device. `elapsed_s`: wall time of those steps,
     shared evenly, since the host ran ahead of the device between logging steps."""
     device = device_for_rank()
-    # Ranks without the last pipeline stage contribute zero loss, so a world sum is the dp sum.
-    parts = [torch.stack([p.loss for p in pending])]
+    # Ranks without the last pipeline stage contribute zero loss, and the ranks of a tp group the
+    # same loss, so a world sum over tp is the dp sum.
+    parts = [torch.stack([p.loss for p in pending]) / run.plan.dims.tp]
     if pending[0].expert_counts is not None:
         parts.append(torch.stack([p.expert_counts for p in pending]).flatten().to(device))
     summed = torch.cat(parts)

@@ -26,7 +26,7 @@ def parallelize(module: nn.Module, *, cfg: Config, plan: Plan, meshes: ParallelM
                 weights: WeightSource, device: torch.device) -> None:
     layers = decoder_layers(module)
     if plan.dims.tp > 1:
-        apply_tensor_parallel(**tensor_parallel_parts(module), mesh=meshes.tp)
+        apply_tensor_parallel(tensor_parallel_parts(module), meshes.tp)
     expert_modules: list[nn.Module] = []
     moe_save_ops: tuple = ()
     if plan.dims.ep > 1 and expert_count(module.config):

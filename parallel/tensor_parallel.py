@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
@@ -38,6 +39,18 @@ _STYLES = {
     "replicated_with_grad_allreduce": lambda: SequenceParallel(sequence_dim=0, use_local_output=True),
 }
 SUPPORTED_STYLES = tuple(_STYLES)
+
+
+@dataclass(frozen=True)
+class TensorParallelParts:
+    """What tensor parallel shards, handed in by whoever knows the model's structure."""
+    family: str  # for messages
+    plan: dict[str, str] | None  # the family's TP plan: names relative to `base` -> style
+    base: nn.Module  # the base model (decoder stack)
+    layers: Sequence[nn.Module]  # its decoder layers
+    embeddings: nn.Module
+    final_norm: nn.Module
+    head: nn.Module
 
 
 class HiddenStatesInput(ParallelStyle):
@@ -77,11 +90,11 @@ def _owns_parameters(module: nn.Module) -> bool:
     return next(module.parameters(recurse=False), None) is not None
 
 
-def layer_styles(family: str, plan: dict[str, str] | None, base: nn.Module,
-                 layers: Sequence[nn.Module]) -> list[dict[str, ParallelStyle]]:
+def layer_styles(parts: TensorParallelParts) -> list[dict[str, ParallelStyle]]:
     """For each decoder layer, its sub-modules' styles by name relative to the layer. Raises
     ValueError (one line naming the family, and the style or module) for a plan this translation
-    cannot honour. `base` is the base model the plan's names are relative to; any device."""
+    cannot honour. Needs no process group; the model may be on the meta device."""
+    family, plan, base, layers = parts.family, parts.plan, parts.base, parts.layers
     if not plan:
         raise ValueError(f"{family}: transformers ships no tensor-parallel plan for it (config.base_model_tp_plan); "
                          "use parallel.tp=1")
@@ -137,12 +150,12 @@ def _layer_styles(family: str, layer: nn.Module, planned: dict[str, str]) -> dic
     return styles
 
 
-def apply_tensor_parallel(family: str, plan: dict[str, str] | None, base: nn.Module, layers: Sequence[nn.Module],
-                          embeddings: nn.Module, final_norm: nn.Module, head: nn.Module, mesh: DeviceMesh) -> None:
+def apply_tensor_parallel(parts: TensorParallelParts, mesh: DeviceMesh) -> None:
     """Shards the meta-device model over `mesh` (the tp view) in place; every parameter becomes
     a DTensor. A head tied to the embeddings stays tied (both are sharded along the vocabulary)."""
+    layers, embeddings, final_norm, head = parts.layers, parts.embeddings, parts.final_norm, parts.head
     tied = head.weight is embeddings.weight
-    per_layer = layer_styles(family, plan, base, layers)
+    per_layer = layer_styles(parts)
     parallelize_module(embeddings, mesh, RowwiseParallel(input_layouts=Replicate(), output_layouts=Replicate()))
     for index, (layer, styles) in enumerate(zip(layers, per_layer)):
         if index == 0:

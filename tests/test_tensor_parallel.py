@@ -12,7 +12,7 @@ from transformers import AutoConfig
 from harness.loss import token_loss_sum
 from harness.materialize import canonical_name
 from harness.model_parts import tensor_parallel_parts
-from harness.models import build_meta_model
+from harness.models import build_meta_model, load_config as load_model_config, reference_model
 from harness.trainer import build_run
 from harness.validation import validate
 from parallel.tensor_parallel import layer_styles
@@ -43,9 +43,12 @@ def _train_each(rank: int, world_size: int, cfgs: list) -> list:
 def test_layout_matches_single_process(tmp_path, world_size, layout):
     # Gemma 2 with tied embeddings: soft-capped attention and logits, a scaled embedding, four norms
     # per layer, and the head sharing the vocabulary-sharded embedding.
-    # Later steps of the families as the family matrix allows them (tests/family_matrix.compare);
-    # Llama's steps and parameters as every preset layout test does.
-    cfgs = [tiny_config(*layout), tiny_config(*layout, *_family_flags(tmp_path, "gemma2", tied=True)),
+    # Llama's weights are read from safetensors, each rank its tp x fsdp slices; the families'
+    # are the seeded init. Llama's steps and parameters are compared as every preset layout test
+    # does, later steps of the families as the family matrix allows them (family_matrix.compare).
+    reference_model(load_model_config("llama", None), seed=7).save_pretrained(tmp_path / "llama")
+    cfgs = [tiny_config(*layout, f"--model.path={tmp_path / 'llama'}"),
+            tiny_config(*layout, *_family_flags(tmp_path, "gemma2", tied=True)),
             tiny_config(*layout, *_family_flags(tmp_path, "cohere"))]
     results = run_ranks(_train_each, world_size, cfgs)
     assert_matches_reference([per_rank[0] for per_rank in results], reference_run(cfgs[0]))

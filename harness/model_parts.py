@@ -20,6 +20,7 @@ from torch import nn
 from transformers import PretrainedConfig
 
 from parallel.fsdp import layers_sharing_parameters
+from parallel.tensor_parallel import TensorParallelParts
 
 # Routed-expert counts, by the config field each family uses.
 _EXPERT_COUNT_FIELDS = ("num_experts", "num_local_experts", "n_routed_experts", "moe_num_experts")
@@ -346,6 +347,16 @@ def moe_blocks(model: nn.Module) -> list[MoEBlock]:
                            if isinstance(getattr(module, name, None), nn.Module)), None)
             blocks.append(MoEBlock(experts, router))
     return blocks
+
+
+def tensor_parallel_parts(model: nn.Module) -> TensorParallelParts:
+    """What tensor parallel shards: the family's TP plan (as transformers declares it, relative to
+    the base model) and the parts it names or that sequence and vocabulary parallel touch."""
+    layers = decoder_layers(model)
+    return TensorParallelParts(
+        family=model.config.model_type, plan=getattr(model.config, "base_model_tp_plan", None),
+        base=base_model(model), layers=list(layers.values() if isinstance(layers, nn.ModuleDict) else layers),
+        embeddings=embeddings(model), final_norm=final_norm(model), head=lm_head(model))
 
 
 def describe(module: nn.Module) -> str:

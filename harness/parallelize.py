@@ -1,5 +1,5 @@
 """The fixed order in which a model (or one pipeline stage of it) is parallelized:
-expert parallel -> activation checkpointing -> compile -> FSDP2 -> weights.
+tensor parallel -> expert parallel -> activation checkpointing -> compile -> FSDP2 -> weights.
 
 Runs on the meta-device model, so no rank ever holds more than its shards of the weights
 (plus one module's worth while filling them).
@@ -13,17 +13,20 @@ from torch import nn
 from harness.config import Config
 from harness.materialize import WeightSource, materialize
 from harness.plan import Plan
-from harness.model_parts import decoder_layers, expert_count, moe_blocks
+from harness.model_parts import decoder_layers, expert_count, moe_blocks, tensor_parallel_parts
 from parallel.ac_budget import apply_budget_plan
 from parallel.activation_checkpointing import apply_activation_checkpointing
 from parallel.compile import compile_layers, compile_unavailable_reason
 from parallel.fsdp import apply_fsdp, give_every_parameter_a_gradient
 from parallel.mesh import ParallelMeshes
+from parallel.tensor_parallel import apply_tensor_parallel
 
 
 def parallelize(module: nn.Module, *, cfg: Config, plan: Plan, meshes: ParallelMeshes,
                 weights: WeightSource, device: torch.device) -> None:
     layers = decoder_layers(module)
+    if plan.dims.tp > 1:
+        apply_tensor_parallel(tensor_parallel_parts(module), meshes.tp)
     expert_modules: list[nn.Module] = []
     moe_save_ops: tuple = ()
     if plan.dims.ep > 1 and expert_count(module.config):

@@ -214,16 +214,17 @@ def agree_on_step(run: Run) -> None:
     """Sets the loss divisor of the next step: its global token count, from one world all-reduce
     that nothing waits for.
 
-    Every pipeline rank of a data-parallel group counts the same labels, so the world sum is pp
-    times the data-parallel sum. The sum is float64 so the count is exact before it is cast.
+    Every pipeline and tensor-parallel rank of a data-parallel group counts the same labels, so
+    the world sum is pp x tp times the data-parallel sum. The sum is float64 so the count is exact
+    before it is cast.
     """
     dp_rank, dp_size = dist.get_rank(run.dp_group), dist.get_world_size(run.dp_group)
-    pp = dist.get_world_size(run.pp_group) if run.pp_group is not None else 1
-    assert dp_size * pp == dist.get_world_size(), "the world is pp x dp"
+    copies = run.plan.dims.pp * run.plan.dims.tp
+    assert dp_size * copies == dist.get_world_size(), "the world is pp x dp x tp"
     _, labels = run.sampler.local_batch(run.step, dp_rank, dp_size)
     tokens = torch.tensor([float(count_tokens(labels))], dtype=torch.float64, device=device_for_rank())
     dist.all_reduce(tokens)
-    run.loss_fn.global_tokens = (tokens[0] / pp).float()
+    run.loss_fn.global_tokens = (tokens[0] / copies).float()
 
 
 def agree_after_backward(run: Run, loss: torch.Tensor, grad_norm: torch.Tensor,
@@ -241,8 +242,9 @@ def agree_after_backward(run: Run, loss: torch.Tensor, grad_norm: torch.Tensor,
     asked = preemption is not None and preemption.requested
     counts = run.expert_load.take_counts().to(device) if run.expert_load is not None else torch.zeros(0, device=device)
     flags = torch.stack([(~torch.isfinite(grad_norm)).float(), torch.tensor(float(asked), device=device)])
-    # Ranks without the last pipeline stage contribute zero loss, so a world sum is the dp sum.
-    summed = torch.cat([loss.reshape(1), flags, counts])
+    # Ranks without the last pipeline stage contribute zero loss, and the ranks of a tp group the
+    # same loss, so a world sum of the loss over tp is the dp sum.
+    summed = torch.cat([loss.reshape(1) / run.plan.dims.tp, flags, counts])
     dist.all_reduce(summed)
     host = torch.cat([summed, grad_norm.reshape(1).float(), run.loss_fn.global_tokens.reshape(1)]).tolist()
     (global_loss, bad_norms, askers), expert_counts, (norm, tokens) = host[:3], host[3:-2], host[-2:]

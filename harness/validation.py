@@ -20,7 +20,7 @@ from harness.data_checks import check_corpus, check_data_config
 from harness.hf_checkpoint import check_readable
 from harness.loss import token_loss_sum
 from harness.model_parts import (check_pipeline_support, decoder_layers, expert_count, experts_per_token, moe_blocks,
-                                 router_aux_loss_function)
+                                 router_aux_loss_function, tensor_parallel_parts)
 from harness.models import build_meta_model, check_weights, error_reason, load_config as load_model_config
 from harness.plan import Plan
 from harness.run_folder import RunFolder, run_folder
@@ -30,6 +30,7 @@ from parallel.ac_budget import BudgetPlan, StepShape, choose_plan
 from parallel.fsdp import mixed_precision_policy
 from parallel.mesh import ParallelDims
 from parallel.pipeline import validate_pipeline
+from parallel.tensor_parallel import layer_styles
 
 
 def validate(cfg: Config, world_size: int) -> Plan:
@@ -58,6 +59,7 @@ def validate(cfg: Config, world_size: int) -> Plan:
         raise ConfigError(f"model: {e}") from None
     check_data_config(cfg, model_config, dims)
     _check_experts(cfg, model, dims)
+    _check_tensor_parallel(cfg, dims, model)
     pp_microbatches, stages_per_rank = 1, 1
     if dims.pp > 1:
         pp_microbatches = dims.pp if p.pp_microbatches is None else p.pp_microbatches
@@ -117,6 +119,32 @@ def _check_activation_checkpointing(cfg: Config, dims: ParallelDims, model: nn.M
         raise ConfigError(f"ac.budget_mib={budget:g}: too small for train.micro_batch_size={shape.rows} x "
                           f"train.seq_len={shape.seq_len}: {e}; raise ac.budget_mib or lower the micro batch "
                           "or sequence length") from None
+
+
+def _check_tensor_parallel(cfg: Config, dims: ParallelDims, model: nn.Module) -> None:
+    """What tensor parallel shards must split evenly over tp, the family's TP plan must be one it
+    honours, and the features not yet composed with it are refused."""
+    tp = dims.tp
+    if tp == 1:
+        return
+    unsupported = [(dims.pp > 1, f"parallel.pp={dims.pp}", "set parallel.pp=1"),
+                   (cfg.train.compile, "train.compile=true", "set train.compile=false"),
+                   (_ac_mode(cfg.ac.mode) == "budget", "ac.mode=budget", "use another ac.mode")]
+    for refused, what, fix in unsupported:
+        if refused:
+            raise ConfigError(f"parallel.tp={tp}: not supported with {what} yet; {fix} or parallel.tp=1")
+    config = model.config
+    for key in ("num_attention_heads", "num_key_value_heads", "vocab_size"):
+        value = getattr(config, key, None)
+        if isinstance(value, int) and value % tp:
+            raise ConfigError(f"parallel.tp={tp}: must divide the model's {key}={value}")
+    if cfg.train.seq_len % tp:
+        raise ConfigError(f"parallel.tp={tp}: must divide train.seq_len={cfg.train.seq_len} (sequence parallel "
+                          "splits each sequence over the tp ranks)")
+    try:
+        layer_styles(tensor_parallel_parts(model))
+    except ValueError as e:
+        raise ConfigError(f"parallel.tp={tp}: {e}") from None
 
 
 def _check_positive(cfg: Config) -> None:

@@ -68,6 +68,13 @@ _SAVE_TORCH_OPS = (
     "_c10d_functional.reduce_scatter_tensor.default",
     "_c10d_functional_autograd.all_to_all_single.default",
     "_c10d_functional_autograd.reduce_scatter_tensor.default",
+    # Tensor parallel's activation collectives (sequence parallel's all-gather before the
+    # column-parallel projections), so that recompute issues none. FSDP2's parameter all-gathers
+    # are c10d's own ops (`c10d._allgather_base_`, ignored below), never these: a rule on them
+    # would keep unsharded weights alive until backward.
+    "_c10d_functional.all_gather_into_tensor.default",
+    "_c10d_functional.all_reduce.default",
+    "_c10d_functional_autograd.all_gather_into_tensor.default",
 )
 # `aten.topk` is deliberately not saved, although TorchTitan saves it for routing stability:
 # HF routers (Qwen3-MoE, Mixtral) normalise the top-k values in place (`/=`), and SAC rejects a

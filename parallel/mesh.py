@@ -1,12 +1,14 @@
 """Parallel dimensions and the device meshes that serve them.
 
 World = pp x dp_replicate x dp_shard x cp x tp. Expert parallel is not a factor of the world:
-it borrows ranks from dp_shard x cp x tp, and experts are FSDP-sharded over the rest ("efsdp").
-One world mesh (pp, dp_replicate, fsdp) is built; the expert meshes unflatten its fsdp axis into
-(efsdp, ep) with ep innermost, so an expert group is a run of neighbouring ranks. The views:
+it borrows ranks from dp_shard x cp, and experts are FSDP-sharded over the rest ("efsdp").
+One world mesh (pp, dp_replicate, fsdp, tp) is built, tp innermost so that a tensor-parallel
+group is a run of neighbouring ranks (one node); the expert meshes unflatten its fsdp axis into
+(efsdp, ep) with ep innermost. The views:
 
-    dp     dp_replicate x fsdp     data loading and the loss
+    dp     dp_replicate x fsdp     data loading and the loss (the ranks of a tp group share a batch)
     fsdp   fsdp, or (dp_replicate, fsdp) for HSDP     FSDP2 of dense parameters
+    tp     tp                      tensor and sequence parallel
     ep     ep                      expert parallel
     efsdp  efsdp, or (dp_replicate, efsdp) for HSDP   FSDP2 of expert parameters
 """
@@ -35,10 +37,8 @@ class ParallelDims:
         for name in ("pp", "dp_replicate", "cp", "tp", "ep", "world_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"parallel.{name}={getattr(self, name)}: must be >= 1")
-        if self.cp != 1 or self.tp != 1:
-            bad = "cp" if self.cp != 1 else "tp"
-            raise ValueError(f"parallel.{bad}={getattr(self, bad)}: context and tensor parallel are "
-                             f"not supported yet; set parallel.{bad}=1")
+        if self.cp != 1:
+            raise ValueError(f"parallel.cp={self.cp}: context parallel is not supported yet; set parallel.cp=1")
         if self.dp_shard == -1:
             rest = self.pp * self.dp_replicate * self.cp * self.tp
             if self.world_size % rest:
@@ -52,9 +52,12 @@ class ParallelDims:
             raise ValueError(f"parallel: pp*dp_replicate*dp_shard*cp*tp = {self.pp}*{self.dp_replicate}*"
                              f"{self.dp_shard}*{self.cp}*{self.tp} = {product}, but the world size is "
                              f"{self.world_size}; make them equal (dp_shard=-1 fills the rest)")
-        borrowable = self.dp_shard * self.cp * self.tp
+        if self.ep > 1 and self.tp > 1:
+            raise ValueError(f"parallel.ep={self.ep} with parallel.tp={self.tp}: expert parallel under tensor "
+                             "parallel is not supported yet; set parallel.ep=1 or parallel.tp=1")
+        borrowable = self.dp_shard * self.cp
         if borrowable % self.ep:
-            raise ValueError(f"parallel.ep={self.ep}: must divide dp_shard*cp*tp={borrowable} "
+            raise ValueError(f"parallel.ep={self.ep}: must divide dp_shard*cp={borrowable} "
                              f"(expert parallel borrows those ranks)")
 
     @property
@@ -63,11 +66,11 @@ class ParallelDims:
 
     @property
     def efsdp(self) -> int:
-        return self.dp_shard * self.cp * self.tp // self.ep
+        return self.dp_shard * self.cp // self.ep
 
     def build_meshes(self, device_type: str) -> "ParallelMeshes":
-        world = init_device_mesh(device_type, (self.pp, self.dp_replicate, self.dp_shard),
-                                 mesh_dim_names=("pp", "dp_replicate", "fsdp"))
+        world = init_device_mesh(device_type, (self.pp, self.dp_replicate, self.dp_shard, self.tp),
+                                 mesh_dim_names=("pp", "dp_replicate", "fsdp", "tp"))
         hsdp = self.dp_replicate > 1
         # The axis by index: torch 2.11 rejects a name that is present (inverted check,
         # https://github.com/pytorch/pytorch/issues/176443).
@@ -77,22 +80,25 @@ class ParallelDims:
             pp=world["pp"],
             dp=world["dp_replicate", "fsdp"]._flatten("dp"),
             fsdp=world["dp_replicate", "fsdp"] if hsdp else world["fsdp"],
+            tp=world["tp"],
             ep=experts["ep"],
             efsdp=experts["dp_replicate", "efsdp"] if hsdp else experts["efsdp"],
         )
 
     def rank_groups(self) -> dict[str, list[list[int]]]:
         """The ranks of every group of each view, as build_meshes lays them out."""
-        grid = torch.arange(self.world_size).reshape(self.pp, self.dp_replicate, self.efsdp, self.ep)
+        grid = torch.arange(self.world_size).reshape(self.pp, self.dp_replicate, self.efsdp, self.ep, self.tp)
 
         def along(*dims: int) -> list[list[int]]:
-            rest = [d for d in range(4) if d not in dims]
+            rest = [d for d in range(grid.ndim) if d not in dims]
             return grid.permute(*rest, *dims).reshape(-1, math.prod(grid.shape[d] for d in dims)).tolist()
 
-        return {"pp": along(0), "dp": along(1, 2, 3), "fsdp": along(2, 3), "ep": along(3), "efsdp": along(2)}
+        return {"pp": along(0), "dp": along(1, 2, 3), "fsdp": along(2, 3), "tp": along(4), "ep": along(3),
+                "efsdp": along(2)}
 
     def describe(self) -> str:
-        axes = [f"{name}={getattr(self, name)}" for name in ("pp", "dp_replicate", "dp_shard", "ep")]
+        names = ("pp", "dp_replicate", "dp_shard", "tp", "ep") if self.tp > 1 else ("pp", "dp_replicate", "dp_shard", "ep")
+        axes = [f"{name}={getattr(self, name)}" for name in names]
         return " x ".join(axes) + f" (world {self.world_size}, efsdp={self.efsdp})"
 
 
@@ -102,5 +108,6 @@ class ParallelMeshes:
     pp: DeviceMesh
     dp: DeviceMesh
     fsdp: DeviceMesh
+    tp: DeviceMesh
     ep: DeviceMesh
     efsdp: DeviceMesh

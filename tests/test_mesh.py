@@ -7,7 +7,7 @@ from parallel.mesh import ParallelDims
 from tests.multiproc import run_ranks
 
 LAYOUTS = [dict(dp_shard=4), dict(pp=2, dp_shard=2, ep=2), dict(dp_replicate=2, dp_shard=2, ep=2),
-           dict(dp_shard=4, ep=2)]
+           dict(dp_shard=4, ep=2), dict(dp_shard=2, tp=2), dict(dp_replicate=2, tp=2, dp_shard=1)]
 
 
 def test_dp_shard_fills_the_world_and_ep_borrows_from_it():
@@ -15,13 +15,20 @@ def test_dp_shard_fills_the_world_and_ep_borrows_from_it():
     assert (dims.dp_shard, dims.dp, dims.efsdp) == (4, 4, 2)
 
 
+def test_tp_is_innermost_and_outside_data_parallel():
+    groups = ParallelDims(dp_shard=2, tp=2, world_size=4).rank_groups()
+    assert groups["tp"] == [[0, 1], [2, 3]]
+    assert groups["dp"] == [[0, 2], [1, 3]]  # the ranks of a tp group read the same batch
+
+
 @pytest.mark.parametrize("kwargs, message", [
     (dict(pp=0, world_size=2), "parallel.pp=0"),
     (dict(dp_shard=3, world_size=4), "world size is 4"),
     (dict(pp=3, world_size=4), "not divisible by pp*dp_replicate*cp*tp=3"),
-    (dict(dp_shard=2, ep=4, world_size=2), "parallel.ep=4: must divide dp_shard*cp*tp=2"),
+    (dict(dp_shard=2, ep=4, world_size=2), "parallel.ep=4: must divide dp_shard*cp=2"),
     (dict(dp_shard=-2, world_size=2), "parallel.dp_shard=-2"),
-    (dict(tp=2, dp_shard=1, world_size=2), "parallel.tp=2"),
+    (dict(tp=2, ep=2, dp_shard=2, world_size=4), "parallel.ep=2 with parallel.tp=2"),
+    (dict(cp=2, dp_shard=1, world_size=2), "parallel.cp=2"),
 ])
 def test_invalid_dims(kwargs, message):
     with pytest.raises(ValueError, match=message.replace("*", r"\*")):
@@ -33,7 +40,7 @@ def _groups_seen(rank: int, world_size: int) -> list[dict[str, list[int]]]:
     for layout in LAYOUTS:
         meshes = ParallelDims(world_size=world_size, **layout).build_meshes("cpu")
         views = {}
-        for name in ("pp", "dp", "fsdp", "ep", "efsdp"):
+        for name in ("pp", "dp", "fsdp", "tp", "ep", "efsdp"):
             mesh = getattr(meshes, name)
             # HSDP views are 2-D (replicate, shard): their last dimension is the shard group.
             group = mesh.get_group(mesh.ndim - 1)

@@ -1,0 +1,121 @@
+"""Tensor + sequence parallel against the one-process run (fp32, CPU, gloo), activation
+checkpointing under it, and the plans it refuses."""
+
+import os
+from collections import Counter
+
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from transformers import AutoConfig
+
+from harness.loss import token_loss_sum
+from harness.materialize import canonical_name
+from harness.model_parts import tensor_parallel_parts
+from harness.models import build_meta_model, load_config as load_model_config, reference_model
+from harness.trainer import build_run
+from harness.validation import validate
+from parallel.tensor_parallel import layer_styles
+from tests.families import hand_shrunk_config
+from tests.family_matrix import compare
+from tests.layout_run import assert_matches_reference, train_layout
+from tests.multiproc import run_ranks
+from tests.reference import reference_run, tiny_config
+
+
+def _family_flags(tmp_path, family: str, tied: bool = False) -> list[str]:
+    """A family's hand-shrunk config (non-neutral logit scale / soft-caps), saved for model.path."""
+    config = hand_shrunk_config(family)
+    config.tie_word_embeddings = tied
+    folder = os.path.join(tmp_path, family)
+    config.save_pretrained(folder)
+    return [f"--model.path={folder}/config.json"]
+
+
+def _train_each(rank: int, world_size: int, cfgs: list) -> list:
+    return [train_layout(rank, world_size, cfg) for cfg in cfgs]
+
+
+@pytest.mark.parametrize("world_size, layout", [
+    (2, ["--parallel.tp=2", "--parallel.dp_shard=1"]),
+    (4, ["--parallel.tp=2", "--parallel.dp_shard=2"]),
+], ids=["tp2", "tp2-fsdp2"])
+def test_layout_matches_single_process(tmp_path, world_size, layout):
+    # Gemma 2 with tied embeddings: soft-capped attention and logits, a scaled embedding, four norms
+    # per layer, and the head sharing the vocabulary-sharded embedding.
+    # Llama's weights are read from safetensors, each rank its tp x fsdp slices; the families'
+    # are the seeded init. Llama's steps and parameters are compared as every preset layout test
+    # does, later steps of the families as the family matrix allows them (family_matrix.compare).
+    reference_model(load_model_config("llama", None), seed=7).save_pretrained(tmp_path / "llama")
+    cfgs = [tiny_config(*layout, f"--model.path={tmp_path / 'llama'}"),
+            tiny_config(*layout, *_family_flags(tmp_path, "gemma2", tied=True)),
+            tiny_config(*layout, *_family_flags(tmp_path, "cohere"))]
+    results = run_ranks(_train_each, world_size, cfgs)
+    assert_matches_reference([per_rank[0] for per_rank in results], reference_run(cfgs[0]))
+    for index, cfg in enumerate(cfgs[1:], start=1):
+        reference = reference_run(cfg)
+        for per_rank in results:
+            assert compare(per_rank[index], reference) == "ok", cfg.model.path
+
+
+# DTensor's collectives (torch.ops._c10d_functional); FSDP2's and the loss's are c10d's own.
+_TP_COLLECTIVES = ("all_gather_into_tensor", "reduce_scatter_tensor", "all_reduce", "all_to_all_single")
+
+
+class CollectiveCounter(TorchDispatchMode):
+    def __init__(self) -> None:
+        super().__init__()
+        self.counts: Counter = Counter()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func.namespace == "_c10d_functional" and func.__name__.split(".")[0] in _TP_COLLECTIVES:
+            self.counts[func.__name__] += 1
+        return func(*args, **(kwargs or {}))
+
+
+def _step_under_each_ac_mode(rank: int, world_size: int, cfgs: dict) -> dict:
+    """Per AC mode: the loss, every gradient shard, and the TP collectives of forward and backward."""
+    out = {}
+    for mode, cfg in cfgs.items():
+        run = build_run(cfg, validate(cfg, world_size))
+        model = run.modules[0]
+        inputs, labels = run.sampler.local_batch(0, 0, 1)
+        forward, backward = CollectiveCounter(), CollectiveCounter()
+        with forward:
+            loss = token_loss_sum(model(input_ids=inputs, use_cache=False).logits, labels)
+        with backward:
+            loss.backward()
+        grads = {canonical_name(name): p.grad.to_local().clone() for name, p in model.named_parameters()}
+        out[mode] = (loss.detach(), grads, forward.counts, backward.counts)
+    return out
+
+
+def test_activation_checkpointing_is_bitwise_and_selective_recomputes_no_collective():
+    cfgs = {mode: tiny_config("--parallel.tp=2", "--parallel.dp_shard=1", f"--ac.mode={mode}")
+            for mode in ("none", "selective", "full")}
+    for per_mode in run_ranks(_step_under_each_ac_mode, 2, cfgs):
+        loss, grads, forward, backward = per_mode["none"]
+        assert sum(forward.values()) > 0 and sum(backward.values()) > 0, (forward, backward)
+        for mode in ("selective", "full"):
+            other_loss, other_grads, other_forward, other_backward = per_mode[mode]
+            assert torch.equal(loss, other_loss), mode
+            for name, grad in grads.items():
+                assert torch.equal(grad, other_grads[name]), (mode, name)
+            assert other_forward == forward, mode
+        # Full AC runs each layer's forward again in backward, collectives included; selective AC
+        # saved them, so its backward issues exactly the collectives of no AC.
+        assert sum(per_mode["full"][3].values()) > sum(backward.values()), (per_mode["full"][3], backward)
+        assert per_mode["selective"][3] == backward, (per_mode["selective"][3], backward)
+
+
+@pytest.mark.parametrize("family, fields, message", [
+    ("gpt2", {}, "gpt2: transformers ships no tensor-parallel plan"),
+    ("olmo2", {}, "'colwise_gather_output', which tensor parallel does not support"),
+    ("qwen3_moe", dict(num_experts=4, num_experts_per_tok=2), "holds parameters its TP plan does not place"),
+])
+def test_plans_it_cannot_honour_are_refused_in_one_line(family, fields, message):
+    config = AutoConfig.for_model(family, hidden_size=32, num_attention_heads=2, num_key_value_heads=2,
+                                  num_hidden_layers=1, intermediate_size=32, vocab_size=64, **fields)
+    with pytest.raises(ValueError, match=message) as error:
+        layer_styles(tensor_parallel_parts(build_meta_model(config)))
+    assert "\n" not in str(error.value) and str(error.value).endswith("use parallel.tp=1")

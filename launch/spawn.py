@@ -31,6 +31,9 @@ def spawn_workers(config_args: list[str], torchrun: list[str], nproc_per_node: i
     # workers); pass it on to the workers, which checkpoint and exit (see harness.preemption).
     signal.signal(signal.SIGUSR1, _forward_to_workers)
     _quiet_agent()
+    # torchrun prints a five-line banner when it sets this itself; each worker sets its own
+    # thread count (launch/worker.py), so the value only keeps OpenMP from oversubscribing meanwhile.
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
     try:
         torchrun_module.main([*args, "--module", "launch", *config_args])
     except SystemExit as e:

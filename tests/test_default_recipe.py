@@ -35,6 +35,7 @@ def test_summary_names_layout_and_the_deepep_fallback(default_run):
         assert expected in output, expected
     # Shown once by rank 0, not once per rank.
     assert output.count("deepep: not installed") <= 2  # the warning and the summary line
+    assert "OMP_NUM_THREADS" not in output  # torchrun's banner, when it picks the thread count itself
 
 
 def test_metrics_fields_are_present_and_finite(default_run):

@@ -5,9 +5,13 @@
 
 Each family's tiny config (tests/families.py: scalars away from neutral) trains a few steps on
 each layout; the losses, gradient norms and final parameters are compared with a plain
-one-process HF loop (tests/reference.py). A cell is `ok`, `refused: <the one-line reason
-validation gave>`, `mismatch: ...` or `error: ...`. Families of one layout share one process
-group, so the whole matrix costs one spawn per layout.
+one-process HF loop (tests/reference.py). The "load, ..." layouts start instead from a checkpoint:
+transformers' save_pretrained of the tiny model randomly initialised (the layout of the family's
+Hub checkpoints), loaded by `model.path`; step 1 is compared with `from_pretrained` and the same
+loop, and the run's checkpoint is exported and loaded back by `from_pretrained`, which must give
+the run's parameters. A cell is `ok`, `refused: <the one-line reason validation gave>`,
+`mismatch: ...` or `error: ...`. Families of one layout share one process group, so the whole
+matrix costs one spawn per layout.
 """
 
 from __future__ import annotations
@@ -19,8 +23,10 @@ import tempfile
 import traceback
 from typing import Any
 
+import torch
+
 from harness.config import Config, ConfigError
-from tests.families import decoder_only_families, probe_all, tiny_config as family_config
+from tests.families import decoder_only_families, probe_all, save_random_model, tiny_config as family_config
 from tests.layout_run import train_layout
 from tests.multiproc import run_ranks
 from tests.reference import reference_run, tiny_config
@@ -36,24 +42,41 @@ LAYOUTS: dict[str, tuple[int, list[str], bool]] = {
     "pp=2, HF aux loss": (2, ["--parallel.pp=2", "--parallel.dp_shard=1", "--parallel.pp_microbatches=2",
                               "--model.overrides.output_router_logits=true"], True),
 }
+# Layouts that start from a save_pretrained checkpoint: one step, then export.
+LOAD_LAYOUTS: dict[str, tuple[int, list[str], bool]] = {
+    "load, 1 process": (1, [], False),
+    "load, dp_shard=2": (2, ["--parallel.dp_shard=2"], False),
+    "load, pp=2": (2, ["--parallel.pp=2", "--parallel.dp_shard=1", "--parallel.pp_microbatches=2"], False),
+    "load, ep=2": (2, ["--parallel.dp_shard=2", "--parallel.ep=2"], True),
+}
+LAYOUTS.update(LOAD_LAYOUTS)
 
 
-def family_recipes(families: list[str], folder: str, flags: list[str]) -> dict[str, Config]:
-    """A recipe per family: its tiny config saved under `folder`, trained with `flags`."""
+def family_recipes(families: list[str], folder: str, flags: list[str], checkpoint: bool = False) -> dict[str, Config]:
+    """A recipe per family: its tiny config saved under `folder`, trained with `flags`; with
+    `checkpoint`, its save_pretrained checkpoint, for one step."""
     recipes = {}
     for family in families:
-        path = os.path.join(folder, family)
-        if not os.path.isfile(os.path.join(path, "config.json")):
-            family_config(family).save_pretrained(path)
-        recipes[family] = tiny_config(f"--model.path={path}/config.json", f"--run.dir={folder}/run_{family}", *flags)
+        if checkpoint:
+            path = os.path.join(folder, f"{family}_checkpoint")
+            if not os.path.isfile(os.path.join(path, "config.json")):
+                save_random_model(family, path)
+            source = [f"--model.path={path}", "--train.steps=1"]
+        else:
+            path = os.path.join(folder, family)
+            if not os.path.isfile(os.path.join(path, "config.json")):
+                family_config(family).save_pretrained(path)
+            source = [f"--model.path={path}/config.json"]
+        recipes[family] = tiny_config(*source, f"--run.dir={folder}/run_{family}", *flags)
     return recipes
 
 
-def _train_each(rank: int, world_size: int, recipes: dict[str, Config]) -> dict[str, Any]:
+def _train_each(rank: int, world_size: int, recipes: dict[str, Config], roots: dict[str, str]) -> dict[str, Any]:
+    """Each family's `train_layout`, and a checkpoint of its run under `roots[family]` where given."""
     out: dict[str, Any] = {}
     for family, cfg in recipes.items():
         try:
-            out[family] = ("ran", train_layout(rank, world_size, cfg))
+            out[family] = ("ran", train_layout(rank, world_size, cfg, roots.get(family)))
         except ConfigError as e:  # raised the same way on every rank, before any collective
             out[family] = ("refused", str(e))
         except Exception as e:  # a family's own forward failing fails alike on every rank
@@ -64,15 +87,43 @@ def _train_each(rank: int, world_size: int, recipes: dict[str, Config]) -> dict[
 def run_layout(layout: str, recipes: dict[str, Config]) -> dict[str, str]:
     """Cell per family for one layout (raises if a rank fails at run time)."""
     world, _, _ = LAYOUTS[layout]
-    per_rank = run_ranks(_train_each, world, recipes, timeout=900.0)
-    cells = {}
-    for family, cfg in recipes.items():
-        outcomes = [rank_out[family] for rank_out in per_rank]
-        if outcomes[0][0] != "ran":
-            cells[family] = f"{outcomes[0][0]}: {outcomes[0][1]}"
-            continue
-        cells[family] = compare(outcomes[0][1], reference_run(cfg))
+    with tempfile.TemporaryDirectory() as checkpoints:
+        roots = {family: os.path.join(checkpoints, family) for family in recipes} if layout in LOAD_LAYOUTS else {}
+        per_rank = run_ranks(_train_each, world, recipes, roots, timeout=900.0)
+        cells = {}
+        for family, cfg in recipes.items():
+            outcomes = [rank_out[family] for rank_out in per_rank]
+            if outcomes[0][0] != "ran":
+                cells[family] = f"{outcomes[0][0]}: {outcomes[0][1]}"
+                continue
+            cells[family] = compare(outcomes[0][1], reference_run(cfg))
+            if family in roots and cells[family] == "ok":
+                # Pipeline stages each return their own parameters.
+                params = {name: value for _, (_, _, stage) in outcomes for name, value in stage.items()}
+                cells[family] = export_round_trip(roots[family], params)
     return cells
+
+
+def export_round_trip(root: str, params: dict[str, torch.Tensor]) -> str:
+    """'ok' when the newest checkpoint under `root`, exported, loads with `from_pretrained` with
+    nothing missing or left over and holds `params` exactly; else 'mismatch: ...'."""
+    from transformers import AutoModelForCausalLM
+
+    from harness.export import export
+
+    with tempfile.TemporaryDirectory() as out:
+        export(root, out)
+        model, info = AutoModelForCausalLM.from_pretrained(out, local_files_only=True, dtype=torch.float32,
+                                                           output_loading_info=True)
+    unloaded = {kind: sorted(keys) for kind, keys in info.items() if keys}
+    if unloaded:
+        kind, keys = next(iter(unloaded.items()))
+        return f"mismatch: export -> from_pretrained: {len(keys)} {kind} (first: {keys[0]})"
+    state = model.state_dict()
+    differ = [name for name, value in params.items() if not torch.equal(state[name], value)]
+    if differ:
+        return f"mismatch: export -> from_pretrained: {len(differ)} tensors differ from the run's (first: {differ[0]})"
+    return "ok"
 
 
 def compare(result: tuple, reference: tuple) -> str:
@@ -125,7 +176,7 @@ def main(argv: list[str] | None = None) -> None:
             for start in range(0, len(chosen), GROUP_SIZE):
                 group = chosen[start:start + GROUP_SIZE]
                 try:
-                    cells = run_layout(layout, family_recipes(group, folder, flags))
+                    cells = run_layout(layout, family_recipes(group, folder, flags, layout in LOAD_LAYOUTS))
                 except Exception:
                     cells = {f: "error: " + traceback.format_exc().strip().splitlines()[-1][:160] for f in group}
                 for family, cell in cells.items():

@@ -170,6 +170,7 @@ class HFCheckpoint:
             names_by_tensor[id(param)].append(name)
         self.aliases = {name: names for names in names_by_tensor.values() for name in names}
         self.expected = {name: tuple(t.shape) for name, t in expected.items()}
+        self.floating = {name for name, t in expected.items() if t.is_floating_point()}
         self.buffer_init = SeededInit(model, seed=0)  # non-persistent buffers are computed, not random
         self.whole = WholeConversions()
 
@@ -196,7 +197,11 @@ class HFCheckpoint:
     def check(self) -> None:
         """Raises ValueError (one line) for missing tensors, wrong shapes, dtypes it cannot load and
         conversions that cannot make the model's tensors out of the checkpoint's."""
-        bad_dtype = next((k for k, e in self.entries.items() if e.dtype not in _FLOAT_DTYPES), None)
+        # Integer tensors of the model (DeepSeek-V4's token-to-expert table) load as they are; a
+        # floating-point one stored as anything else is quantized.
+        floating = [key for name, key in self.plain.items() if name in self.floating]
+        floating += [key for conversion in self.conversions for key in chain.from_iterable(conversion.keys.values())]
+        bad_dtype = next((k for k in floating if self.entries[k].dtype not in _FLOAT_DTYPES), None)
         if bad_dtype is not None:
             raise ValueError(f"tensor {bad_dtype} is stored as {self.entries[bad_dtype].dtype}; only "
                              f"{'/'.join(_FLOAT_DTYPES)} weights can be loaded (quantized checkpoints are not "

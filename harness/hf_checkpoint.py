@@ -31,7 +31,7 @@ from transformers.core_model_loading import (MergeModulelist, WeightConverter, W
                                              rename_source_key)
 
 from harness.checkpoint_conversion import Conversion, Region, WholeConversions
-from harness.init_weights import SeededInit, Target
+from harness.init_weights import Target, computed_buffers
 
 INDEX_FILE = "model.safetensors.index.json"
 # Floating-point storage types a float parameter can be cast from; others (int8/fp8 quantized
@@ -171,7 +171,7 @@ class HFCheckpoint:
         self.aliases = {name: names for names in names_by_tensor.values() for name in names}
         self.expected = {name: tuple(t.shape) for name, t in expected.items()}
         self.floating = {name for name, t in expected.items() if t.is_floating_point()}
-        self.buffer_init = SeededInit(model, seed=0)  # non-persistent buffers are computed, not random
+        self.computed = computed_buffers(model)  # non-persistent buffers are not in checkpoints
         self.whole = WholeConversions()
 
     def _source(self, name: str) -> str | None:
@@ -257,11 +257,10 @@ class HFCheckpoint:
                                  "again")
 
     def fill(self, module_name: str, module: nn.Module, targets: dict[str, Target]) -> None:
-        computed = {attr: t for attr, t in targets.items() if not t.persistent}
-        if computed:
-            self.buffer_init.fill(module_name, module, computed)
         for target in targets.values():
-            if target.persistent and target.local.numel():
+            if not target.persistent:
+                target.local.copy_(self.computed[target.name][target.region])
+            elif target.local.numel():
                 source = self._source(target.name)
                 assert source is not None, f"{target.name}: not in the checkpoint (check() should have said so)"
                 target.local.copy_(self._read(source, target.region))

@@ -105,25 +105,42 @@ def run_layout(layout: str, recipes: dict[str, Config]) -> dict[str, str]:
 
 
 def export_round_trip(root: str, params: dict[str, torch.Tensor]) -> str:
-    """'ok' when the newest checkpoint under `root`, exported, loads with `from_pretrained` with
-    nothing missing or left over and holds `params` exactly; else 'mismatch: ...'."""
-    from transformers import AutoModelForCausalLM
+    """'ok' when the newest checkpoint under `root`, exported, is what save_pretrained writes of
+    `params` (the run's parameters: the same keys, shapes and values) and loads with
+    `from_pretrained` with nothing missing or left over; else 'mismatch: ...'. The files are
+    compared, not what from_pretrained makes of them: its init may rewrite loaded values (Youtu's
+    zeroes the padding row of its tied embedding)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
 
     from harness.export import export
 
-    with tempfile.TemporaryDirectory() as out:
+    with tempfile.TemporaryDirectory() as out, tempfile.TemporaryDirectory() as saved:
         export(root, out)
-        model, info = AutoModelForCausalLM.from_pretrained(out, local_files_only=True, dtype=torch.float32,
-                                                           output_loading_info=True)
+        model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(out), dtype=torch.float32)
+        model.load_state_dict(params)
+        model.save_pretrained(saved)
+        exported, expected = folder_tensors(out), folder_tensors(saved)
+        _, info = AutoModelForCausalLM.from_pretrained(out, local_files_only=True, dtype=torch.float32,
+                                                       output_loading_info=True)
+    if exported.keys() != expected.keys():
+        return (f"mismatch: export writes {len(exported)} tensors, save_pretrained {len(expected)} (first differing: "
+                f"{sorted(exported.keys() ^ expected.keys())[0]})")
+    differ = [name for name, value in expected.items() if not torch.equal(exported[name], value)]
+    if differ:
+        return f"mismatch: export: {len(differ)} tensors differ from save_pretrained's (first: {differ[0]})"
     unloaded = {kind: sorted(keys) for kind, keys in info.items() if keys}
     if unloaded:
         kind, keys = next(iter(unloaded.items()))
         return f"mismatch: export -> from_pretrained: {len(keys)} {kind} (first: {keys[0]})"
-    state = model.state_dict()
-    differ = [name for name, value in params.items() if not torch.equal(state[name], value)]
-    if differ:
-        return f"mismatch: export -> from_pretrained: {len(differ)} tensors differ from the run's (first: {differ[0]})"
     return "ok"
+
+
+def folder_tensors(folder: str) -> dict[str, torch.Tensor]:
+    """Every tensor of a model directory's safetensors files, by name."""
+    from safetensors.torch import load_file
+
+    return {k: v for name in sorted(os.listdir(folder)) if name.endswith(".safetensors")
+            for k, v in load_file(os.path.join(folder, name)).items()}
 
 
 def compare(result: tuple, reference: tuple) -> str:

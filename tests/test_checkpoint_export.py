@@ -8,7 +8,6 @@ import json
 
 import pytest
 import torch
-from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
 from harness.config import Config
@@ -16,6 +15,7 @@ from harness.export import export, main as export_main
 from harness.trainer import build_run, checkpoint_run, train_step
 from harness.validation import validate
 from tests.families import save_random_model
+from tests.family_matrix import folder_tensors
 from tests.multiproc import run_ranks
 from tests.reference import reference_run, tiny_config
 
@@ -81,10 +81,6 @@ def _checkpoint_as_loaded(rank: int, world_size: int, cfg: Config, root: str) ->
     checkpoint_run(build_run(cfg, validate(cfg, world_size)), root)
 
 
-def _folder_tensors(folder) -> dict[str, torch.Tensor]:
-    return {k: v for path in sorted(folder.glob("*.safetensors")) for k, v in load_file(path).items()}
-
-
 @pytest.mark.parametrize("family", ["lara_mini", "param2moe", "inkling2_text", "ergo"])
 def test_export_writes_what_save_pretrained_writes(tmp_path, family):
     """A checkpoint of a run loaded from save_pretrained's output, exported before any step, is that
@@ -97,7 +93,7 @@ def test_export_writes_what_save_pretrained_writes(tmp_path, family):
     save_random_model(family, str(hub))
     run_ranks(_checkpoint_as_loaded, 1, tiny_config(f"--model.path={hub}"), root)
     export(root, str(out), max_shard_bytes=1)
-    expected, exported = _folder_tensors(hub), _folder_tensors(out)
+    expected, exported = folder_tensors(str(hub)), folder_tensors(str(out))
     assert exported.keys() == expected.keys()
     assert all(torch.equal(exported[k], v) for k, v in expected.items()), \
         [k for k, v in expected.items() if not torch.equal(exported[k], v)]

@@ -8,8 +8,8 @@ each layout; the losses, gradient norms and final parameters are compared with a
 one-process HF loop (tests/reference.py). The "load, ..." layouts start instead from a checkpoint:
 transformers' save_pretrained of the tiny model randomly initialised (the layout of the family's
 Hub checkpoints), loaded by `model.path`; step 1 is compared with `from_pretrained` and the same
-loop, and the run's checkpoint is exported and loaded back by `from_pretrained`, which must give
-the run's parameters. A cell is `ok`, `refused: <the one-line reason validation gave>`,
+loop, and the run's checkpoint, exported, must be what save_pretrained writes of the run's
+parameters and load with `from_pretrained`. A cell is `ok`, `refused: <the one-line reason validation gave>`,
 `mismatch: ...` or `error: ...`. Families of one layout share one process group, so the whole
 matrix costs one spawn per layout.
 """
@@ -218,9 +218,10 @@ Every decoder-only family that transformers {transformers.__version__} registers
 each layout, with torch {torch.__version__}: `python -m tests.family_matrix --markdown
 docs/family-matrix.md` (run by `make lock` on the versions it locks). A cell is `ok` (the
 layout's losses and gradient norms match a plain one-process HF loop: step 1 within 1e-5, later
-steps within 1e-4 / 1e-3 relative), or the one-line refusal validation gave before any process
-started; an empty cell is a layout for MoE models only. Families whose tiny config does not build
-are left out.
+steps within 1e-4 / 1e-3 relative; on a "load, ..." layout, from the family's save_pretrained
+checkpoint against `from_pretrained` at step 1, and the export of the run is what save_pretrained
+writes of its parameters), or the one-line refusal validation gave before any process started; an
+empty cell is a layout for MoE models only. Families whose tiny config does not build are left out.
 
 {table}
 """

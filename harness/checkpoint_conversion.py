@@ -9,9 +9,10 @@ the chain once on meta tensors, which names and sizes every tensor the chain mak
 reading any, and then reads a region of one of them:
 
 - through operations that move rows and columns without mixing them (`Split`, `Chunk`,
-  `MergeModulelist`, `Concatenate`, `Transpose`, and `Interleave` along the dimensions it leaves
-  alone) the region is traced back to the checkpoint, so a rank reads only the rows, columns
-  and experts it holds;
+  `MergeModulelist`, `Concatenate`, `Transpose`, `Interleave` along the dimensions it leaves
+  alone, and Inkling2-Loop's dequantization of an unquantized tensor, which hands it on) the
+  region is traced back to the checkpoint, so a rank reads only the rows, columns and experts it
+  holds;
 - a chain with any other operation (`PermuteForRope`, Inkling2's vocabulary unpadding, ...)
   needs its sources whole: they are read whole and converted by transformers' own operations,
   and the rank keeps the chain's other targets until it fills them (`WholeConversions`), so each
@@ -29,9 +30,9 @@ from collections.abc import Callable, Mapping, Sequence
 import torch
 from torch import nn
 from transformers.conversion_mapping import get_model_conversion_mapping
-from transformers.core_model_loading import (Chunk, Concatenate, ConversionOps, Interleave, MergeModulelist,
-                                             PrefixChange, Split, Transpose, WeightConverter, apply_converters,
-                                             dot_natural_key)
+from transformers.core_model_loading import (Chunk, Concatenate, ConversionOps, Inkling2LoopDequantizeExperts,
+                                             Interleave, MergeModulelist, PrefixChange, Split, Transpose,
+                                             WeightConverter, apply_converters, dot_natural_key)
 
 Region = tuple[slice, ...]
 # Regions wanted per key of a stage of the chain, per entry of that key's list of tensors.
@@ -51,7 +52,7 @@ class Conversion:
         self.keys = {pattern: keys[pattern] for pattern in converter.source_patterns if pattern in keys}
         self.target = target
         self._model = model
-        self.traced = all(type(op) in _TRACED for op in converter.operations)
+        self.traced = False  # whether every operation lets a region be traced back to the checkpoint
         # Why the chain does not run on these tensors: the operation and its one-line error.
         self.error: tuple[ConversionOps, str] | None = None
         stage = {pattern: [torch.empty(shapes[key], device="meta") for key in keys]
@@ -66,6 +67,7 @@ class Conversion:
                 return
             self._stages.append(_shapes(stage))
         self.outputs = {name: key for key, name in _model_names(stage, target).items()}
+        self.traced = all(_traceable(op, before) for op, before in zip(converter.operations, self._stages))
 
     def shape(self, name: str) -> torch.Size:
         (shape,) = self._stages[-1][self.outputs[name]]
@@ -152,6 +154,11 @@ def _model_names(stage: Mapping[str, list[torch.Tensor]], target: str) -> dict[s
 _TRACED = (Split, Chunk, MergeModulelist, Concatenate, Transpose, Interleave)
 
 
+def _traceable(op: ConversionOps, before: Shapes) -> bool:
+    # Inkling2-Loop's dequantization hands an unquantized tensor, its only input, on as it is.
+    return type(op) in _TRACED or (type(op) is Inkling2LoopDequantizeExperts and len(before) == 1)
+
+
 def _trace_back(op: ConversionOps, source_patterns: list[str], request: Request, before: Shapes,
                 after: Shapes) -> tuple[Request, Callable[[Tensors], Tensors]]:
     """The input regions of `op` that make `request` of its outputs, and how `op` makes them out
@@ -163,6 +170,8 @@ def _trace_back(op: ConversionOps, source_patterns: list[str], request: Request,
     if isinstance(op, Concatenate):
         return _trace_concatenate(op, source_patterns, key, region, before)
     ((source, (shape, *_)),) = before.items()  # the other operations take one tensor
+    if isinstance(op, Inkling2LoopDequantizeExperts):
+        return {source: {0: region}}, lambda t: {key: {0: t[source][0]}}
     if isinstance(op, (Split, Chunk)):  # the outputs are consecutive parts along `dim`
         dim = op.dim % len(shape)
         offset = 0

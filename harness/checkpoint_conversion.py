@@ -55,8 +55,8 @@ class Conversion:
         self.traced = False  # whether every operation lets a region be traced back to the checkpoint
         # Why the chain does not run on these tensors: the operation and its one-line error.
         self.error: tuple[ConversionOps, str] | None = None
-        stage = {pattern: [torch.empty(shapes[key], device="meta") for key in keys]
-                 for pattern, keys in self.keys.items()}
+        stage = {pattern: [torch.empty(shapes[key], device="meta") for key in pattern_keys]
+                 for pattern, pattern_keys in self.keys.items()}
         self._stages = [_shapes(stage)]
         self.outputs: dict[str, str] = {}  # model name -> key of the chain's last stage
         for op in converter.operations:
@@ -90,7 +90,7 @@ class Conversion:
 
     def convert_whole(self, read_key: ReadKey) -> dict[str, torch.Tensor]:
         """Every model tensor the chain makes, from its sources read whole, by transformers' operations."""
-        stage = {pattern: [read_key(key, None) for key in keys] for pattern, keys in self.keys.items()}
+        stage = {pattern: [read_key(key, None) for key in pattern_keys] for pattern, pattern_keys in self.keys.items()}
         for op in self.converter.operations:
             stage = _as_lists(op.convert(stage, **self._op_arguments()))
         return {name: stage[key][0] for key, name in _model_names(stage, self.target).items()}

@@ -1,7 +1,7 @@
 """Checkpoints whose tensors transformers converts on load (a fused projection split or chunked,
 a transposed router, interleaved experts, a padded LM head, per-expert tensors merged) load as
-`from_pretrained` loads them, reading only a rank's rows where the operation allows it; export
-writes them back as `save_pretrained` does."""
+`from_pretrained` loads them, reading only a rank's rows where the operation allows it (export
+writes them back: tests/test_checkpoint_export.py)."""
 
 from __future__ import annotations
 

@@ -6,8 +6,10 @@ process group and never holds the whole model: the tensors are grouped into shar
 most `max_shard_bytes`, and for each file DCP reads just that file's tensors, whole, out of
 every saved shard (FSDP, pipeline stages, expert-parallel experts), so the layout that wrote the
 checkpoint does not matter. Tensors are written in the layout `save_pretrained` writes
-(transformers' conversion mapping reversed: MoE experts one tensor per expert), as
-`model.safetensors`, or `model-0000i-of-0000n.safetensors` + `model.safetensors.index.json`.
+(transformers' conversion mapping reversed: MoE experts one tensor per expert, projections the
+family's checkpoints fuse joined back), as `model.safetensors`, or
+`model-0000i-of-0000n.safetensors` + `model.safetensors.index.json`; the tensors one reversed
+conversion joins go into one file together.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from transformers import AutoConfig, AutoModelForCausalLM
 from transformers.core_model_loading import revert_weight_conversion
 
 from harness.checkpoint import check_checkpoint, complete_checkpoints
+from harness.checkpoint_conversion import save_units
 from harness.hf_checkpoint import INDEX_FILE
 
 # transformers' own default is 50 GB; smaller files load and copy more easily.
@@ -56,7 +59,7 @@ def export(checkpoint: str, out_dir: str, max_shard_bytes: int = MAX_SHARD_BYTES
     # Tied parameters are written once, under their first name, as save_pretrained does.
     persistent = model.state_dict()
     tensors = {**dict(model.named_parameters()), **{n: b for n, b in model.named_buffers() if n in persistent}}
-    groups = _shard_groups(tensors, max_shard_bytes)
+    groups = _shard_groups(tensors, save_units(model, list(tensors)), max_shard_bytes)
     os.makedirs(out_dir, exist_ok=True)
     weight_map, total = {}, 0
     for i, group in enumerate(groups):
@@ -74,16 +77,16 @@ def export(checkpoint: str, out_dir: str, max_shard_bytes: int = MAX_SHARD_BYTES
     return checkpoint
 
 
-def _shard_groups(tensors: dict[str, torch.Tensor], max_bytes: int) -> list[list[str]]:
-    """Consecutive state-dict names packed into files of at most `max_bytes` (a bigger tensor alone)."""
+def _shard_groups(tensors: dict[str, torch.Tensor], units: list[list[str]], max_bytes: int) -> list[list[str]]:
+    """Consecutive units of state-dict names packed into files of at most `max_bytes` (a bigger unit alone)."""
     groups: list[list[str]] = [[]]
     size = 0
-    for name, tensor in tensors.items():
-        nbytes = tensor.numel() * tensor.element_size()
+    for unit in units:
+        nbytes = sum(tensors[name].numel() * tensors[name].element_size() for name in unit)
         if groups[-1] and size + nbytes > max_bytes:
             groups.append([])
             size = 0
-        groups[-1].append(name)
+        groups[-1].extend(unit)
         size += nbytes
     return groups
 

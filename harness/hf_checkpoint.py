@@ -1,13 +1,16 @@
 """Sharded reads of a local Hugging Face safetensors checkpoint.
 
 Each rank reads only the slices of the tensors it owns (`safe_open(...).get_slice`), one tensor
-at a time, with the file opened per read so no mapping outlives it. Checkpoint names go through
-transformers' own conversion mapping (`transformers.conversion_mapping`), so a Hub checkpoint
-that stores MoE experts one tensor per expert (`mlp.experts.3.gate_proj.weight`) loads into
-transformers 5's fused layout (`mlp.experts.gate_up_proj [E, 2I, H]`) as `from_pretrained` would,
-and a checkpoint already in the fused layout loads as it is. A fused tensor built by stacking
-per-expert tensors reads only the experts in the rank's slice of the expert dimension. A
-multimodal checkpoint's language-model tensors load into its text model (`language_model_key_mapping`).
+at a time, with the file opened per read so no mapping outlives it. Checkpoint names and tensors
+go through transformers' own conversion mapping (`transformers.conversion_mapping`), as
+`from_pretrained` applies it: renamings, and every converter's operations (harness/checkpoint_conversion.py),
+so a Hub checkpoint that stores MoE experts one tensor per expert (`mlp.experts.3.gate_proj.weight`)
+loads into transformers 5's fused layout (`mlp.experts.gate_up_proj [E, 2I, H]`), one that fuses
+projections (`linear_attn.in_proj`, `attention.query_key_value`) into the model's separate ones,
+and a checkpoint already in the model's layout as it is. Where the operations allow it (merge,
+concatenate, split, chunk, transpose, interleave) a rank reads only the rows and experts in its
+slice; other operations read their sources whole, once per rank (`whole_read_keys`). A multimodal
+checkpoint's language-model tensors load into its text model (`language_model_key_mapping`).
 """
 
 from __future__ import annotations
@@ -27,7 +30,8 @@ from transformers.conversion_mapping import get_model_conversion_mapping
 from transformers.core_model_loading import (MergeModulelist, WeightConverter, WeightRenaming, dot_natural_key,
                                              rename_source_key)
 
-from harness.init_weights import SeededInit, Target
+from harness.checkpoint_conversion import Conversion, Region, WholeConversions
+from harness.init_weights import Target, computed_buffers
 
 INDEX_FILE = "model.safetensors.index.json"
 # Floating-point storage types a float parameter can be cast from; others (int8/fp8 quantized
@@ -141,27 +145,39 @@ class HFCheckpoint:
         converters = [t for t in transforms if isinstance(t, WeightConverter)]
         expected = model.state_dict()
         self.plain: dict[str, str] = {}
-        # Fused targets: their converter and, per source pattern, checkpoint keys in natural order.
-        self.fused: dict[str, tuple[WeightConverter, dict[str, list[str]]]] = {}
+        # Per target transformers renames a converter's keys to: the converter and, per source
+        # pattern, its checkpoint keys in natural order.
+        collected: dict[str, tuple[WeightConverter, dict[str, list[str]]]] = {}
         for key in sorted(self.entries, key=dot_natural_key):
             target, pattern = rename_source_key(key, renamings, converters, model.base_model_prefix, expected)
+            if target not in expected and key in expected:  # as from_pretrained: a model name loads as it is
+                target, pattern = key, None
+            if target not in expected:
+                continue
             if pattern is None:
                 self.plain[target] = key
                 continue
             converter = next(c for c in converters if pattern in c.source_patterns)
-            self.fused.setdefault(target, (converter, defaultdict(list)))[1][pattern].append(key)
+            collected.setdefault(target, (converter, defaultdict(list)))[1][pattern].append(key)
+        shapes = {key: entry.shape for key, entry in self.entries.items()}
+        self.conversions = [Conversion(converter, keys, target, model, shapes)
+                            for target, (converter, keys) in collected.items()]
+        self.converted = {name: c for c in self.conversions for name in c.outputs}
+        self.family = model.config.model_type
         # Tied parameters are stored once (HF drops `lm_head.weight` under tie_word_embeddings).
         names_by_tensor = defaultdict(list)
         for name, param in model.named_parameters(remove_duplicate=False):
             names_by_tensor[id(param)].append(name)
         self.aliases = {name: names for names in names_by_tensor.values() for name in names}
         self.expected = {name: tuple(t.shape) for name, t in expected.items()}
-        self.buffer_init = SeededInit(model, seed=0)  # non-persistent buffers are computed, not random
+        self.floating = {name for name, t in expected.items() if t.is_floating_point()}
+        self.computed = computed_buffers(model)  # non-persistent buffers are not in checkpoints
+        self.whole = WholeConversions()
 
     def _source(self, name: str) -> str | None:
         """The name under which the checkpoint has `name` (itself, or a tied alias)."""
         for candidate in self.aliases.get(name, [name]):
-            if candidate in self.plain or candidate in self.fused:
+            if candidate in self.plain or candidate in self.converted:
                 return candidate
         return None
 
@@ -170,43 +186,58 @@ class HFCheckpoint:
         sources = {self._source(name) for name in self.expected} - {None}
         return {key for source in sources
                 for key in ([self.plain[source]] if source in self.plain
-                            else chain.from_iterable(self.fused[source][1].values()))}
+                            else chain.from_iterable(self.converted[source].keys.values()))}
+
+    def whole_read_keys(self) -> set[str]:
+        """The checkpoint keys read whole on every rank that holds a part of what they make: the
+        sources of conversions whose operations need them whole."""
+        return {key for conversion in self.conversions if not conversion.traced
+                for key in chain.from_iterable(conversion.keys.values())}
 
     def check(self) -> None:
-        """Raises ValueError (one line) for missing tensors, wrong shapes and dtypes it cannot load."""
-        bad_dtype = next((k for k, e in self.entries.items() if e.dtype not in _FLOAT_DTYPES), None)
+        """Raises ValueError (one line) for missing tensors, wrong shapes, dtypes it cannot load and
+        conversions that cannot make the model's tensors out of the checkpoint's."""
+        # Integer tensors of the model (DeepSeek-V4's token-to-expert table) load as they are; a
+        # floating-point one stored as anything else is quantized.
+        floating = [key for name, key in self.plain.items() if name in self.floating]
+        floating += [key for conversion in self.conversions for key in chain.from_iterable(conversion.keys.values())]
+        bad_dtype = next((k for k in floating if self.entries[k].dtype not in _FLOAT_DTYPES), None)
         if bad_dtype is not None:
             raise ValueError(f"tensor {bad_dtype} is stored as {self.entries[bad_dtype].dtype}; only "
                              f"{'/'.join(_FLOAT_DTYPES)} weights can be loaded (quantized checkpoints are not "
                              "supported): use an unquantized checkpoint")
+        for conversion in self.conversions:
+            self._check_experts(conversion)
+        # Before missing tensors: a conversion that fails makes none of its targets.
+        for conversion in self.conversions:
+            if conversion.error is not None:
+                op, reason = conversion.error
+                raise ValueError(f"tensor {conversion.target} cannot be built from the checkpoint's tensors ({reason}) "
+                                 f"by {self.family}'s {op!r} conversion; check that config.json (and "
+                                 "model.overrides) match these weights")
         missing = [name for name in self.expected if self._source(name) is None]
         if missing:
             raise ValueError(f"checkpoint is missing {len(missing)} of the model's {len(self.expected)} tensors "
                              f"(first: {missing[0]}); check that config.json belongs to these weights")
         for name, shape in self.expected.items():
-            if name in self.fused:
-                self._check_experts(name, shape)
-            try:
-                found = tuple(self._read(self._source(name), meta=True).shape)
-            except RuntimeError as e:  # the conversion's stack/cat of tensors that do not fit together
-                raise ValueError(f"tensor {name} cannot be built from the checkpoint's tensors "
-                                 f"({str(e).splitlines()[0]}); check that config.json (and model.overrides) match "
-                                 "these weights") from None
+            source = self._source(name)
+            found = tuple(self.entries[self.plain[source]].shape if source in self.plain
+                          else self.converted[source].shape(source))
             if found != shape:
                 raise ValueError(f"tensor {name} has shape {list(found)} in the checkpoint but the config gives "
                                  f"{list(shape)}; check that config.json (and model.overrides) match these weights")
 
-    def _check_experts(self, name: str, shape: tuple[int, ...]) -> None:
-        """Raises ValueError (one line) unless the per-expert tensors that `name` stacks are one for
-        each of its experts, all of one shape: `_read` takes an expert's position in the list for
-        its index, and the conversion's stack fails on tensors of different shapes."""
-        converter, keys_by_pattern = self.fused[name]
-        merge = converter.operations[0]
+    def _check_experts(self, conversion: Conversion) -> None:
+        """Raises ValueError (one line) unless the per-expert tensors that `conversion` stacks are
+        one for each of its experts, all of one shape: an expert's position in its list is its
+        index, and the stack fails on tensors of different shapes."""
+        merge = conversion.converter.operations[0]
         if not isinstance(merge, MergeModulelist):
             return
-        count = shape[merge.dim]
-        for pattern in converter.source_patterns:
-            keys = keys_by_pattern.get(pattern, [])
+        name = conversion.target
+        count = self.expected[name][merge.dim]
+        for pattern in conversion.converter.source_patterns:
+            keys = conversion.keys.get(pattern, [])
             present = {_split_expert_index(key)[1] for key in keys}
             missing = [i for i in range(count) if i not in present]
             if missing:
@@ -226,39 +257,24 @@ class HFCheckpoint:
                                  "again")
 
     def fill(self, module_name: str, module: nn.Module, targets: dict[str, Target]) -> None:
-        computed = {attr: t for attr, t in targets.items() if not t.persistent}
-        if computed:
-            self.buffer_init.fill(module_name, module, computed)
         for target in targets.values():
-            if target.persistent and target.local.numel():
+            if not target.persistent:
+                target.local.copy_(self.computed[target.name][target.region])
+            elif target.local.numel():
                 source = self._source(target.name)
                 assert source is not None, f"{target.name}: not in the checkpoint (check() should have said so)"
                 target.local.copy_(self._read(source, target.region))
 
-    def _read(self, name: str, region: tuple[slice, ...] | None = None, meta: bool = False) -> torch.Tensor:
-        """`region` of tensor `name` (all of it when None); `meta`: shape only, nothing read."""
+    def _read(self, name: str, region: Region) -> torch.Tensor:
         if name in self.plain:
-            return self._read_key(self.plain[name], region, meta)
-        converter, keys_by_pattern = self.fused[name]
-        operations = converter.operations
-        rest = region
-        if region is not None and isinstance(operations[0], MergeModulelist):
-            # The merged dimension indexes the per-expert list: read only the experts in the region.
-            dim = operations[0].dim
-            keys_by_pattern = {p: keys[region[dim]] for p, keys in keys_by_pattern.items()}
-            rest = region[:dim] + (slice(None),) + region[dim + 1:]
-        tensors = {p: [self._read_key(k, None, meta) for k in keys_by_pattern[p]]
-                   for p in converter.source_patterns if p in keys_by_pattern}
-        for op in operations:
-            tensors = op.convert(tensors, source_patterns=converter.source_patterns,
-                                 target_patterns=converter.target_patterns, full_layer_name=name)
-        (value,) = tensors.values()
-        return value if rest is None else value[rest]
+            return self._read_key(self.plain[name], region)
+        conversion = self.converted[name]
+        if conversion.traced:
+            return conversion.read(name, region, self._read_key)
+        return self.whole.read(conversion, name, region, self._read_key)
 
-    def _read_key(self, key: str, region: tuple[slice, ...] | None, meta: bool) -> torch.Tensor:
+    def _read_key(self, key: str, region: Region | None) -> torch.Tensor:
         entry = self.entries[key]
-        if meta:
-            return torch.empty(entry.shape, device="meta")
         with safe_open(entry.file, framework="pt") as f:
             if region is None or not entry.shape:
                 return f.get_tensor(key)

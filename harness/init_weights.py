@@ -1,15 +1,18 @@
 """Fresh weights for a seed, the same on every layout, without ever building the whole model.
 
 Each module is initialised by the model's own `_init_weights` (so every family keeps its
-initialisation: normal projections, unit norms, zero router biases, rotary frequencies), on
-full-size temporaries of that module's tensors alone, under a generator seeded from the seed and
-the module's canonical name. A rank then keeps the parts of each temporary that it owns. The
-random stream of a module therefore does not depend on which ranks hold it, how it is sharded or
-which pipeline stage it sits in, and the largest buffer is one module's tensors.
+initialisation: normal projections, unit norms, zero router biases), on full-size temporaries of
+that module's tensors alone, under a generator seeded from the seed and the module's canonical
+name. A rank then keeps the parts of each temporary that it owns. The random stream of a module
+therefore does not depend on which ranks hold it, how it is sharded or which pipeline stage it
+sits in, and the largest buffer is one module's tensors. Buffers outside the state dict (rotary
+frequencies, Falcon-H1's MuP vector) are computed, not drawn: once for the whole model, as
+transformers computes them (`computed_buffers`), for a fresh init and a checkpoint alike.
 """
 
 from __future__ import annotations
 
+import copy
 import hashlib
 from dataclasses import dataclass
 
@@ -42,6 +45,7 @@ class SeededInit:
         self.inits = {name: sub._init_weights for name, sub in model.named_modules() if isinstance(sub, PreTrainedModel)}
         assert "" in self.inits, "a transformers model"
         self.seed = seed
+        self.computed = computed_buffers(model)
 
     def _init_for(self, module_name: str):
         prefix = module_name
@@ -51,6 +55,12 @@ class SeededInit:
 
     def fill(self, module_name: str, module: nn.Module, targets: dict[str, Target]) -> None:
         """Initialises the module's tensors named in `targets` (its direct parameters and buffers)."""
+        for target in targets.values():
+            if not target.persistent:
+                target.local.copy_(self.computed[target.name][target.region])
+        targets = {attr: target for attr, target in targets.items() if target.persistent}
+        if not targets:
+            return
         originals = []
         for owner in module.modules():
             for store in (owner._parameters, owner._buffers):
@@ -69,6 +79,26 @@ class SeededInit:
         finally:
             for store, attr, original in originals:
                 store[attr] = original
+
+
+def computed_buffers(model: PreTrainedModel) -> dict[str, torch.Tensor]:
+    """The non-persistent buffers of `model` (meta is fine) by name (rotary inv_freq, Falcon-H1's
+    MuP vector), as `from_pretrained` computes them: transformers' `initialize_weights` over the
+    whole model, each module's init after its children's, so a buffer that an enclosing model's
+    init writes (FalconH1Model's, into every mixer) has that value. It runs on a copy whose other
+    tensors stay on the meta device."""
+    skeleton = copy.deepcopy(model)
+    names = []
+    # Every path to a module several layers share (Zamba's block) names its buffers.
+    for module_name, module in skeleton.named_modules(remove_duplicate=False):
+        module.__dict__.pop("_is_hf_initialized", None)  # set by from_config: the init would skip the module
+        for attr in module._non_persistent_buffers_set:
+            buffer = module._buffers.get(attr)
+            if buffer is not None:
+                module._buffers[attr] = torch.zeros(buffer.shape, dtype=buffer.dtype)
+                names.append(f"{module_name}.{attr}" if module_name else attr)
+    skeleton.initialize_weights()
+    return {name: skeleton.get_buffer(name) for name in names}
 
 
 def _stand_in(tensor: torch.Tensor, target: Target | None, as_parameter: bool) -> torch.Tensor:

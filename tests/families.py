@@ -78,6 +78,8 @@ FAMILY_FIELDS: dict[str, dict[str, Any]] = {
     "gemma3n_text": dict(layer_types=["sliding_attention", "full_attention"] * 2, num_kv_shared_layers=2,
                          hidden_size_per_layer_input=8, vocab_size_per_layer_input=VOCAB, laurel_rank=8,
                          altup_num_inputs=2, activation_sparsity_pattern=[0.95, 0.95, 0.0, 0.0]),
+    # The leading dense layers' MLP and the shared expert default to 32768 and 8192 wide.
+    "ergo": dict(first_dense_intermediate_size=96, shared_intermediate_size=32),
     # Full-attention layers get their own head_dim (global_head_dim, default 512) and k=v heads; the
     # last 2 layers reuse keys and values of the first 2 (one producer per layer type) and widen
     # their MLP; per-layer embeddings default to a 262144-row table; the MoE block runs beside the MLP.
@@ -95,6 +97,10 @@ FAMILY_FIELDS: dict[str, dict[str, Any]] = {
     # Per-layer attention comes as [[types], repeats] (not layer_types); a window shorter than the
     # sequence makes its local layers differ from its global ones.
     "gpt_neo": dict(attention_types=[[["global", "local"], 2]], window_size=8),
+    # Checkpoints pad the LM head's rows to vocab_size; the model keeps unpadded_vocab_size of them
+    # (default 200058 of 201024): every byte token keeps its logit, and the padding is there to drop.
+    "inkling2_loop_text": dict(vocab_size=VOCAB + 8, unpadded_vocab_size=VOCAB),
+    "inkling2_text": dict(vocab_size=VOCAB + 8, unpadded_vocab_size=VOCAB),
     # No default layer pattern (conv or attention per layer); one dense layer, then MoE.
     "lfm2_moe": dict(layer_types=["conv", "full_attention", "conv", "full_attention"], num_dense_layers=1,
                      routed_scaling_factor=1.5),
@@ -130,7 +136,7 @@ _NOT_DECODER_ONLY_TEXT = ("bart", "bert", "roberta", "electra", "xlm", "camember
                           "blenderbot", "prophetnet", "plbart", "mvp", "trocr", "whisper", "musicgen", "moshi",
                           "rembert", "roformer", "roc_bert", "xmod", "data2vec", "big_bird", "bigbird", "megatron",
                           "reformer", "xlnet", "git", "fuyu", "emu3", "mllama", "got_ocr2", "phi4_multimodal",
-                          "moss_transcribe", "ernie", "cpmant", "lara_mini", "gemma4_assistant",
+                          "moss_transcribe", "ernie", "cpmant", "gemma4_assistant",
                           "gemma4_unified_assistant")
 
 
@@ -166,6 +172,16 @@ def tiny_config(family: str, tied: bool | None = None) -> PretrainedConfig:
     if tied is not None:
         config.tie_word_embeddings = tied
     return config
+
+
+def save_random_model(family: str, path: str) -> None:
+    """transformers' own save_pretrained of the family's tiny model, randomly initialised: a
+    checkpoint in the layout the family's Hub checkpoints have (transformers' conversion mapping
+    reversed: experts one tensor each, projections fused as the family's checkpoints fuse them)."""
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(tiny_config(family)).save_pretrained(path)
 
 
 def _resized_patterns(config: PretrainedConfig, layers: int) -> dict[str, list]:

@@ -5,9 +5,13 @@
 
 Each family's tiny config (tests/families.py: scalars away from neutral) trains a few steps on
 each layout; the losses, gradient norms and final parameters are compared with a plain
-one-process HF loop (tests/reference.py). A cell is `ok`, `refused: <the one-line reason
-validation gave>`, `mismatch: ...` or `error: ...`. Families of one layout share one process
-group, so the whole matrix costs one spawn per layout.
+one-process HF loop (tests/reference.py). The "load, ..." layouts start instead from a checkpoint:
+transformers' save_pretrained of the tiny model randomly initialised (the layout of the family's
+Hub checkpoints), loaded by `model.path`; step 1 is compared with `from_pretrained` and the same
+loop, and the run's checkpoint, exported, must be what save_pretrained writes of the run's
+parameters and load with `from_pretrained`. A cell is `ok`, `refused: <the one-line reason validation gave>`,
+`mismatch: ...` or `error: ...`. Families of one layout share one process group, so the whole
+matrix costs one spawn per layout.
 """
 
 from __future__ import annotations
@@ -19,8 +23,10 @@ import tempfile
 import traceback
 from typing import Any
 
+import torch
+
 from harness.config import Config, ConfigError
-from tests.families import decoder_only_families, probe_all, tiny_config as family_config
+from tests.families import decoder_only_families, probe_all, save_random_model, tiny_config as family_config
 from tests.layout_run import train_layout
 from tests.multiproc import run_ranks
 from tests.reference import reference_run, tiny_config
@@ -37,24 +43,41 @@ LAYOUTS: dict[str, tuple[int, list[str], bool]] = {
     "pp=2, HF aux loss": (2, ["--parallel.pp=2", "--parallel.dp_shard=1", "--parallel.pp_microbatches=2",
                               "--model.overrides.output_router_logits=true"], True),
 }
+# Layouts that start from a save_pretrained checkpoint: one step, then export.
+LOAD_LAYOUTS: dict[str, tuple[int, list[str], bool]] = {
+    "load, 1 process": (1, [], False),
+    "load, dp_shard=2": (2, ["--parallel.dp_shard=2"], False),
+    "load, pp=2": (2, ["--parallel.pp=2", "--parallel.dp_shard=1", "--parallel.pp_microbatches=2"], False),
+    "load, ep=2": (2, ["--parallel.dp_shard=2", "--parallel.ep=2"], True),
+}
+LAYOUTS.update(LOAD_LAYOUTS)
 
 
-def family_recipes(families: list[str], folder: str, flags: list[str]) -> dict[str, Config]:
-    """A recipe per family: its tiny config saved under `folder`, trained with `flags`."""
+def family_recipes(families: list[str], folder: str, flags: list[str], checkpoint: bool = False) -> dict[str, Config]:
+    """A recipe per family: its tiny config saved under `folder`, trained with `flags`; with
+    `checkpoint`, its save_pretrained checkpoint, for one step."""
     recipes = {}
     for family in families:
-        path = os.path.join(folder, family)
-        if not os.path.isfile(os.path.join(path, "config.json")):
-            family_config(family).save_pretrained(path)
-        recipes[family] = tiny_config(f"--model.path={path}/config.json", f"--run.dir={folder}/run_{family}", *flags)
+        if checkpoint:
+            path = os.path.join(folder, f"{family}_checkpoint")
+            if not os.path.isfile(os.path.join(path, "config.json")):
+                save_random_model(family, path)
+            source = [f"--model.path={path}", "--train.steps=1"]
+        else:
+            path = os.path.join(folder, family)
+            if not os.path.isfile(os.path.join(path, "config.json")):
+                family_config(family).save_pretrained(path)
+            source = [f"--model.path={path}/config.json"]
+        recipes[family] = tiny_config(*source, f"--run.dir={folder}/run_{family}", *flags)
     return recipes
 
 
-def _train_each(rank: int, world_size: int, recipes: dict[str, Config]) -> dict[str, Any]:
+def _train_each(rank: int, world_size: int, recipes: dict[str, Config], roots: dict[str, str]) -> dict[str, Any]:
+    """Each family's `train_layout`, and a checkpoint of its run under `roots[family]` where given."""
     out: dict[str, Any] = {}
     for family, cfg in recipes.items():
         try:
-            out[family] = ("ran", train_layout(rank, world_size, cfg))
+            out[family] = ("ran", train_layout(rank, world_size, cfg, roots.get(family)))
         except ConfigError as e:  # raised the same way on every rank, before any collective
             out[family] = ("refused", str(e))
         except Exception as e:  # a family's own forward failing fails alike on every rank
@@ -65,15 +88,60 @@ def _train_each(rank: int, world_size: int, recipes: dict[str, Config]) -> dict[
 def run_layout(layout: str, recipes: dict[str, Config]) -> dict[str, str]:
     """Cell per family for one layout (raises if a rank fails at run time)."""
     world, _, _ = LAYOUTS[layout]
-    per_rank = run_ranks(_train_each, world, recipes, timeout=900.0)
-    cells = {}
-    for family, cfg in recipes.items():
-        outcomes = [rank_out[family] for rank_out in per_rank]
-        if outcomes[0][0] != "ran":
-            cells[family] = f"{outcomes[0][0]}: {outcomes[0][1]}"
-            continue
-        cells[family] = compare(outcomes[0][1], reference_run(cfg))
+    with tempfile.TemporaryDirectory() as checkpoints:
+        roots = {family: os.path.join(checkpoints, family) for family in recipes} if layout in LOAD_LAYOUTS else {}
+        per_rank = run_ranks(_train_each, world, recipes, roots, timeout=900.0)
+        cells = {}
+        for family, cfg in recipes.items():
+            outcomes = [rank_out[family] for rank_out in per_rank]
+            if outcomes[0][0] != "ran":
+                cells[family] = f"{outcomes[0][0]}: {outcomes[0][1]}"
+                continue
+            cells[family] = compare(outcomes[0][1], reference_run(cfg))
+            if family in roots and cells[family] == "ok":
+                # Pipeline stages each return their own parameters.
+                params = {name: value for _, (_, _, stage) in outcomes for name, value in stage.items()}
+                cells[family] = export_round_trip(roots[family], params)
     return cells
+
+
+def export_round_trip(root: str, params: dict[str, torch.Tensor]) -> str:
+    """'ok' when the newest checkpoint under `root`, exported, is what save_pretrained writes of
+    `params` (the run's parameters: the same keys, shapes and values) and loads with
+    `from_pretrained` with nothing missing or left over; else 'mismatch: ...'. The files are
+    compared, not what from_pretrained makes of them: its init may rewrite loaded values (Youtu's
+    zeroes the padding row of its tied embedding)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from harness.export import export
+
+    with tempfile.TemporaryDirectory() as out, tempfile.TemporaryDirectory() as saved:
+        export(root, out)
+        model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(out), dtype=torch.float32)
+        model.load_state_dict(params)
+        model.save_pretrained(saved)
+        exported, expected = folder_tensors(out), folder_tensors(saved)
+        _, info = AutoModelForCausalLM.from_pretrained(out, local_files_only=True, dtype=torch.float32,
+                                                       output_loading_info=True)
+    if exported.keys() != expected.keys():
+        return (f"mismatch: export writes {len(exported)} tensors, save_pretrained {len(expected)} (first differing: "
+                f"{sorted(exported.keys() ^ expected.keys())[0]})")
+    differ = [name for name, value in expected.items() if not torch.equal(exported[name], value)]
+    if differ:
+        return f"mismatch: export: {len(differ)} tensors differ from save_pretrained's (first: {differ[0]})"
+    unloaded = {kind: sorted(keys) for kind, keys in info.items() if keys}
+    if unloaded:
+        kind, keys = next(iter(unloaded.items()))
+        return f"mismatch: export -> from_pretrained: {len(keys)} {kind} (first: {keys[0]})"
+    return "ok"
+
+
+def folder_tensors(folder: str) -> dict[str, torch.Tensor]:
+    """Every tensor of a model directory's safetensors files, by name."""
+    from safetensors.torch import load_file
+
+    return {k: v for name in sorted(os.listdir(folder)) if name.endswith(".safetensors")
+            for k, v in load_file(os.path.join(folder, name)).items()}
 
 
 def compare(result: tuple, reference: tuple) -> str:
@@ -126,7 +194,7 @@ def main(argv: list[str] | None = None) -> None:
             for start in range(0, len(chosen), GROUP_SIZE):
                 group = chosen[start:start + GROUP_SIZE]
                 try:
-                    cells = run_layout(layout, family_recipes(group, folder, flags))
+                    cells = run_layout(layout, family_recipes(group, folder, flags, layout in LOAD_LAYOUTS))
                 except Exception:
                     cells = {f: "error: " + traceback.format_exc().strip().splitlines()[-1][:160] for f in group}
                 for family, cell in cells.items():
@@ -151,9 +219,10 @@ Every decoder-only family that transformers {transformers.__version__} registers
 each layout, with torch {torch.__version__}: `python -m tests.family_matrix --markdown
 docs/family-matrix.md` (run by `make lock` on the versions it locks). A cell is `ok` (the
 layout's losses and gradient norms match a plain one-process HF loop: step 1 within 1e-5, later
-steps within 1e-4 / 1e-3 relative), or the one-line refusal validation gave before any process
-started; an empty cell is a layout for MoE models only. Families whose tiny config does not build
-are left out.
+steps within 1e-4 / 1e-3 relative; on a "load, ..." layout, from the family's save_pretrained
+checkpoint against `from_pretrained` at step 1, and the export of the run is what save_pretrained
+writes of its parameters), or the one-line refusal validation gave before any process started; an
+empty cell is a layout for MoE models only. Families whose tiny config does not build are left out.
 
 {table}
 """

@@ -6,15 +6,19 @@ import torch
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
 from harness.config import Config
-from harness.trainer import build_run, train_step
+from harness.trainer import build_run, checkpoint_run, train_step
 from harness.validation import validate
 
 
-def train_layout(rank: int, world_size: int, cfg: Config) -> tuple[list[float], list[float], dict[str, torch.Tensor]]:
-    """Losses and gradient norms of every step, and this rank's parameters gathered to full tensors."""
+def train_layout(rank: int, world_size: int, cfg: Config,
+                 checkpoint_root: str | None = None) -> tuple[list[float], list[float], dict[str, torch.Tensor]]:
+    """Losses and gradient norms of every step, and this rank's parameters gathered to full tensors;
+    with `checkpoint_root`, a checkpoint of the trained run under it."""
     plan = validate(cfg, world_size)
     run = build_run(cfg, plan)
     rows = [train_step(run) for _ in range(cfg.train.steps)]
+    if checkpoint_root is not None:
+        checkpoint_run(run, checkpoint_root)
     params: dict[str, torch.Tensor] = {}
     for module in run.modules:
         params.update(get_model_state_dict(module, options=StateDictOptions(full_state_dict=True)))

@@ -133,3 +133,23 @@ def test_checkpoint_without_read_permission_says_so(tmp_path, damage, unreadable
     assert result.returncode == 2, result.stderr
     (line,) = result.stderr.strip().splitlines()
     assert line.startswith(f"error: model.path={path}: ") and expected in line
+
+
+def test_a_conversion_that_cannot_make_the_model_tensors_names_the_family_and_the_operation(tmp_path):
+    """Lara-Mini's checkpoint fuses four projections into one in_proj, which transformers' conversion
+    splits by the model's sizes: with rows cut off, the split is what fails, and says so (its parts
+    are not reported missing)."""
+    from tests.families import save_random_model
+
+    save_random_model("lara_mini", tmp_path)
+    state = load_file(tmp_path / "model.safetensors")
+    fused = "model.layers.0.linear_attn.in_proj.weight"
+    state[fused] = state[fused][:-4].contiguous()
+    save_file(state, tmp_path / "model.safetensors")
+    with pytest.raises(ConfigError) as error:
+        validate(tiny_config(f"--model.path={tmp_path}"), 1)
+    message = str(error.value)
+    assert message.startswith(f"model.path={tmp_path}: tensor model.layers.0.linear_attn.in_proj_qkv.weight cannot be "
+                              "built from the checkpoint's tensors (split_with_sizes expects split_sizes to sum "
+                              "exactly to 196") and "by lara_mini's Split(dim=0) conversion" in message, message
+    assert "\n" not in message

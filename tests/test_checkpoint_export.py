@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 
+import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
@@ -13,6 +14,8 @@ from harness.config import Config
 from harness.export import export, main as export_main
 from harness.trainer import build_run, checkpoint_run, train_step
 from harness.validation import validate
+from tests.families import save_random_model
+from tests.family_matrix import folder_tensors
 from tests.multiproc import run_ranks
 from tests.reference import reference_run, tiny_config
 
@@ -72,3 +75,25 @@ def test_export_refuses_a_non_empty_output_and_a_missing_checkpoint(tmp_path, ca
     assert export_main([str(tmp_path / "empty"), str(tmp_path / "new")]) == 2
     lines = capsys.readouterr().err.strip().splitlines()
     assert len(lines) == 3 and all(line.startswith("error: ") for line in lines)
+
+
+def _checkpoint_as_loaded(rank: int, world_size: int, cfg: Config, root: str) -> None:
+    checkpoint_run(build_run(cfg, validate(cfg, world_size)), root)
+
+
+@pytest.mark.parametrize("family", ["lara_mini", "param2moe", "inkling2_text", "ergo"])
+def test_export_writes_what_save_pretrained_writes(tmp_path, family):
+    """A checkpoint of a run loaded from save_pretrained's output, exported before any step, is that
+    output again, key for key and value for value, through transformers' reversed conversions:
+    in_proj_qkv / z / b / a joined back into Lara-Mini's in_proj, q / k / v into query_key_value
+    beside experts one tensor each, Inkling2's gate and up rows interleaved again and its LM head
+    padded back, Ergo's router and shared expert transposed back under its own names. Every
+    tensor gets a file of its own unless the reverted conversion needs it with others."""
+    hub, root, out = tmp_path / "hub", str(tmp_path / "checkpoints"), tmp_path / "hf"
+    save_random_model(family, str(hub))
+    run_ranks(_checkpoint_as_loaded, 1, tiny_config(f"--model.path={hub}"), root)
+    export(root, str(out), max_shard_bytes=1)
+    expected, exported = folder_tensors(str(hub)), folder_tensors(str(out))
+    assert exported.keys() == expected.keys()
+    assert all(torch.equal(exported[k], v) for k, v in expected.items()), \
+        [k for k, v in expected.items() if not torch.equal(exported[k], v)]

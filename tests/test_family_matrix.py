@@ -1,8 +1,10 @@
 """A slice of the family matrix (tests/family_matrix.py) on every layout: families whose
 forward does more than embeddings -> layers -> norm -> head (logit scales and soft-caps,
 multipliers, tied embeddings, per-layer rotary, Mamba / linear-attention / convolution mixers, a
-block several layers share) and MoE families with different routers and expert layouts. Each
-layout is one process group for all of them. A cell passes when it matches the one-process run,
+block several layers share) and MoE families with different routers and expert layouts; and on
+the "load, ..." layouts, families whose checkpoints transformers converts beyond merging experts
+(LOADED), from their save_pretrained checkpoints, exported back. Each layout is one process group
+for all of them. A cell passes when it matches the one-process run,
 or, for the cells listed in REFUSED (and in LIBRARY_REFUSED on the transformers version it names),
 when validation refuses it in one line naming the reason; the whole matrix is `python -m tests.family_matrix` (docs/family-matrix.md)."""
 
@@ -11,20 +13,25 @@ from __future__ import annotations
 import pytest
 import transformers
 
-from tests.family_matrix import LAYOUTS, family_recipes, is_moe, run_layout
+from tests.family_matrix import LAYOUTS, LOAD_LAYOUTS, family_recipes, is_moe, run_layout
 from tests.library_refusals import LIBRARY_VERSION
 
 DENSE = ["cohere", "granite", "gemma2", "gemma3_text", "falcon_h1", "qwen3_next", "lfm2", "gpt2", "biogpt",
          "zamba"]
 MOE = ["qwen3_moe", "gpt_oss", "olmoe", "jetmoe", "glm4_moe", "deepseek_v2", "deepseek_v4", "longcat_flash"]
+# A fused projection split (Lara-Mini's in_proj; Param2MoE's query_key_value, beside experts one
+# tensor each), experts' gate and up rows interleaved and an LM head stored padded (Inkling2).
+LOADED = ["lara_mini", "param2moe", "inkling2_text"]
 TESTED_LAYOUTS = ["1 process", "pp=2, selective AC", "dp_shard=2, full AC", "ep=2, selective AC",
-                  "pp=2, HF aux loss"]
+                  "pp=2, HF aux loss", *LOAD_LAYOUTS]
 # The cells validation must refuse (and why) whatever transformers is installed: the harness's own limits.
 REFUSED = {# Hyper-connection streams merged after the layers (hash-routed MoE layers: under ep).
            ("deepseek_v4", "pp=2, selective AC"): "parts after its layers that are not norms (hc_head)",
            ("deepseek_v4", "pp=2, HF aux loss"): "parts after its layers that are not norms (hc_head)",
            # One transformer block shared by several layers: FSDP shards it once, stages cannot split it.
-           ("zamba", "pp=2, selective AC"): "share parameters"}
+           ("zamba", "pp=2, selective AC"): "share parameters",
+           # Each layer returns a tuple its forward unpacks.
+           ("inkling2_text", "load, pp=2"): "unpacks each layer's output"}
 # Cells refused for what transformers lacks (its modelling code, not ours): tests/library_refusals.py.
 LIBRARY_REFUSED = {("jetmoe", "ep=2, selective AC"): "not transformers' fused experts modules",
                    ("glm4_moe", "pp=2, HF aux loss"): "forward returns no router aux loss",
@@ -61,8 +68,8 @@ def folder(tmp_path_factory):
 @pytest.mark.parametrize("layout", TESTED_LAYOUTS)
 def test_families_match_single_process_or_are_refused(layout, folder):
     _, flags, moe_only = LAYOUTS[layout]
-    families = [f for f in DENSE + MOE if is_moe(f) or not moe_only]
-    cells = run_layout(layout, family_recipes(families, folder, flags))
+    families = [f for f in (LOADED if layout in LOAD_LAYOUTS else DENSE + MOE) if is_moe(f) or not moe_only]
+    cells = run_layout(layout, family_recipes(families, folder, flags, layout in LOAD_LAYOUTS))
     expected = expected_cells(families, layout, transformers.__version__)
     unexpected = {family: cell for family, cell in cells.items() if cell.split(":")[0] not in expected[family]}
     assert not unexpected, unexpected

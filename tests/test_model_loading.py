@@ -75,6 +75,21 @@ def test_fresh_init_is_the_reference_on_every_layout(tmp_path):
     _assert_all_checked(run_ranks(_compare_layouts, WORLD, cases), cases)
 
 
+def test_fresh_init_computes_buffers_as_transformers_does():
+    """Falcon-H1's MuP vector is a buffer outside the state dict that its model's init writes into
+    every mixer, not the mixer's own init: a fresh init (and a checkpoint's load) gives it the value
+    transformers computes, not zeros that multiply the mixers' projections away."""
+    from transformers import AutoModelForCausalLM
+
+    from tests.families import tiny_config as family_config
+
+    config = family_config("falcon_h1")
+    expected = dict(AutoModelForCausalLM.from_config(config).named_buffers())
+    buffers = dict(reference_model(config, seed=0).named_buffers())
+    assert buffers.keys() == expected.keys() and "model.layers.0.mamba.mup_vector" in buffers
+    assert all(torch.equal(buffers[name], value) for name, value in expected.items())
+
+
 def _write_checkpoints(root) -> dict[str, str]:
     """Hub layout (save_pretrained: experts one tensor each), sharded with an index, in fp32 and
     (as Hub checkpoints usually are) bf16; and the fused transformers-5 layout in one file."""
@@ -186,16 +201,6 @@ def test_multimodal_checkpoint_trains_its_language_model(tmp_path):
     assert compare(run_ranks(train_layout, 2, cfg)[0], reference_run(cfg)) == "ok"
 
 
-def _train_and_checkpoint(rank: int, world_size: int, cfg, root: str) -> tuple[list[float], list[float], dict]:
-    """`train_layout`'s losses and gradient norms, then a checkpoint to export."""
-    from harness.trainer import checkpoint_run, train_step
-
-    run = build_run(cfg, validate(cfg, world_size))
-    rows = [train_step(run) for _ in range(cfg.train.steps)]
-    checkpoint_run(run, root)
-    return [r["loss"] for r in rows], [r["grad_norm"] for r in rows], {}
-
-
 _SIGLIP = dict(model_type="siglip_vision_model", hidden_size=32, intermediate_size=32, num_hidden_layers=1,
                num_attention_heads=2, image_size=28, patch_size=14)
 
@@ -219,6 +224,7 @@ def test_image_text_checkpoint_trains_its_text_model(tmp_path, kind, text, field
     from harness.models import build_meta_model, weight_source
     from tests.families import tiny_config as family_config
     from tests.family_matrix import compare
+    from tests.layout_run import train_layout
     from tests.reference import reference_run
 
     path = tmp_path / kind
@@ -241,7 +247,7 @@ def test_image_text_checkpoint_trains_its_text_model(tmp_path, kind, text, field
 
     cfg = tiny_config(f"--model.path={path}", *flags)
     root = str(tmp_path / "checkpoints")
-    assert compare(run_ranks(_train_and_checkpoint, 2, cfg, root)[0], reference_run(cfg)) == "ok"
+    assert compare(run_ranks(train_layout, 2, cfg, root)[0], reference_run(cfg)) == "ok"
     export(root, str(tmp_path / "hf"))
     exported, info = AutoModelForCausalLM.from_pretrained(tmp_path / "hf", local_files_only=True,
                                                           output_loading_info=True)

@@ -1,7 +1,7 @@
 """Memory and time of putting a large model onto 4 gloo ranks: sharded load versus a full copy.
 
-    python -m tests.bench.load_bench [--hidden 1536 --layers 16 --vocab 32000] [--layouts ...] [--modes ...]
-        [--out runs/bench_load.json]
+    python -m tests.bench.load_bench [--family llama] [--hidden 1536 --layers 16 --vocab 32000] [--layouts ...]
+        [--modes ...] [--out runs/bench_load.json]
 
 Writes a Llama checkpoint from a config (`save_pretrained`, safetensors in 1 GB shards with an
 index; ~0.5B parameters, 1.8 GiB in fp32, by default), in fp32 and in bf16 (as Hub checkpoints
@@ -21,11 +21,18 @@ and during step 1 (the kernel's VmHWM, reset through /proc/self/clear_refs befor
 ru_maxrss would carry the spawning parent's peak across fork+exec), against model bytes / ranks,
 and the build's wall time; the worst rank is reported. Step 1 adds gradients and AdamW moments (3 x the shard) and FSDP's gathered
 layers.
+
+`--family inkling2_text`: the checkpoint is Inkling2's instead (its tiny config from
+tests/families.py at the given width, depth and vocabulary), whose LM head is stored padded to
+vocab_size (64 rows more here): the conversion that drops the padding takes the whole tensor,
+so every rank holding a part of the head reads all of it. Each row says how many bytes of the
+checkpoint conversions read whole that way (none for Llama).
 """
 
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import tempfile
 import time
@@ -84,17 +91,40 @@ def _measure(rank: int, world_size: int, cfg: Config, full_copy: bool) -> dict[s
     return {"build_s": build_s, "load_growth": load_growth, "step_growth": _peak_bytes() - before}
 
 
-def _write_checkpoints(directory: str, hidden: int, layers: int, vocab: int) -> int:
-    """`directory`/fp32 and `directory`/bf16; returns the model's bytes in fp32."""
+def _model_config(family: str, hidden: int, layers: int, vocab: int):
     from transformers import AutoConfig
 
+    if family == "inkling2_text":
+        from tests.families import tiny_config
+
+        config = tiny_config(family)
+        pattern = config.layer_types
+        config.update(dict(hidden_size=hidden, num_hidden_layers=layers, vocab_size=vocab + 64,
+                           unpadded_vocab_size=vocab, layer_types=[pattern[i % len(pattern)] for i in range(layers)]))
+        return config
+    return AutoConfig.for_model("llama", hidden_size=hidden, num_hidden_layers=layers, vocab_size=vocab,
+                                intermediate_size=hidden * 8 // 3 // 256 * 256, num_attention_heads=hidden // 128,
+                                num_key_value_heads=max(1, hidden // 512), head_dim=128,
+                                max_position_embeddings=2048, tie_word_embeddings=False)
+
+
+def _whole_read_bytes(path: str) -> int:
+    """Bytes of the checkpoint in `path` that conversions read whole (none without weights)."""
+    from harness.hf_checkpoint import HFCheckpoint
+    from harness.models import build_meta_model, load_config as load_model_config
+
+    if path.endswith(".json"):
+        return 0
+    checkpoint = HFCheckpoint(path, build_meta_model(load_model_config(None, path)))
+    entries = [checkpoint.entries[key] for key in checkpoint.whole_read_keys()]
+    return sum(math.prod(e.shape) * {"F16": 2, "BF16": 2, "F32": 4, "F64": 8}[e.dtype] for e in entries)
+
+
+def _write_checkpoints(directory: str, family: str, hidden: int, layers: int, vocab: int) -> int:
+    """`directory`/fp32 and `directory`/bf16; returns the model's bytes in fp32."""
     from harness.models import reference_model
 
-    config = AutoConfig.for_model("llama", hidden_size=hidden, num_hidden_layers=layers, vocab_size=vocab,
-                                  intermediate_size=hidden * 8 // 3 // 256 * 256, num_attention_heads=hidden // 128,
-                                  num_key_value_heads=max(1, hidden // 512), head_dim=128,
-                                  max_position_embeddings=2048, tie_word_embeddings=False)
-    model = reference_model(config, seed=0)
+    model = reference_model(_model_config(family, hidden, layers, vocab), seed=0)
     model.save_pretrained(os.path.join(directory, "fp32"), max_shard_size="1GB")
     model_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
     model.to(torch.bfloat16).save_pretrained(os.path.join(directory, "bf16"), max_shard_size="1GB")
@@ -105,6 +135,7 @@ def main() -> None:
     from tests.multiproc import run_ranks
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--family", choices=["llama", "inkling2_text"], default="llama")
     parser.add_argument("--hidden", type=int, default=1536)
     parser.add_argument("--layers", type=int, default=16)
     parser.add_argument("--vocab", type=int, default=32000)
@@ -115,7 +146,7 @@ def main() -> None:
     torch.set_num_threads(2)
     rows = []
     with tempfile.TemporaryDirectory() as directory:
-        model_bytes = _write_checkpoints(directory, args.hidden, args.layers, args.vocab)
+        model_bytes = _write_checkpoints(directory, args.family, args.hidden, args.layers, args.vocab)
         print(f"checkpoint: {model_bytes / 2**30:.2f} GiB fp32 ({model_bytes // 4 / 1e9:.2f}B parameters) in "
               f"{directory}; {WORLD} ranks, model bytes / ranks = {model_bytes / WORLD / 2**30:.2f} GiB")
         for layout in args.layouts:
@@ -129,18 +160,19 @@ def main() -> None:
                                          "--logging.progress=false"])
                 per_rank = run_ranks(_measure, WORLD, cfg, full_copy, timeout=1800)
                 row = {"layout": layout, "mode": mode, "model_bytes": model_bytes,
+                       "whole_read_bytes": 0 if full_copy else _whole_read_bytes(path),
                        **{key: max(r[key] for r in per_rank) for key in per_rank[0]}}
                 rows.append(row)
                 print(_format(row), flush=True)
     print()
-    print("| layout | weights | load: peak RSS growth / rank | x bytes/ranks | step 1: peak RSS growth / rank "
-          "| x bytes/ranks | build s |")
-    print("|---|---|---|---|---|---|---|")
+    print("| layout | weights | read whole | load: peak RSS growth / rank | x bytes/ranks | step 1: peak RSS growth "
+          "/ rank | x bytes/ranks | build s |")
+    print("|---|---|---|---|---|---|---|---|")
     for row in rows:
         share = row["model_bytes"] / WORLD
-        print(f"| {row['layout']} | {row['mode']} | {row['load_growth'] / 2**30:.2f} GiB | "
-              f"{row['load_growth'] / share:.2f} | {row['step_growth'] / 2**30:.2f} GiB | "
-              f"{row['step_growth'] / share:.2f} | {row['build_s']:.1f} |")
+        print(f"| {row['layout']} | {row['mode']} | {row['whole_read_bytes'] / 2**30:.2f} GiB | "
+              f"{row['load_growth'] / 2**30:.2f} GiB | {row['load_growth'] / share:.2f} | "
+              f"{row['step_growth'] / 2**30:.2f} GiB | {row['step_growth'] / share:.2f} | {row['build_s']:.1f} |")
     write_results(args.out, rows)
 
 

@@ -2,6 +2,9 @@
 
     python -m tests.family_matrix [FAMILY ...] [--layouts LAYOUT ...] [--out runs/family_matrix.json]
                                   [--markdown docs/family-matrix.md]
+    python -m tests.family_matrix --merge A.json B.json ... --markdown docs/family-matrix.md
+
+`--merge` writes the page from the results of earlier runs (a column each, say), without running.
 
 Each family's tiny config (tests/families.py: scalars away from neutral) trains a few steps on
 each layout; the losses, gradient norms and final parameters are compared with a plain
@@ -181,7 +184,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--layouts", nargs="*", choices=list(LAYOUTS), default=list(LAYOUTS))
     parser.add_argument("--out", default=os.path.join("runs", "family_matrix.json"))
     parser.add_argument("--markdown", help="also write the table as this page (docs/family-matrix.md)")
+    parser.add_argument("--merge", nargs="+", metavar="JSON", help="write the table from these runs' --out files")
     args = parser.parse_args(argv)
+    if args.merge:
+        matrix, layouts = merged_matrix(args.merge)
+        write_table(matrix, layouts, args.markdown)
+        return
     families = args.families or decoder_only_families()
     built = probe_all(families)
     matrix: dict[str, dict[str, str]] = {f: {} if built[f] == "ok" else {"build": built[f]} for f in families}
@@ -202,10 +210,26 @@ def main(argv: list[str] | None = None) -> None:
                 with open(args.out, "w") as f:  # after every group: a long run keeps what it did
                     json.dump(matrix, f, indent=2)
                 print(f"{layout}: " + ", ".join(f"{f}={c.split(':')[0]}" for f, c in cells.items()), flush=True)
-    table = markdown_table(matrix, args.layouts) + "\n\n" + outcome_counts(matrix, args.layouts)
+    write_table(matrix, args.layouts, args.markdown)
+
+
+def merged_matrix(paths: list[str]) -> tuple[dict[str, dict[str, str]], list[str]]:
+    """The cells of several runs in one matrix, and their layouts in the order LAYOUTS lists them.
+    A family that did not build in one run did not build in any (the build is the same)."""
+    matrix: dict[str, dict[str, str]] = {}
+    for path in paths:
+        with open(path) as f:
+            for family, cells in json.load(f).items():
+                matrix.setdefault(family, {}).update(cells)
+    present = {layout for cells in matrix.values() for layout in cells}
+    return dict(sorted(matrix.items())), [layout for layout in LAYOUTS if layout in present]
+
+
+def write_table(matrix: dict[str, dict[str, str]], layouts: list[str], markdown: str | None) -> None:
+    table = markdown_table(matrix, layouts) + "\n\n" + outcome_counts(matrix, layouts)
     print(table)
-    if args.markdown:
-        with open(args.markdown, "w") as f:
+    if markdown:
+        with open(markdown, "w") as f:
             f.write(matrix_page(table))
 
 

@@ -12,7 +12,9 @@ Sections (each runs on its own; a failure is reported in its row, not raised):
   per uniform mode and for plans between them;
 - training: the launcher's bf16 step (FSDP2 mixed precision) on a dense and a MoE model:
   tokens/s and MFU from the run's metrics file;
-- expert parallel: with 2+ GPUs, every MoE dispatcher against alltoall over NCCL.
+- expert parallel: with 2+ GPUs, every MoE dispatcher against alltoall over NCCL;
+- tensor parallel: with 2+ GPUs, the launcher's bf16 step on all of them at tp = 1, 2, ... up to
+  the GPU count (the rest dp_shard), same global batch: tokens/s, per-rank peak memory, losses.
 
 Without CUDA it prints one line and exits 0, so `make gpu-check` is safe anywhere.
 """
@@ -290,7 +292,21 @@ def check_training(quick: bool, out_dir: str) -> list[dict[str, Any]]:
             ("llama-0.7B selective compiled", DENSE_0_7B + ["--ac.mode=selective", "--train.compile=true"]),
             ("llama-0.7B budget 9000 MiB", DENSE_0_7B + ["--ac.mode=budget", "--ac.budget_mib=9000"]),
             ("qwen3_moe-0.5B selective", MOE_0_5B + ["--ac.mode=selective"])]
-    return [_launch_run(name, overrides, out_dir, steps) for name, overrides in runs[: 1 if quick else None]]
+    # The presets' batch is one data-parallel rank's: every GPU is one here.
+    batch = [f"--train.global_batch_size={4 * torch.cuda.device_count()}"]
+    return [_launch_run(name, overrides + batch, out_dir, steps) for name, overrides in runs[: 1 if quick else None]]
+
+
+def check_tensor_parallel(quick: bool, out_dir: str) -> list[dict[str, Any]]:
+    gpus = torch.cuda.device_count()
+    if gpus < 2:
+        return [dict(check="tensor parallel over NCCL", result=f"skipped: needs 2+ GPUs, found {gpus}")]
+    steps = 6 if quick else 10
+    sizes = [tp for tp in (1, 2, 4, 8) if tp <= gpus and gpus % tp == 0]
+    # Each GPU holds the same tokens at every tp: a data-parallel rank (tp GPUs) takes tp sequences.
+    return [_launch_run(f"llama-0.7B tp={tp} selective",
+                        DENSE_0_7B + ["--ac.mode=selective", f"--parallel.tp={tp}", f"--train.micro_batch_size={tp}",
+                                      f"--train.global_batch_size={gpus}"], out_dir, steps) for tp in sizes]
 
 
 def _print_rows(title: str, rows: list[dict[str, Any]]) -> None:
@@ -319,7 +335,8 @@ def main(argv: list[str] | None = None) -> int:
                 ("training (launcher, bf16)", lambda: check_training(args.quick, work_dir)),
                 ("activation checkpointing", lambda: check_activation_checkpointing(args.quick)),
                 ("budget AC", lambda: check_budget_ac(args.quick)),
-                ("expert parallel", lambda: check_expert_parallel(args.quick))]
+                ("expert parallel", lambda: check_expert_parallel(args.quick)),
+                ("tensor parallel", lambda: check_tensor_parallel(args.quick, work_dir))]
     for title, run in sections:
         if args.sections and not title.startswith(tuple(args.sections)):
             continue

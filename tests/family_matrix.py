@@ -100,7 +100,7 @@ def run_layout(layout: str, recipes: dict[str, Config]) -> dict[str, str]:
             if outcomes[0][0] != "ran":
                 cells[family] = f"{outcomes[0][0]}: {outcomes[0][1]}"
                 continue
-            cells[family] = compare(outcomes[0][1], reference_run(cfg))
+            cells[family] = compare(outcomes[0][1], reference_run(cfg), routed=is_moe(family))
             if family in roots and cells[family] == "ok":
                 # Pipeline stages each return their own parameters.
                 params = {name: value for _, (_, _, stage) in outcomes for name, value in stage.items()}
@@ -147,21 +147,25 @@ def folder_tensors(folder: str) -> dict[str, torch.Tensor]:
             for k, v in load_file(os.path.join(folder, name)).items()}
 
 
-def compare(result: tuple, reference: tuple) -> str:
+def compare(result: tuple, reference: tuple, routed: bool = False) -> str:
     """'ok' when the first step's loss is within 1e-5 of the one-process run and its gradient
     norm within 1e-5 relative (the layout's forward and gradients, before any update), and every
-    later step within 1e-4 and 1e-3; else 'mismatch: ...'.
+    later step within 1e-4 and 1e-3 (1e-3 and 1e-2 for a `routed` model); else 'mismatch: ...'.
 
     Later steps are looser because AdamW's first update, lr * g / (|g| + eps), turns the
     summation-order noise of a gradient entry below eps into a weight change of up to lr * noise /
     eps: Arcee under pp=2 matches step 1 exactly, then drifts to 3.7e-5 in loss by step 3 with two
     pipeline microbatches and stays at 1.4e-6 with one. Parameters are not compared here for the
     same reason (the preset layout tests do). A dropped family piece or a wrong gradient scale
-    shows at step 1."""
+    shows at step 1. In a MoE model that weight noise also flips the experts chosen for tokens
+    near a routing tie, a discrete change: Gemma 4's tiny MoE config, in one process, equals the
+    reference bitwise when the reference takes the trainer's micro batches, yet drifts to 1.7e-4
+    in loss and 3.8e-3 in gradient norm by step 3 against the whole batch in one forward."""
     (losses, norms, _), (ref_losses, ref_norms, _) = result, reference
     loss_gaps = [abs(a - b) for a, b in zip(losses, ref_losses)]
     norm_gaps = [abs(a - b) / max(abs(b), 1e-12) for a, b in zip(norms, ref_norms)]
-    if loss_gaps[0] <= 1e-5 and norm_gaps[0] <= 1e-5 and max(loss_gaps) <= 1e-4 and max(norm_gaps) <= 1e-3:
+    later_loss, later_norm = (1e-3, 1e-2) if routed else (1e-4, 1e-3)
+    if loss_gaps[0] <= 1e-5 and norm_gaps[0] <= 1e-5 and max(loss_gaps) <= later_loss and max(norm_gaps) <= later_norm:
         return "ok"
     return (f"mismatch: step 1 loss off by {loss_gaps[0]:.1e}, gradient norm by {norm_gaps[0]:.1e} (relative); "
             f"at most {max(loss_gaps):.1e} and {max(norm_gaps):.1e} over {len(losses)} steps")

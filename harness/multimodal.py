@@ -72,7 +72,7 @@ def language_model_names(multimodal: nn.Module, model: nn.Module) -> dict[str, s
     whole = [name for name, module in modules.items() if type(module) is type(model)]
     if whole:
         (owner,) = whole
-        return {f"{owner}.{name}" if owner else name: name for name in model.state_dict()}
+        return {f"{owner}.{name}": name for name in model.state_dict()}
     prefix = model.base_model_prefix
     base = getattr(model, prefix)
     owners = [name for name, module in modules.items() if type(module) is type(base)]

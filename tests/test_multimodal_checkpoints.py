@@ -12,10 +12,12 @@ no causal-LM class, is refused in one line."""
 from __future__ import annotations
 
 import os
+import shutil
 
 import pytest
 import torch
 from safetensors import safe_open
+from safetensors.torch import load_file, save_file
 from transformers import AutoConfig, AutoModelForMultimodalLM
 
 from harness.config import ConfigError
@@ -100,3 +102,18 @@ def test_multimodal_model_without_a_causal_text_model_is_refused_in_one_line(che
     message = str(error.value)
     expected = "qwen3_vl_moe's language model (qwen3_vl_moe_text) has no causal-LM class in transformers"
     assert "\n" not in message and expected in message, message
+
+
+def test_an_operation_that_cannot_build_a_tensor_names_the_multimodal_family_and_operation(checkpoints, tmp_path):
+    """Kimi-K2.5's experts' up projections cut to half the hidden width: the concatenation of
+    gate and up rows fails; validation names the family's conversion, not missing tensors."""
+    path, _ = checkpoints["kimi_k25"]
+    tensors = load_file(os.path.join(path, "model.safetensors"))
+    cut = {k: v[:, :v.shape[1] // 2].contiguous() if ".blocks.1.mlp.experts." in k and "up_proj" in k else v
+           for k, v in tensors.items()}
+    save_file(cut, str(tmp_path / "model.safetensors"), metadata={"format": "pt"})
+    shutil.copy(os.path.join(path, "config.json"), tmp_path / "config.json")
+    with pytest.raises(ConfigError) as error:
+        validate(tiny_config(f"--model.path={tmp_path}"), 1)
+    message = str(error.value)
+    assert "\n" not in message and "by kimi_k25's Concatenate" in message and "missing" not in message, message

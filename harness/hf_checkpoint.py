@@ -106,7 +106,7 @@ class HFCheckpoint:
         multimodal = multimodal_config(directory, model.config)
         loading = model if multimodal is None else build_meta_multimodal(multimodal)
         # Names of `loading` that `model` has, as `model` names them.
-        self._model_names = (None if multimodal is None else language_model_names(loading, model))
+        self._model_names = None if multimodal is None else language_model_names(loading, model)
         transforms = get_model_conversion_mapping(loading)
         renamings = [t for t in transforms if isinstance(t, WeightRenaming)]
         converters = [t for t in transforms if isinstance(t, WeightConverter)]

@@ -59,8 +59,15 @@ def multimodal_config(directory: str, text: PretrainedConfig) -> PretrainedConfi
 
 
 def build_meta_multimodal(config: PretrainedConfig) -> nn.Module:
-    with torch.device("meta"):
-        return AutoModelForMultimodalLM.from_config(config, dtype=torch.float32)
+    """The multimodal model on the meta device; ValueError (one line) where a part of it needs a
+    library that is not installed (Gemma 3n's vision tower needs timm)."""
+    try:
+        with torch.device("meta"):
+            return AutoModelForMultimodalLM.from_config(config, dtype=torch.float32)
+    except ImportError as e:
+        reason = next((line.strip() for line in str(e).splitlines() if line.strip()), type(e).__name__)
+        raise ValueError(f"{config.model_type}'s multimodal model, whose conversion mapping names the checkpoint's "
+                         f"tensors, cannot be built here ({reason}); install what it needs") from None
 
 
 def language_model_names(multimodal: nn.Module, model: nn.Module) -> dict[str, str]:

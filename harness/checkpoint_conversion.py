@@ -44,11 +44,14 @@ Shapes = dict[str, list[torch.Size]]
 
 class Conversion:
     """The model tensors one converter makes out of the checkpoint keys `keys` (per source
-    pattern, in `from_pretrained`'s order), `target` being the name transformers renamed them to."""
+    pattern, in `from_pretrained`'s order), `target` being the name transformers renamed them to
+    in `model`. `names` renames what it makes for the model that is filled (a multimodal model's
+    language-model names to its text model's), and leaves out what that model does not have."""
 
     def __init__(self, converter: WeightConverter, keys: Mapping[str, list[str]], target: str, model: nn.Module,
-                 shapes: Mapping[str, tuple[int, ...]]) -> None:
+                 shapes: Mapping[str, tuple[int, ...]], names: Mapping[str, str] | None = None) -> None:
         self.converter = converter
+        self._names = names
         self.keys = {pattern: keys[pattern] for pattern in converter.source_patterns if pattern in keys}
         self.target = target
         self._model = model
@@ -66,7 +69,7 @@ class Conversion:
                 self.error = (op, str(e).splitlines()[0] if str(e) else type(e).__name__)
                 return
             self._stages.append(_shapes(stage))
-        self.outputs = {name: key for key, name in _model_names(stage, target).items()}
+        self.outputs = {name: key for key, name in self._filled_names(stage).items()}
         self.traced = all(_traceable(op, before) for op, before in zip(converter.operations, self._stages))
 
     def shape(self, name: str) -> torch.Size:
@@ -93,7 +96,13 @@ class Conversion:
         stage = {pattern: [read_key(key, None) for key in pattern_keys] for pattern, pattern_keys in self.keys.items()}
         for op in self.converter.operations:
             stage = _as_lists(op.convert(stage, **self._op_arguments()))
-        return {name: stage[key][0] for key, name in _model_names(stage, self.target).items()}
+        return {name: stage[key][0] for key, name in self._filled_names(stage).items()}
+
+    def _filled_names(self, stage: Mapping[str, list[torch.Tensor]]) -> dict[str, str]:
+        names = _model_names(stage, self.target)
+        if self._names is None:
+            return names
+        return {key: self._names[name] for key, name in names.items() if name in self._names}
 
     def _op_arguments(self) -> dict:
         # What `WeightConverter.convert` passes: `Split` sizes its parts by the model's parameters.

@@ -10,16 +10,15 @@ projections (`linear_attn.in_proj`, `attention.query_key_value`) into the model'
 and a checkpoint already in the model's layout as it is. Where the operations allow it (merge,
 concatenate, split, chunk, transpose, interleave) a rank reads only the rows and experts in its
 slice; other operations read their sources whole, once per rank (`whole_read_keys`). A multimodal
-checkpoint's language-model tensors load into its text model (`language_model_key_mapping`).
+checkpoint's names and conversions are its multimodal model's, as that model's `from_pretrained`
+applies them; its language model's tensors load into the text model (harness/multimodal.py).
 """
 
 from __future__ import annotations
 
 import json
 import os
-import re
 from collections import Counter, defaultdict
-from collections.abc import Collection
 from dataclasses import dataclass
 from itertools import chain
 
@@ -32,6 +31,7 @@ from transformers.core_model_loading import (MergeModulelist, WeightConverter, W
 
 from harness.checkpoint_conversion import Conversion, Region, WholeConversions
 from harness.init_weights import Target, computed_buffers
+from harness.multimodal import build_meta_multimodal, language_model_names, multimodal_config
 
 INDEX_FILE = "model.safetensors.index.json"
 # Floating-point storage types a float parameter can be cast from; others (int8/fp8 quantized
@@ -81,44 +81,6 @@ def check_readable(path: str) -> None:
         raise ValueError(f"{os.path.basename(path)}: not readable (permission denied); {fix}")
 
 
-def language_model_key_mapping(names: Collection[str], model: nn.Module) -> dict[str, str]:
-    """Renamings (transformers' `key_mapping`: regex -> replacement, applied before the model's
-    own conversion mapping) from a multimodal checkpoint's language-model names to those of
-    `model`, its text model; empty for a checkpoint of the text model itself. The vision tower's
-    and projector's tensors keep their names, which `model` does not have: they are not read.
-
-    Multimodal layouts differ by family and by transformers version (`model.language_model.*` with
-    the head at the root, `language_model.model.*` with `language_model.lm_head.*`, `model.text_model.*`,
-    ...), so the language model is found by where the checkpoint keeps the input embedding, not
-    by name: among the prefixes it has before the embedding's name, the one under which most of
-    the text model's own names exist."""
-    base, state = model.base_model_prefix, list(model.state_dict())
-    try:
-        embedding = model.get_input_embeddings()
-    except (NotImplementedError, AttributeError):  # families without one named input embedding
-        return {}
-    embedding = next((n for n, m in model.named_modules() if m is embedding), None)
-    if not base or embedding is None or not embedding.startswith(f"{base}."):
-        return {}
-    tail = f"{embedding}.weight".removeprefix(f"{base}.")
-    if tail in names or f"{base}.{tail}" in names:
-        return {}
-    owners = sorted({name[:-len(tail)] for name in names if name.endswith(f".{tail}")})
-    if not owners:
-        return {}
-    own = [name.removeprefix(f"{base}.") for name in state if name.startswith(f"{base}.")]
-    owner = max(owners, key=lambda prefix: sum(f"{prefix}{name}" in names for name in own))
-    mapping = {f"^{re.escape(owner)}": f"{base}."}
-    # Where the base model sits under a causal LM of its own (`language_model.model.`), the head
-    # is beside it (`language_model.lm_head.weight`); newer layouts keep it at the root already.
-    if owner.endswith(f".{base}."):
-        parent = owner[:-len(base) - 1]
-        for name in state:
-            if not name.startswith(f"{base}.") and f"{parent}{name}" in names:
-                mapping[f"^{re.escape(parent + name)}$"] = name
-    return mapping
-
-
 class HFCheckpoint:
     """The weights of `directory`, read by the state-dict names of `model` (the full model, meta is fine)."""
 
@@ -139,31 +101,37 @@ class HFCheckpoint:
                 reason = str(e).splitlines()[0] if str(e) else type(e).__name__
                 raise ValueError(f"{os.path.basename(path)}: unreadable or truncated safetensors file ({reason}); "
                                  "copy it again") from None
-        self.key_mapping = language_model_key_mapping(self.entries, model)
-        transforms = get_model_conversion_mapping(model, key_mapping=self.key_mapping or None)
+        # The model whose from_pretrained reads this checkpoint: a multimodal checkpoint's own
+        # (built on meta), whose conversion mapping and names lead to the language model's tensors.
+        multimodal = multimodal_config(directory, model.config)
+        loading = model if multimodal is None else build_meta_multimodal(multimodal)
+        # Names of `loading` that `model` has, as `model` names them.
+        self._model_names = None if multimodal is None else language_model_names(loading, model)
+        transforms = get_model_conversion_mapping(loading)
         renamings = [t for t in transforms if isinstance(t, WeightRenaming)]
         converters = [t for t in transforms if isinstance(t, WeightConverter)]
         expected = model.state_dict()
+        loaded = loading.state_dict()
         self.plain: dict[str, str] = {}
         # Per target transformers renames a converter's keys to: the converter and, per source
         # pattern, its checkpoint keys in natural order.
         collected: dict[str, tuple[WeightConverter, dict[str, list[str]]]] = {}
         for key in sorted(self.entries, key=dot_natural_key):
-            target, pattern = rename_source_key(key, renamings, converters, model.base_model_prefix, expected)
-            if target not in expected and key in expected:  # as from_pretrained: a model name loads as it is
+            target, pattern = rename_source_key(key, renamings, converters, loading.base_model_prefix, loaded)
+            if target not in loaded and key in loaded:  # as from_pretrained: a model name loads as it is
                 target, pattern = key, None
-            if target not in expected:
+            if self._model_name(target) not in expected:  # a multimodal model's vision tower, projector, ...
                 continue
             if pattern is None:
-                self.plain[target] = key
+                self.plain[self._model_name(target)] = key
                 continue
             converter = next(c for c in converters if pattern in c.source_patterns)
             collected.setdefault(target, (converter, defaultdict(list)))[1][pattern].append(key)
         shapes = {key: entry.shape for key, entry in self.entries.items()}
-        self.conversions = [Conversion(converter, keys, target, model, shapes)
+        self.conversions = [Conversion(converter, keys, target, loading, shapes, self._model_names)
                             for target, (converter, keys) in collected.items()]
         self.converted = {name: c for c in self.conversions for name in c.outputs}
-        self.family = model.config.model_type
+        self.family = loading.config.model_type
         # Tied parameters are stored once (HF drops `lm_head.weight` under tie_word_embeddings).
         names_by_tensor = defaultdict(list)
         for name, param in model.named_parameters(remove_duplicate=False):
@@ -173,6 +141,10 @@ class HFCheckpoint:
         self.floating = {name for name, t in expected.items() if t.is_floating_point()}
         self.computed = computed_buffers(model)  # non-persistent buffers are not in checkpoints
         self.whole = WholeConversions()
+
+    def _model_name(self, name: str) -> str | None:
+        """`model`'s name for a name of the model the checkpoint loads into (None if it has none)."""
+        return name if self._model_names is None else self._model_names.get(name)
 
     def _source(self, name: str) -> str | None:
         """The name under which the checkpoint has `name` (itself, or a tied alias)."""
@@ -234,7 +206,7 @@ class HFCheckpoint:
         merge = conversion.converter.operations[0]
         if not isinstance(merge, MergeModulelist):
             return
-        name = conversion.target
+        name = self._model_name(conversion.target)
         count = self.expected[name][merge.dim]
         for pattern in conversion.converter.source_patterns:
             keys = conversion.keys.get(pattern, [])

@@ -20,6 +20,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForMultimoda
 from harness.hf_checkpoint import HFCheckpoint, has_weights
 from harness.init_weights import SeededInit
 from harness.materialize import WeightSource, materialize
+from harness.multimodal import language_model_config, language_model_state, multimodal_config
 
 _TINY_ATTENTION = dict(hidden_size=64, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
                        num_hidden_layers=4, vocab_size=256, max_position_embeddings=2048,
@@ -44,7 +45,7 @@ def load_config(preset: str | None, path: str | None, overrides: dict[str, Any] 
     """The HF config of a preset or of a local directory / config.json (never the network)."""
     if path:
         source = os.path.dirname(path) if path.endswith(".json") else path
-        config = _language_model_config(AutoConfig.from_pretrained(source, local_files_only=True))
+        config = language_model_config(AutoConfig.from_pretrained(source, local_files_only=True))
     else:
         kwargs = dict(PRESETS[preset])
         config = AutoConfig.for_model(kwargs.pop("model_type"), **kwargs)
@@ -67,23 +68,6 @@ def error_reason(error: Exception) -> str:
     if isinstance(error, StrictDataclassError):
         return lines[-1]
     return lines[0] if isinstance(error, (ValueError, OSError)) else f"{type(error).__name__}: {lines[0]}"
-
-
-def _language_model_config(config: PretrainedConfig) -> PretrainedConfig:
-    """A multimodal checkpoint (transformers' AutoModelForMultimodalLM: Gemma 3/3n/4, Mistral3,
-    LLaVA, Qwen3.5, Llama 4, ...) whose text config has a causal-LM class trains that language
-    model: its sizes, experts and overrides are the text model's, its weights the checkpoint's
-    language-model tensors. Others (encoders, encoder-decoders, Gemma 4's speculative-decoding
-    assistants, which read the target model's hidden states) keep their config and are refused."""
-    text = config.get_text_config()
-    if (text is config or type(config) not in AutoModelForMultimodalLM._model_mapping
-            or type(text) not in AutoModelForCausalLM._model_mapping):
-        return config
-    # The multimodal model ties (or unties) its head by its own config when it sets one (the head
-    # is its own, e.g. Gemma 3's and Mistral3's), so its checkpoint stores the head only if untied.
-    if getattr(config, "tie_word_embeddings", None) is not None:
-        text.tie_word_embeddings = config.tie_word_embeddings
-    return text
 
 
 def build_meta_model(config: PretrainedConfig) -> nn.Module:
@@ -127,11 +111,17 @@ def reference_model(config: PretrainedConfig, seed: int, path: str | None = None
     """The single-process HF model every layout must reproduce (fp32, CPU): transformers' own
     `from_pretrained` for a local checkpoint, else the seed's fresh weights, built whole."""
     if _checkpoint_dir(path):
-        # A multimodal checkpoint's language-model names, as the harness maps them (transformers
-        # maps them only for some families).
-        key_mapping = HFCheckpoint(path, build_meta_model(config)).key_mapping or None
-        return AutoModelForCausalLM.from_pretrained(path, config=config, local_files_only=True,
-                                                    dtype=torch.float32, key_mapping=key_mapping)
+        multimodal = multimodal_config(path, config)
+        if multimodal is None:
+            return AutoModelForCausalLM.from_pretrained(path, config=config, local_files_only=True,
+                                                        dtype=torch.float32)
+        # A multimodal checkpoint: the language model and head that the multimodal class's
+        # from_pretrained loads, in the causal LM of its text config.
+        loaded = AutoModelForMultimodalLM.from_pretrained(path, config=multimodal, local_files_only=True,
+                                                          dtype=torch.float32)
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+        model.load_state_dict(language_model_state(loaded, model))
+        return model.eval()
     model = build_meta_model(config)
     materialize(model, SeededInit(model, seed), "cpu")
     return model

@@ -263,9 +263,13 @@ def _check_causal_lm(path: str | None, config: PretrainedConfig) -> None:
     """The harness trains what AutoModelForCausalLM builds, as a language model of its own
     (a vocabulary and a stack of decoder layers): not encoders' or image models' configs, nor
     speculative-decoding assistants. (A multimodal checkpoint whose language model is one arrives
-    here as its text config: `models._language_model_config`.)"""
+    here as its text config: `multimodal.language_model_config`.)"""
     mapping = AutoModelForCausalLM._model_mapping
     fix = "give a decoder-only language model's config (or a multimodal checkpoint whose language model is one)"
+    text = config.get_text_config()
+    if type(config) not in mapping and text is not config:
+        raise ConfigError(f"model.path={path}: {config.model_type}'s language model "
+                          f"({text.model_type}) has no causal-LM class in transformers (AutoModelForCausalLM); {fix}")
     if type(config) not in mapping:
         raise ConfigError(f"model.path={path}: {config.model_type} has no causal-LM class in transformers "
                           f"(AutoModelForCausalLM); {fix}")

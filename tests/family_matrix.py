@@ -91,8 +91,15 @@ def _train_each(rank: int, world_size: int, recipes: dict[str, Config], roots: d
 def run_layout(layout: str, recipes: dict[str, Config]) -> dict[str, str]:
     """Cell per family for one layout (raises if a rank fails at run time)."""
     world, _, _ = LAYOUTS[layout]
+    return run_recipes(world, recipes, exported=layout in LOAD_LAYOUTS)
+
+
+def run_recipes(world: int, recipes: dict[str, Config], exported: bool = False) -> dict[str, str]:
+    """Cell per recipe, all trained in one process group of `world` ranks; with `exported`, each
+    run's checkpoint is exported and compared with save_pretrained (raises if a rank fails at run
+    time)."""
     with tempfile.TemporaryDirectory() as checkpoints:
-        roots = {family: os.path.join(checkpoints, family) for family in recipes} if layout in LOAD_LAYOUTS else {}
+        roots = {family: os.path.join(checkpoints, family) for family in recipes} if exported else {}
         per_rank = run_ranks(_train_each, world, recipes, roots, timeout=900.0)
         cells = {}
         for family, cfg in recipes.items():

@@ -120,32 +120,38 @@ class HiddenStatesOutput(ParallelStyle):
 
 
 class LocalParameters(ParallelStyle):
-    """Places a module's own parameters (those named in `placements` so, the rest replicated) and
-    runs its forward on their local tensors: for a module whose forward is not DTensor-aware (an
-    attention that reads its sinks, a norm between gathered projections). A local tensor's
-    gradient is taken as having the parameter's placement, so a replicated parameter must see the
-    same inputs on every rank (the plan leaves unplaced only what works on whole activations)."""
+    """Places parameters of a module or its sub-modules (`placements`: dotted name relative to the
+    module -> placement) and runs the module's forward on their local tensors: for code that is
+    not DTensor-aware (an attention that reads its sinks, a convolution whose weight its parent
+    reads, a norm between gathered projections). A local tensor's gradient is taken as having the
+    parameter's placement, so a replicated parameter must see the same inputs on every rank (the
+    plan leaves unplaced only what works on whole activations)."""
 
-    def __init__(self, placements: dict[str, Placement] | None = None) -> None:
+    def __init__(self, placements: dict[str, Placement]) -> None:
         super().__init__()
-        self.placements = placements or {}
+        self.placements = placements
 
     def _apply(self, module: nn.Module, device_mesh: DeviceMesh) -> nn.Module:
-        for name, param in list(module.named_parameters(recurse=False)):
-            placement = self.placements.get(name, Replicate())
-            module.register_parameter(name, nn.Parameter(
+        owners = []
+        for name, placement in self.placements.items():
+            owner_name, _, param_name = name.rpartition(".")
+            owner = module.get_submodule(owner_name)
+            param = owner._parameters[param_name]
+            owner.register_parameter(param_name, nn.Parameter(
                 distribute_tensor(param, device_mesh, (placement,), src_data_rank=None),
                 requires_grad=param.requires_grad))
-        held: dict[str, nn.Parameter] = {}
+            owners.append((owner, param_name))
+        held: list[tuple[nn.Module, str, nn.Parameter]] = []
 
-        def to_local(mod: nn.Module, _args: tuple) -> None:
-            for name, param in mod._parameters.items():
-                if isinstance(param, DTensor):
-                    held[name] = param
-                    mod._parameters[name] = param.to_local()
+        def to_local(_module: nn.Module, _args: tuple) -> None:
+            for owner, param_name in owners:
+                param = owner._parameters[param_name]
+                held.append((owner, param_name, param))
+                owner._parameters[param_name] = param.to_local()
 
-        def restore(mod: nn.Module, _args: tuple, _output) -> None:
-            mod._parameters.update(held)
+        def restore(_module: nn.Module, _args: tuple, _output) -> None:
+            for owner, param_name, param in held:
+                owner._parameters[param_name] = param
             held.clear()
 
         module.register_forward_pre_hook(to_local)
@@ -158,20 +164,19 @@ def _all_reduce_in_backward(tensor: torch.Tensor, mesh: DeviceMesh) -> torch.Ten
     return DTensor.from_local(tensor, mesh, (Replicate(),), run_check=False).to_local(grad_placements=(Partial(),))
 
 
-class MlaKvAProjection(LocalParameters):
-    """The `mla_kv_a_proj` style (DeepSeek's multi-head latent attention): the replicated
-    projection to the compressed keys and values plus the rotary key shared by all heads. The
-    compressed part reaches the heads through the column-parallel kv_b projection, which sums its
-    input gradient over the ranks; the rotary key (the last `rope_dim` features) goes straight to
-    this rank's heads, so its gradient is summed here."""
+class MlaKvAProjection(ParallelStyle):
+    """The `mla_kv_a_proj` style (DeepSeek's multi-head latent attention) on the projection to the
+    compressed keys and values plus the rotary key all heads share, whose weights stay replicated
+    (its block runs it on their local tensors). The compressed part reaches the heads through the
+    column-parallel kv_b projection, which sums its input gradient over the ranks; the rotary key
+    (the last `rope_dim` features) goes straight to this rank's heads, so its gradient is summed
+    here."""
 
     def __init__(self, rope_dim: int) -> None:
         super().__init__()
         self.rope_dim = rope_dim
 
     def _apply(self, module: nn.Module, device_mesh: DeviceMesh) -> nn.Module:
-        super()._apply(module, device_mesh)
-
         def hook(_module: nn.Module, _args: tuple, output: torch.Tensor) -> torch.Tensor:
             compressed, rope = output.split([output.shape[-1] - self.rope_dim, self.rope_dim], dim=-1)
             return torch.cat([compressed, _all_reduce_in_backward(rope, device_mesh)], dim=-1)
@@ -292,14 +297,14 @@ def _layer_styles(context: _Context, layer: nn.Module, planned: dict[str, str],
 def _block_styles(context: _Context, cls: str, block_name: str, block: nn.Module, planned: dict[str, str],
                   planned_params: dict[str, str]) -> dict[str, ParallelStyle]:
     """Styles of one block of a layer (attention, MLP) that its plan places modules in: its input
-    gathered along the sequence, its planned modules, its unplanned parameters replicated, and its
+    gathered along the sequence, its planned modules, the parameters it runs on local tensors
+    (those of `local_params` modules, and those the plan leaves unplaced, replicated), and its
     output back to the sequence slice (reduce-scattered by its output projection, or sliced)."""
     family = context.family
     modules = dict(block.named_modules(prefix=block_name))
     local_owners = {name for name, style in planned.items() if style == _LOCAL_PARAMS}
     for name, style in planned_params.items():
-        owner, _, param = name.rpartition(".")
-        if owner not in local_owners or style not in _PARAMETER_PLACEMENTS:
+        if name.rpartition(".")[0] not in local_owners or style not in _PARAMETER_PLACEMENTS:
             raise ValueError(f"{family}: its TP plan styles the parameter {cls}.{name} {style!r} without "
                              "local_params on its module, which tensor parallel does not support; use parallel.tp=1")
     shards_activations = any(style in _SHARDS_ACTIVATIONS for style in planned.values())
@@ -307,39 +312,41 @@ def _block_styles(context: _Context, cls: str, block_name: str, block: nn.Module
                if style in _ROWWISE and getattr(modules[name], "out_features", None) == context.width]
     block_output = outputs[0] if len(outputs) == 1 else None
     styles: dict[str, ParallelStyle] = {}
+    local: dict[str, Placement] = {}  # by dotted name, the block's own prefixed
     for name, module in modules.items():
         style = planned.get(name)
-        if style == _LOCAL_PARAMS:
-            placements = {param.rpartition(".")[2]: _PARAMETER_PLACEMENTS[planned_params[param]]
-                          for param in planned_params if param.rpartition(".")[0] == name}
-            styles[name] = LocalParameters(placements)
-        elif style == _MLA_KV_A:
-            if context.rope_dim is None:
-                raise ValueError(f"{family}: its TP plan styles {cls}.{name} 'mla_kv_a_proj' but its config has no "
-                                 "qk_rope_head_dim; use parallel.tp=1")
-            styles[name] = MlaKvAProjection(context.rope_dim)
-        elif style is not None:
-            expected = _MODULE_TYPES.get(style, nn.Module)
-            if not isinstance(module, expected):
-                raise ValueError(f"{family}: its TP plan styles {cls}.{name} ({type(module).__name__}) {style!r}, "
-                                 f"which tensor parallel applies to {expected.__name__} only; use parallel.tp=1")
-            styles[name] = _STYLES[style](Shard(1) if name == block_output else Replicate())
-        elif _owns_parameters(module) and not any(name.startswith(other + ".") for other, style in planned.items()
-                                                  if style != _LOCAL_PARAMS):
+        own = [f"{name}.{param}" for param, value in module._parameters.items() if value is not None]
+        if style in (_LOCAL_PARAMS, _MLA_KV_A) or style is None:
+            if style is None and not own or any(name.startswith(other + ".") for other, other_style in planned.items()
+                                                 if other_style not in (_LOCAL_PARAMS, _MLA_KV_A)):
+                continue
             # Parameters the plan leaves unplaced work on whole activations (transformers keeps them
             # replicated): a norm between gathered projections, MLA's low-rank query projection.
-            if _holds_grouped_weights(module):
+            if style is None and _holds_grouped_weights(module):
                 raise ValueError(f"{family}: {cls}.{name} ({type(module).__name__}) holds routed experts, which its "
                                  "TP plan does not place; use parallel.ep for them or parallel.tp=1")
-            if name == block_name and shards_activations:
+            if style is None and name == block_name and shards_activations:
                 raise ValueError(f"{family}: {cls}.{name} ({type(module).__name__}) holds parameters its TP plan "
                                  "does not place beside column-parallel projections; use parallel.tp=1")
-            styles[name] = LocalParameters()
+            local.update((param, _PARAMETER_PLACEMENTS[planned_params[param]] if param in planned_params
+                          else Replicate()) for param in own)
+            if style == _MLA_KV_A:
+                if context.rope_dim is None:
+                    raise ValueError(f"{family}: its TP plan styles {cls}.{name} 'mla_kv_a_proj' but its config has "
+                                     "no qk_rope_head_dim; use parallel.tp=1")
+                styles[name] = MlaKvAProjection(context.rope_dim)
+            continue
+        expected = _MODULE_TYPES.get(style, nn.Module)
+        if not isinstance(module, expected):
+            raise ValueError(f"{family}: its TP plan styles {cls}.{name} ({type(module).__name__}) {style!r}, "
+                             f"which tensor parallel applies to {expected.__name__} only; use parallel.tp=1")
+        styles[name] = _STYLES[style](Shard(1) if name == block_output else Replicate())
     boundary = [HiddenStatesInput(Shard(1), Replicate())]
     if block_output is None:
         boundary.append(HiddenStatesOutput(Replicate(), Shard(1)))
-    block_style = styles.pop(block_name, None)
-    styles[block_name] = Styles(*boundary, *([block_style] if block_style else []))
+    if local:
+        boundary.append(LocalParameters({name[len(block_name) + 1:]: placement for name, placement in local.items()}))
+    styles[block_name] = Styles(*boundary)
     return styles
 
 

@@ -285,6 +285,11 @@ def _layer_styles(context: _Context, layer: nn.Module, planned: dict[str, str],
         if not inside(planned) and not inside(planned_params):
             if next(child.parameters(), None) is None:
                 continue
+            experts = next((name for name, module in child.named_modules(prefix=child_name)
+                            if _holds_grouped_weights(module)), None)
+            if experts is not None:
+                raise ValueError(f"{family}: {cls}.{experts} ({type(layer.get_submodule(experts)).__name__}) holds "
+                                 "routed experts, which its TP plan does not place; use parallel.tp=1")
             if not _is_norm(child):
                 raise ValueError(f"{family}: {cls}.{child_name} ({type(child).__name__}) holds parameters its TP "
                                  "plan does not place; use parallel.tp=1")
@@ -324,7 +329,7 @@ def _block_styles(context: _Context, cls: str, block_name: str, block: nn.Module
             # replicated): a norm between gathered projections, MLA's low-rank query projection.
             if style is None and _holds_grouped_weights(module):
                 raise ValueError(f"{family}: {cls}.{name} ({type(module).__name__}) holds routed experts, which its "
-                                 "TP plan does not place; use parallel.ep for them or parallel.tp=1")
+                                 "TP plan does not place; use parallel.tp=1")
             if style is None and name == block_name and shards_activations:
                 raise ValueError(f"{family}: {cls}.{name} ({type(module).__name__}) holds parameters its TP plan "
                                  "does not place beside column-parallel projections; use parallel.tp=1")

@@ -52,6 +52,8 @@ _STYLES: dict[str, Callable[[Placement], ParallelStyle]] = {
 _ROWWISE = ("rowwise", "rowwise_split_input")
 # Styles whose output is sharded along the features: the activations after them differ per rank.
 _SHARDS_ACTIVATIONS = ("colwise",)
+# Styles of the modules of a block that reads its input only through column-parallel projections.
+_PROJECTION_BLOCK = ("colwise", "rowwise", "replicated_with_grad_allreduce")
 # Styles of a module that runs on its own parameters' local tensors (handled below, not in _STYLES).
 _MLA_KV_A = "mla_kv_a_proj"
 _LOCAL_PARAMS = "local_params"
@@ -75,27 +77,33 @@ class TensorParallelParts:
     head: nn.Module
 
 
-def _redistribute(tensor: torch.Tensor, mesh: DeviceMesh, current: Placement, desired: Placement) -> torch.Tensor:
+def _redistribute(tensor: torch.Tensor, mesh: DeviceMesh, current: Placement, desired: Placement,
+                  partial_gradient: bool = False) -> torch.Tensor:
     assert not isinstance(tensor, DTensor), "hidden states travel between modules as local tensors"
     as_dtensor = DTensor.from_local(tensor, mesh, (current,), run_check=False)
-    return as_dtensor.redistribute(placements=(desired,)).to_local()
+    gradient = (Partial(),) if partial_gradient else None
+    return as_dtensor.redistribute(placements=(desired,)).to_local(grad_placements=gradient)
 
 
 class HiddenStatesInput(ParallelStyle):
     """Redistributes a module's hidden states (its first positional argument, or the
     `hidden_states` keyword HF layers pass) from one placement to another, handing on a local
-    tensor."""
+    tensor. With `partial_gradient`, the gradient the module hands back is this rank's share of
+    the sum over the ranks (its column-parallel projections' input gradients, left unreduced):
+    the backward of a gather along the sequence is then one reduce-scatter."""
 
-    def __init__(self, current: Placement, desired: Placement) -> None:
+    def __init__(self, current: Placement, desired: Placement, partial_gradient: bool = False) -> None:
         super().__init__()
-        self.current, self.desired = current, desired
+        self.current, self.desired, self.partial_gradient = current, desired, partial_gradient
 
     def _apply(self, module: nn.Module, device_mesh: DeviceMesh) -> nn.Module:
+        def redistribute(tensor: torch.Tensor) -> torch.Tensor:
+            return _redistribute(tensor, device_mesh, self.current, self.desired, self.partial_gradient)
+
         def hook(_module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
             if args:
-                return (_redistribute(args[0], device_mesh, self.current, self.desired), *args[1:]), kwargs
-            hidden = _redistribute(kwargs["hidden_states"], device_mesh, self.current, self.desired)
-            return args, {**kwargs, "hidden_states": hidden}
+                return (redistribute(args[0]), *args[1:]), kwargs
+            return args, {**kwargs, "hidden_states": redistribute(kwargs["hidden_states"])}
 
         module.register_forward_pre_hook(hook, with_kwargs=True)
         return module
@@ -313,6 +321,12 @@ def _block_styles(context: _Context, cls: str, block_name: str, block: nn.Module
             raise ValueError(f"{family}: its TP plan styles the parameter {cls}.{name} {style!r} without "
                              "local_params on its module, which tensor parallel does not support; use parallel.tp=1")
     shards_activations = any(style in _SHARDS_ACTIVATIONS for style in planned.values())
+    # A block whose every parameter is in a column- or row-parallel projection (or a per-head norm
+    # after one) reads its input only through its column-parallel projections: each runs on its
+    # local weight rows and hands back an unreduced input gradient, which the block's input
+    # reduce-scatters once (Megatron's sequence parallel), not an all-reduce per projection.
+    only_projections = all(planned.get(name) in _PROJECTION_BLOCK for name, module in modules.items()
+                           if _owns_parameters(module))
     outputs = [name for name, style in planned.items()
                if style in _ROWWISE and getattr(modules[name], "out_features", None) == context.width]
     block_output = outputs[0] if len(outputs) == 1 else None
@@ -345,8 +359,12 @@ def _block_styles(context: _Context, cls: str, block_name: str, block: nn.Module
         if not isinstance(module, expected):
             raise ValueError(f"{family}: its TP plan styles {cls}.{name} ({type(module).__name__}) {style!r}, "
                              f"which tensor parallel applies to {expected.__name__} only; use parallel.tp=1")
-        styles[name] = _STYLES[style](Shard(1) if name == block_output else Replicate())
-    boundary = [HiddenStatesInput(Shard(1), Replicate())]
+        if style == "colwise" and only_projections:
+            styles[name] = LocalParameters({param: Shard(0) for param, value in module._parameters.items()
+                                            if value is not None})
+        else:
+            styles[name] = _STYLES[style](Shard(1) if name == block_output else Replicate())
+    boundary = [HiddenStatesInput(Shard(1), Replicate(), partial_gradient=only_projections)]
     if block_output is None:
         boundary.append(HiddenStatesOutput(Replicate(), Shard(1)))
     if local:

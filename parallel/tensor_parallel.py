@@ -9,8 +9,10 @@ not what FSDP2 is tested with.
 Sequence parallel (Megatron SP) is always on: between the blocks of a decoder layer the residual
 stream and the norms hold this rank's slice of the sequence (Shard(1)); each block that holds
 planned modules (attention, MLP) all-gathers its input, its column-parallel projections give
-this rank's heads or features, and its row-parallel projection reduce-scatters back to the
-sequence slice. The embeddings and the LM head are sharded over the vocabulary; the head's
+this rank's heads or features, and its row-parallel output projection reduce-scatters back to
+the sequence slice (a block without one, gathered throughout, has its output cut to the slice).
+Parameters the plan leaves unplaced inside a planned block work on whole activations, as
+transformers keeps them: they stay replicated, and the block runs them as local tensors. The embeddings and the LM head are sharded over the vocabulary; the head's
 logits stay vocabulary-sharded (a DTensor) through the family's logit processing into the loss
 (parallel/vocab_parallel_loss.py). The base model's forward reads positions and the mask from
 the whole embedded sequence, so the sequence is split at the first layer's input, not at the

@@ -260,17 +260,14 @@ def layer_styles(parts: TensorParallelParts) -> list[dict[str, ParallelStyle]]:
         in_layer = {name[len(prefix):]: style for name, style in planned.items() if name.startswith(prefix)}
         params = {name[len(prefix):]: style for name, style in planned_params.items() if name.startswith(prefix)}
         styles.append(_layer_styles(context, layer, in_layer, params))
-    placed = {names[layer] + "." + name for layer in layers for name in [*_covered_names(layer)]}
-    outside = sorted(name for name in {*planned, *planned_params} - placed
+    in_layers = {f"{names[layer]}.{name}" for layer in layers
+                 for name in [*dict(layer.named_modules()), *dict(layer.named_parameters())]}
+    outside = sorted(name for name in {*planned, *planned_params} - in_layers
                      if not (name == names.get(parts.embeddings) and planned.get(name) == "embedding_rowwise"))
     if outside:
         raise ValueError(f"{family}: its TP plan places {outside[0]} outside the decoder layers, which tensor "
                          "parallel does not support; use parallel.tp=1")
     return styles
-
-
-def _covered_names(layer: nn.Module) -> list[str]:
-    return [name for name, _ in layer.named_modules()] + [name for name, _ in layer.named_parameters()]
 
 
 @dataclass(frozen=True)
@@ -288,11 +285,8 @@ def _layer_styles(context: _Context, layer: nn.Module, planned: dict[str, str],
                          "use parallel.tp=1")
     styles: dict[str, ParallelStyle] = {}
     for child_name, child in layer.named_children():
-        def inside(names: dict[str, str]) -> dict[str, str]:
-            return {name: style for name, style in names.items()
-                    if name == child_name or name.startswith(child_name + ".")}
-
-        if not inside(planned) and not inside(planned_params):
+        in_child, params_in_child = _under(planned, child_name), _under(planned_params, child_name)
+        if not in_child and not params_in_child:
             if next(child.parameters(), None) is None:
                 continue
             experts = next((name for name, module in child.named_modules(prefix=child_name)
@@ -305,8 +299,12 @@ def _layer_styles(context: _Context, layer: nn.Module, planned: dict[str, str],
                                  "plan does not place; use parallel.tp=1")
             styles[child_name] = SequenceParallel(use_local_output=True)
             continue
-        styles.update(_block_styles(context, cls, child_name, child, inside(planned), inside(planned_params)))
+        styles.update(_block_styles(context, cls, child_name, child, in_child, params_in_child))
     return styles
+
+
+def _under(names: dict[str, str], prefix: str) -> dict[str, str]:
+    return {name: style for name, style in names.items() if name == prefix or name.startswith(prefix + ".")}
 
 
 def _block_styles(context: _Context, cls: str, block_name: str, block: nn.Module, planned: dict[str, str],
@@ -338,8 +336,9 @@ def _block_styles(context: _Context, cls: str, block_name: str, block: nn.Module
         style = planned.get(name)
         own = [f"{name}.{param}" for param, value in module._parameters.items() if value is not None]
         if style in (_LOCAL_PARAMS, _MLA_KV_A) or style is None:
-            if style is None and not own or any(name.startswith(other + ".") for other, other_style in planned.items()
-                                                 if other_style not in (_LOCAL_PARAMS, _MLA_KV_A)):
+            inside_planned = any(name.startswith(other + ".") for other, other_style in planned.items()
+                                 if other_style in _STYLES)
+            if inside_planned or (style is None and not own):
                 continue
             # Parameters the plan leaves unplaced work on whole activations (transformers keeps them
             # replicated): a norm between gathered projections, MLA's low-rank query projection.

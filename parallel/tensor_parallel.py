@@ -320,6 +320,11 @@ def _block_styles(context: _Context, cls: str, block_name: str, block: nn.Module
         if name.rpartition(".")[0] not in local_owners or style not in _PARAMETER_PLACEMENTS:
             raise ValueError(f"{family}: its TP plan styles the parameter {cls}.{name} {style!r} without "
                              "local_params on its module, which tensor parallel does not support; use parallel.tp=1")
+    experts = next((name for name, module in modules.items() if name not in planned and _holds_grouped_weights(module)),
+                   None)
+    if experts is not None:
+        raise ValueError(f"{family}: {cls}.{experts} ({type(modules[experts]).__name__}) holds routed experts, which "
+                         "its TP plan does not place; use parallel.tp=1")
     shards_activations = any(style in _SHARDS_ACTIVATIONS for style in planned.values())
     # A block whose every parameter is in a column- or row-parallel projection (or a per-head norm
     # after one) reads its input only through its column-parallel projections: each runs on its
@@ -342,10 +347,11 @@ def _block_styles(context: _Context, cls: str, block_name: str, block: nn.Module
                 continue
             # Parameters the plan leaves unplaced work on whole activations (transformers keeps them
             # replicated): a norm between gathered projections, MLA's low-rank query projection.
-            if style is None and _holds_grouped_weights(module):
-                raise ValueError(f"{family}: {cls}.{name} ({type(module).__name__}) holds routed experts, which its "
-                                 "TP plan does not place; use parallel.tp=1")
-            if style is None and name == block_name and shards_activations:
+            # Beside column-parallel projections, an unplaced Linear or norm can only take whole
+            # activations (a sharded one would not fit its width); anything else (a learnable
+            # activation, a block's own gates) might take this rank's features, whose gradient
+            # must be summed over the ranks.
+            if style is None and shards_activations and not (isinstance(module, nn.Linear) or _is_norm(module)):
                 raise ValueError(f"{family}: {cls}.{name} ({type(module).__name__}) holds parameters its TP plan "
                                  "does not place beside column-parallel projections; use parallel.tp=1")
             local.update((param, _PARAMETER_PLACEMENTS[planned_params[param]] if param in planned_params

@@ -131,6 +131,8 @@ def test_activation_checkpointing_is_bitwise_and_selective_recomputes_no_collect
     ("qwen3_moe", dict(num_experts=4, num_experts_per_tok=2), "Qwen3MoeExperts) holds routed experts"),
     ("lfm2", {}, "Lfm2Attention) holds parameters its TP plan does not place"),
     ("doge", {}, "DogeDecoderLayer holds parameters of its own"),
+    # A learnable activation between column- and row-parallel projections sees this rank's features.
+    ("apertus", {}, "mlp.act_fn (XIELUActivation) holds parameters its TP plan does not place beside column-parallel"),
 ])
 def test_plans_it_cannot_honour_are_refused_in_one_line(family, fields, message):
     config = AutoConfig.for_model(family, hidden_size=32, num_attention_heads=2, num_key_value_heads=2,

@@ -9,8 +9,10 @@ not what FSDP2 is tested with.
 Sequence parallel (Megatron SP) is always on: between the blocks of a decoder layer the residual
 stream and the norms hold this rank's slice of the sequence (Shard(1)); each block that holds
 planned modules (attention, MLP) all-gathers its input, its column-parallel projections give
-this rank's heads or features, and its row-parallel projection reduce-scatters back to the
-sequence slice. The embeddings and the LM head are sharded over the vocabulary; the head's
+this rank's heads or features, and its row-parallel output projection reduce-scatters back to
+the sequence slice (a block without one, gathered throughout, has its output cut to the slice).
+Parameters the plan leaves unplaced inside a planned block work on whole activations, as
+transformers keeps them: they stay replicated, and the block runs them as local tensors. The embeddings and the LM head are sharded over the vocabulary; the head's
 logits stay vocabulary-sharded (a DTensor) through the family's logit processing into the loss
 (parallel/vocab_parallel_loss.py). The base model's forward reads positions and the mask from
 the whole embedded sequence, so the sequence is split at the first layer's input, not at the
@@ -20,25 +22,49 @@ embeddings.
 from __future__ import annotations
 
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
+import torch
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
-from torch.distributed.tensor import DTensor, Placement, Replicate, Shard
+from torch.distributed.tensor import DTensor, Partial, Placement, Replicate, Shard, distribute_tensor
 from torch.distributed.tensor.parallel import (ColwiseParallel, ParallelStyle, RowwiseParallel, SequenceParallel,
                                                parallelize_module)
 
-# The family plan's styles this translation honours, and what each becomes. A module styled
-# `replicated_with_grad_allreduce` (Qwen3's per-head q/k norms) works on rows that differ per rank
-# (this rank's heads): replicated weights over inputs sharded along any leading dimension give the
-# summed gradient, so SequenceParallel over dim 0 is that style.
-_STYLES = {
-    "colwise": lambda: ColwiseParallel(),
-    "rowwise": lambda: RowwiseParallel(output_layouts=Shard(1)),
-    "replicated_with_grad_allreduce": lambda: SequenceParallel(sequence_dim=0, use_local_output=True),
+# The family plan's styles this translation honours, and what each becomes; `output` is the
+# placement a row-parallel projection's output takes (Shard(1), the sequence slice, where it ends
+# its block; Replicate() where the block reads it again). `colwise_gather_output` and
+# `rowwise_split_input` shard the weights of a block whose activations stay whole (a norm over
+# all heads, a fused projection split after it): the outputs are gathered along the features and
+# the row-parallel input split locally. A module styled `replicated_with_grad_allreduce` (Qwen3's
+# per-head q/k norms) works on rows that differ per rank (this rank's heads): replicated weights
+# over inputs sharded along any leading dimension give the summed gradient, so SequenceParallel
+# over dim 0 is that style. `embedding_rowwise` shards a table along the vocabulary and sums the
+# ranks' lookups.
+_STYLES: dict[str, Callable[[Placement], ParallelStyle]] = {
+    "colwise": lambda output: ColwiseParallel(),
+    "colwise_gather_output": lambda output: ColwiseParallel(output_layouts=Replicate()),
+    "rowwise": lambda output: RowwiseParallel(output_layouts=output),
+    "rowwise_split_input": lambda output: RowwiseParallel(input_layouts=Replicate(), output_layouts=output),
+    "replicated_with_grad_allreduce": lambda output: SequenceParallel(sequence_dim=0, use_local_output=True),
+    "embedding_rowwise": lambda output: RowwiseParallel(input_layouts=Replicate(), output_layouts=Replicate()),
 }
-SUPPORTED_STYLES = tuple(_STYLES)
+# Styles of row-parallel projections: their output is a partial sum until reduced.
+_ROWWISE = ("rowwise", "rowwise_split_input")
+# Styles whose output is sharded along the features: the activations after them differ per rank.
+_SHARDS_ACTIVATIONS = ("colwise",)
+# Styles of the modules of a block that reads its input only through column-parallel projections.
+_PROJECTION_BLOCK = ("colwise", "rowwise", "replicated_with_grad_allreduce")
+# Styles of a module that runs on its own parameters' local tensors (handled below, not in _STYLES).
+_MLA_KV_A = "mla_kv_a_proj"
+_LOCAL_PARAMS = "local_params"
+# Placement of a bare parameter (attention sinks, per-head gate biases) by its plan style.
+_PARAMETER_PLACEMENTS = {"colwise": Shard(0)}
+SUPPORTED_STYLES = (*_STYLES, _MLA_KV_A, _LOCAL_PARAMS)
+# What torch's DTensor styles shard, by plan style.
+_MODULE_TYPES = {"colwise": nn.Linear, "colwise_gather_output": nn.Linear, "rowwise": nn.Linear,
+                 "rowwise_split_input": nn.Linear, "embedding_rowwise": nn.Embedding}
 
 
 @dataclass(frozen=True)
@@ -53,20 +79,28 @@ class TensorParallelParts:
     head: nn.Module
 
 
+def _redistribute(tensor: torch.Tensor, mesh: DeviceMesh, current: Placement, desired: Placement,
+                  partial_gradient: bool = False) -> torch.Tensor:
+    assert not isinstance(tensor, DTensor), "hidden states travel between modules as local tensors"
+    as_dtensor = DTensor.from_local(tensor, mesh, (current,), run_check=False)
+    gradient = (Partial(),) if partial_gradient else None
+    return as_dtensor.redistribute(placements=(desired,)).to_local(grad_placements=gradient)
+
+
 class HiddenStatesInput(ParallelStyle):
     """Redistributes a module's hidden states (its first positional argument, or the
     `hidden_states` keyword HF layers pass) from one placement to another, handing on a local
-    tensor."""
+    tensor. With `partial_gradient`, the gradient the module hands back is this rank's share of
+    the sum over the ranks (its column-parallel projections' input gradients, left unreduced):
+    the backward of a gather along the sequence is then one reduce-scatter."""
 
-    def __init__(self, current: Placement, desired: Placement) -> None:
+    def __init__(self, current: Placement, desired: Placement, partial_gradient: bool = False) -> None:
         super().__init__()
-        self.current, self.desired = current, desired
+        self.current, self.desired, self.partial_gradient = current, desired, partial_gradient
 
     def _apply(self, module: nn.Module, device_mesh: DeviceMesh) -> nn.Module:
-        def redistribute(tensor):
-            assert not isinstance(tensor, DTensor), "hidden states travel between modules as local tensors"
-            as_dtensor = DTensor.from_local(tensor, device_mesh, (self.current,), run_check=False)
-            return as_dtensor.redistribute(placements=(self.desired,)).to_local()
+        def redistribute(tensor: torch.Tensor) -> torch.Tensor:
+            return _redistribute(tensor, device_mesh, self.current, self.desired, self.partial_gradient)
 
         def hook(_module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
             if args:
@@ -74,6 +108,103 @@ class HiddenStatesInput(ParallelStyle):
             return args, {**kwargs, "hidden_states": redistribute(kwargs["hidden_states"])}
 
         module.register_forward_pre_hook(hook, with_kwargs=True)
+        return module
+
+
+class HiddenStatesOutput(ParallelStyle):
+    """Redistributes a module's output (a tensor, or the first of a tuple) from one placement to
+    another, handing on a local tensor."""
+
+    def __init__(self, current: Placement, desired: Placement) -> None:
+        super().__init__()
+        self.current, self.desired = current, desired
+
+    def _apply(self, module: nn.Module, device_mesh: DeviceMesh) -> nn.Module:
+        def hook(_module: nn.Module, _args: tuple, output):
+            if isinstance(output, tuple):
+                return (_redistribute(output[0], device_mesh, self.current, self.desired), *output[1:])
+            return _redistribute(output, device_mesh, self.current, self.desired)
+
+        module.register_forward_hook(hook)
+        return module
+
+
+class LocalParameters(ParallelStyle):
+    """Places parameters of a module or its sub-modules (`placements`: dotted name relative to the
+    module -> placement) and runs the module's forward on their local tensors: for code that is
+    not DTensor-aware (an attention that reads its sinks, a convolution whose weight its parent
+    reads, a norm between gathered projections). A local tensor's gradient is taken as having the
+    parameter's placement, so a replicated parameter must see the same inputs on every rank (the
+    plan leaves unplaced only what works on whole activations)."""
+
+    def __init__(self, placements: dict[str, Placement]) -> None:
+        super().__init__()
+        self.placements = placements
+
+    def _apply(self, module: nn.Module, device_mesh: DeviceMesh) -> nn.Module:
+        owners = []
+        for name, placement in self.placements.items():
+            owner_name, _, param_name = name.rpartition(".")
+            owner = module.get_submodule(owner_name)
+            param = owner._parameters[param_name]
+            owner.register_parameter(param_name, nn.Parameter(
+                distribute_tensor(param, device_mesh, (placement,), src_data_rank=None),
+                requires_grad=param.requires_grad))
+            owners.append((owner, param_name))
+        held: list[tuple[nn.Module, str, nn.Parameter]] = []
+
+        def to_local(_module: nn.Module, _args: tuple) -> None:
+            for owner, param_name in owners:
+                param = owner._parameters[param_name]
+                held.append((owner, param_name, param))
+                owner._parameters[param_name] = param.to_local()
+
+        def restore(_module: nn.Module, _args: tuple, _output) -> None:
+            for owner, param_name, param in held:
+                owner._parameters[param_name] = param
+            held.clear()
+
+        module.register_forward_pre_hook(to_local)
+        module.register_forward_hook(restore)
+        return module
+
+
+def _all_reduce_in_backward(tensor: torch.Tensor, mesh: DeviceMesh) -> torch.Tensor:
+    """`tensor` unchanged; its gradient summed over the mesh (each rank's holds its heads' part)."""
+    return DTensor.from_local(tensor, mesh, (Replicate(),), run_check=False).to_local(grad_placements=(Partial(),))
+
+
+class MlaKvAProjection(ParallelStyle):
+    """The `mla_kv_a_proj` style (DeepSeek's multi-head latent attention) on the projection to the
+    compressed keys and values plus the rotary key all heads share, whose weights stay replicated
+    (its block runs it on their local tensors). The compressed part reaches the heads through the
+    column-parallel kv_b projection, which sums its input gradient over the ranks; the rotary key
+    (the last `rope_dim` features) goes straight to this rank's heads, so its gradient is summed
+    here."""
+
+    def __init__(self, rope_dim: int) -> None:
+        super().__init__()
+        self.rope_dim = rope_dim
+
+    def _apply(self, module: nn.Module, device_mesh: DeviceMesh) -> nn.Module:
+        def hook(_module: nn.Module, _args: tuple, output: torch.Tensor) -> torch.Tensor:
+            compressed, rope = output.split([output.shape[-1] - self.rope_dim, self.rope_dim], dim=-1)
+            return torch.cat([compressed, _all_reduce_in_backward(rope, device_mesh)], dim=-1)
+
+        module.register_forward_hook(hook)
+        return module
+
+
+class Styles(ParallelStyle):
+    """Several styles on one module, applied in order."""
+
+    def __init__(self, *styles: ParallelStyle) -> None:
+        super().__init__()
+        self.styles = styles
+
+    def _apply(self, module: nn.Module, device_mesh: DeviceMesh) -> nn.Module:
+        for style in self.styles:
+            module = style._apply(module, device_mesh)
         return module
 
 
@@ -90,6 +221,22 @@ def _owns_parameters(module: nn.Module) -> bool:
     return next(module.parameters(recurse=False), None) is not None
 
 
+def _holds_grouped_weights(module: nn.Module) -> bool:
+    """Routed experts keep one weight per expert stacked in 3-D tensors (transformers' fused layout)."""
+    return (not isinstance(module, nn.modules.conv._ConvNd)
+            and any(param.ndim >= 3 for param in module.parameters(recurse=False)))
+
+
+def _matches(plan: dict[str, str], names: list[str]) -> dict[str, str]:
+    patterns = [(_pattern(key), style) for key, style in plan.items()]
+    matched = {}
+    for name in names:
+        style = next((style for pattern, style in patterns if pattern.fullmatch(name)), None)
+        if style is not None:
+            matched[name] = style
+    return matched
+
+
 def layer_styles(parts: TensorParallelParts) -> list[dict[str, ParallelStyle]]:
     """For each decoder layer, its sub-modules' styles by name relative to the layer. Raises
     ValueError (one line naming the family, and the style or module) for a plan this translation
@@ -99,54 +246,137 @@ def layer_styles(parts: TensorParallelParts) -> list[dict[str, ParallelStyle]]:
         raise ValueError(f"{family}: transformers ships no tensor-parallel plan for it (config.base_model_tp_plan); "
                          "use parallel.tp=1")
     for key, style in plan.items():
-        if style not in _STYLES:
+        if style not in SUPPORTED_STYLES:
             raise ValueError(f"{family}: its TP plan styles {key} {style!r}, which tensor parallel does not "
                              f"support (supported: {', '.join(SUPPORTED_STYLES)}); use parallel.tp=1")
-    patterns = [(_pattern(key), style) for key, style in plan.items()]
     names = {module: name for name, module in base.named_modules()}
-    planned = {}
-    for name, module in base.named_modules():
-        style = next((style for pattern, style in patterns if pattern.fullmatch(name)), None)
-        if style is not None:
-            planned[name] = style
+    planned = _matches(plan, list(names.values()))
+    planned_params = _matches(plan, [name for name, _ in base.named_parameters()])
+    context = _Context(family, width=parts.embeddings.weight.shape[-1],
+                       rope_dim=getattr(getattr(base, "config", None), "qk_rope_head_dim", None))
     styles = []
     for layer in layers:
         prefix = names[layer] + "."
         in_layer = {name[len(prefix):]: style for name, style in planned.items() if name.startswith(prefix)}
-        styles.append(_layer_styles(family, layer, in_layer))
-    outside = sorted(set(planned) - {names[layer] + "." + name for layer, own in zip(layers, styles) for name in own})
+        params = {name[len(prefix):]: style for name, style in planned_params.items() if name.startswith(prefix)}
+        styles.append(_layer_styles(context, layer, in_layer, params))
+    in_layers = {f"{names[layer]}.{name}" for layer in layers
+                 for name in [*dict(layer.named_modules()), *dict(layer.named_parameters())]}
+    outside = sorted(name for name in {*planned, *planned_params} - in_layers
+                     if not (name == names.get(parts.embeddings) and planned.get(name) == "embedding_rowwise"))
     if outside:
         raise ValueError(f"{family}: its TP plan places {outside[0]} outside the decoder layers, which tensor "
                          "parallel does not support; use parallel.tp=1")
     return styles
 
 
-def _layer_styles(family: str, layer: nn.Module, planned: dict[str, str]) -> dict[str, ParallelStyle]:
-    cls = type(layer).__name__
+@dataclass(frozen=True)
+class _Context:
+    family: str  # for messages
+    width: int  # the residual stream's features
+    rope_dim: int | None  # the config's qk_rope_head_dim (MLA)
+
+
+def _layer_styles(context: _Context, layer: nn.Module, planned: dict[str, str],
+                  planned_params: dict[str, str]) -> dict[str, ParallelStyle]:
+    family, cls = context.family, type(layer).__name__
     if _owns_parameters(layer):
         raise ValueError(f"{family}: {cls} holds parameters of its own, which its TP plan does not place; "
                          "use parallel.tp=1")
     styles: dict[str, ParallelStyle] = {}
     for child_name, child in layer.named_children():
-        inside = {name: style for name, style in planned.items() if name.startswith(child_name + ".")}
-        if not inside:
+        in_child, params_in_child = _under(planned, child_name), _under(planned_params, child_name)
+        if not in_child and not params_in_child:
             if next(child.parameters(), None) is None:
                 continue
+            experts = next((name for name, module in child.named_modules(prefix=child_name)
+                            if _holds_grouped_weights(module)), None)
+            if experts is not None:
+                raise ValueError(f"{family}: {cls}.{experts} ({type(layer.get_submodule(experts)).__name__}) holds "
+                                 "routed experts, which its TP plan does not place; use parallel.tp=1")
             if not _is_norm(child):
                 raise ValueError(f"{family}: {cls}.{child_name} ({type(child).__name__}) holds parameters its TP "
                                  "plan does not place; use parallel.tp=1")
             styles[child_name] = SequenceParallel(use_local_output=True)
             continue
-        if "rowwise" not in inside.values():
-            raise ValueError(f"{family}: {cls}.{child_name} has no rowwise module in its TP plan to bring its "
-                             "output back to the sequence-sharded residual stream; use parallel.tp=1")
-        for name, module in child.named_modules(prefix=child_name):
-            covered = any(name == other or name.startswith(other + ".") for other in inside)
-            if _owns_parameters(module) and not covered:
+        styles.update(_block_styles(context, cls, child_name, child, in_child, params_in_child))
+    return styles
+
+
+def _under(names: dict[str, str], prefix: str) -> dict[str, str]:
+    return {name: style for name, style in names.items() if name == prefix or name.startswith(prefix + ".")}
+
+
+def _block_styles(context: _Context, cls: str, block_name: str, block: nn.Module, planned: dict[str, str],
+                  planned_params: dict[str, str]) -> dict[str, ParallelStyle]:
+    """Styles of one block of a layer (attention, MLP) that its plan places modules in: its input
+    gathered along the sequence, its planned modules, the parameters it runs on local tensors
+    (those of `local_params` modules, and those the plan leaves unplaced, replicated), and its
+    output back to the sequence slice (reduce-scattered by its output projection, or sliced)."""
+    family = context.family
+    modules = dict(block.named_modules(prefix=block_name))
+    local_owners = {name for name, style in planned.items() if style == _LOCAL_PARAMS}
+    for name, style in planned_params.items():
+        if name.rpartition(".")[0] not in local_owners or style not in _PARAMETER_PLACEMENTS:
+            raise ValueError(f"{family}: its TP plan styles the parameter {cls}.{name} {style!r} without "
+                             "local_params on its module, which tensor parallel does not support; use parallel.tp=1")
+    experts = next((name for name, module in modules.items() if name not in planned and _holds_grouped_weights(module)),
+                   None)
+    if experts is not None:
+        raise ValueError(f"{family}: {cls}.{experts} ({type(modules[experts]).__name__}) holds routed experts, which "
+                         "its TP plan does not place; use parallel.tp=1")
+    shards_activations = any(style in _SHARDS_ACTIVATIONS for style in planned.values())
+    # A block whose every parameter is in a column- or row-parallel projection (or a per-head norm
+    # after one) reads its input only through its column-parallel projections: each runs on its
+    # local weight rows and hands back an unreduced input gradient, which the block's input
+    # reduce-scatters once (Megatron's sequence parallel), not an all-reduce per projection.
+    only_projections = all(planned.get(name) in _PROJECTION_BLOCK for name, module in modules.items()
+                           if _owns_parameters(module))
+    outputs = [name for name, style in planned.items()
+               if style in _ROWWISE and getattr(modules[name], "out_features", None) == context.width]
+    block_output = outputs[0] if len(outputs) == 1 else None
+    styles: dict[str, ParallelStyle] = {}
+    local: dict[str, Placement] = {}  # by dotted name, the block's own prefixed
+    for name, module in modules.items():
+        style = planned.get(name)
+        own = [f"{name}.{param}" for param, value in module._parameters.items() if value is not None]
+        if style in (_LOCAL_PARAMS, _MLA_KV_A) or style is None:
+            inside_planned = any(name.startswith(other + ".") for other, other_style in planned.items()
+                                 if other_style in _STYLES)
+            if inside_planned or (style is None and not own):
+                continue
+            # Parameters the plan leaves unplaced work on whole activations (transformers keeps them
+            # replicated): a norm between gathered projections, MLA's low-rank query projection.
+            # Beside column-parallel projections, an unplaced Linear or norm can only take whole
+            # activations (a sharded one would not fit its width); anything else (a learnable
+            # activation, a block's own gates) might take this rank's features, whose gradient
+            # must be summed over the ranks.
+            if style is None and shards_activations and not (isinstance(module, nn.Linear) or _is_norm(module)):
                 raise ValueError(f"{family}: {cls}.{name} ({type(module).__name__}) holds parameters its TP plan "
-                                 "does not place; use parallel.tp=1")
-        styles[child_name] = HiddenStatesInput(Shard(1), Replicate())
-        styles.update((name, _STYLES[style]()) for name, style in inside.items())
+                                 "does not place beside column-parallel projections; use parallel.tp=1")
+            local.update((param, _PARAMETER_PLACEMENTS[planned_params[param]] if param in planned_params
+                          else Replicate()) for param in own)
+            if style == _MLA_KV_A:
+                if context.rope_dim is None:
+                    raise ValueError(f"{family}: its TP plan styles {cls}.{name} 'mla_kv_a_proj' but its config has "
+                                     "no qk_rope_head_dim; use parallel.tp=1")
+                styles[name] = MlaKvAProjection(context.rope_dim)
+            continue
+        expected = _MODULE_TYPES.get(style, nn.Module)
+        if not isinstance(module, expected):
+            raise ValueError(f"{family}: its TP plan styles {cls}.{name} ({type(module).__name__}) {style!r}, "
+                             f"which tensor parallel applies to {expected.__name__} only; use parallel.tp=1")
+        if style == "colwise" and only_projections:
+            styles[name] = LocalParameters({param: Shard(0) for param, value in module._parameters.items()
+                                            if value is not None})
+        else:
+            styles[name] = _STYLES[style](Shard(1) if name == block_output else Replicate())
+    boundary = [HiddenStatesInput(Shard(1), Replicate(), partial_gradient=only_projections)]
+    if block_output is None:
+        boundary.append(HiddenStatesOutput(Replicate(), Shard(1)))
+    if local:
+        boundary.append(LocalParameters({name[len(block_name) + 1:]: placement for name, placement in local.items()}))
+    styles[block_name] = Styles(*boundary)
     return styles
 
 

@@ -2,12 +2,13 @@
 checkpointing under it, and the plans it refuses."""
 
 import os
+import re
 from collections import Counter
 
 import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
-from transformers import AutoConfig
+from transformers import AutoConfig, PretrainedConfig
 
 from harness.loss import token_loss_sum
 from harness.materialize import canonical_name
@@ -16,7 +17,7 @@ from harness.models import build_meta_model, load_config as load_model_config, r
 from harness.trainer import build_run
 from harness.validation import validate
 from parallel.tensor_parallel import layer_styles
-from tests.families import hand_shrunk_config
+from tests.families import hand_shrunk_config, tiny_config as family_tiny_config
 from tests.family_matrix import compare
 from tests.layout_run import assert_matches_reference, train_layout
 from tests.multiproc import run_ranks
@@ -27,9 +28,19 @@ def _family_flags(tmp_path, family: str, tied: bool = False) -> list[str]:
     """A family's hand-shrunk config (non-neutral logit scale / soft-caps), saved for model.path."""
     config = hand_shrunk_config(family)
     config.tie_word_embeddings = tied
+    return _config_flags(tmp_path, family, config)
+
+
+def _config_flags(tmp_path, family: str, config: PretrainedConfig) -> list[str]:
     folder = os.path.join(tmp_path, family)
     config.save_pretrained(folder)
     return [f"--model.path={folder}/config.json"]
+
+
+def _dense_deepseek_v3() -> PretrainedConfig:
+    config = family_tiny_config("deepseek_v3")
+    config.first_k_dense_replace = config.num_hidden_layers
+    return config
 
 
 def _train_each(rank: int, world_size: int, cfgs: list) -> list:
@@ -42,7 +53,10 @@ def _train_each(rank: int, world_size: int, cfgs: list) -> list:
 ], ids=["tp2", "tp2-fsdp2"])
 def test_layout_matches_single_process(tmp_path, world_size, layout):
     # Gemma 2 with tied embeddings: soft-capped attention and logits, a scaled embedding, four norms
-    # per layer, and the head sharing the vocabulary-sharded embedding.
+    # per layer, and the head sharing the vocabulary-sharded embedding. Under FSDP2, DeepSeek-V3's
+    # multi-head latent attention (the plan's mla_kv_a_proj, a replicated low-rank query
+    # projection and norms), its layers all dense: its routed experts have no TP style (the
+    # family matrix's slice has MiniCPM3's MLA at tp=2).
     # Llama's weights are read from safetensors, each rank its tp x fsdp slices; the families'
     # are the seeded init. Llama's steps and parameters are compared as every preset layout test
     # does, later steps of the families as the family matrix allows them (family_matrix.compare).
@@ -50,6 +64,8 @@ def test_layout_matches_single_process(tmp_path, world_size, layout):
     cfgs = [tiny_config(*layout, f"--model.path={tmp_path / 'llama'}"),
             tiny_config(*layout, *_family_flags(tmp_path, "gemma2", tied=True)),
             tiny_config(*layout, *_family_flags(tmp_path, "cohere"))]
+    if world_size == 4:
+        cfgs.append(tiny_config(*layout, *_config_flags(tmp_path, "deepseek_v3", _dense_deepseek_v3())))
     results = run_ranks(_train_each, world_size, cfgs)
     assert_matches_reference([per_rank[0] for per_rank in results], reference_run(cfgs[0]))
     for index, cfg in enumerate(cfgs[1:], start=1):
@@ -110,12 +126,17 @@ def test_activation_checkpointing_is_bitwise_and_selective_recomputes_no_collect
 
 @pytest.mark.parametrize("family, fields, message", [
     ("gpt2", {}, "gpt2: transformers ships no tensor-parallel plan"),
-    ("olmo2", {}, "'colwise_gather_output', which tensor parallel does not support"),
-    ("qwen3_moe", dict(num_experts=4, num_experts_per_tok=2), "holds parameters its TP plan does not place"),
+    ("minicpm5_moe", dict(n_routed_experts=4, num_experts_per_tok=2),
+     "styles layers.*.self_attn.k_proj 'unit_colwise', which tensor parallel does not support"),
+    ("qwen3_moe", dict(num_experts=4, num_experts_per_tok=2), "Qwen3MoeExperts) holds routed experts"),
+    ("lfm2", {}, "Lfm2Attention) holds parameters its TP plan does not place"),
+    ("doge", {}, "DogeDecoderLayer holds parameters of its own"),
+    # A learnable activation between column- and row-parallel projections sees this rank's features.
+    ("apertus", {}, "mlp.act_fn (XIELUActivation) holds parameters its TP plan does not place beside column-parallel"),
 ])
 def test_plans_it_cannot_honour_are_refused_in_one_line(family, fields, message):
     config = AutoConfig.for_model(family, hidden_size=32, num_attention_heads=2, num_key_value_heads=2,
                                   num_hidden_layers=1, intermediate_size=32, vocab_size=64, **fields)
-    with pytest.raises(ValueError, match=message) as error:
+    with pytest.raises(ValueError, match=re.escape(message)) as error:
         layer_styles(tensor_parallel_parts(build_meta_model(config)))
     assert "\n" not in str(error.value) and str(error.value).endswith("use parallel.tp=1")

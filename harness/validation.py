@@ -127,8 +127,7 @@ def _check_tensor_parallel(cfg: Config, dims: ParallelDims, model: nn.Module) ->
     tp = dims.tp
     if tp == 1:
         return
-    unsupported = [(dims.pp > 1, f"parallel.pp={dims.pp}", "set parallel.pp=1"),
-                   (cfg.train.compile, "train.compile=true", "set train.compile=false"),
+    unsupported = [(cfg.train.compile, "train.compile=true", "set train.compile=false"),
                    (_ac_mode(cfg.ac.mode) == "budget", "ac.mode=budget", "use another ac.mode")]
     for refused, what, fix in unsupported:
         if refused:

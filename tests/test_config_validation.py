@@ -34,7 +34,6 @@ CASES = [
     (["--parallel.dp_shard=0"], 1, "parallel.dp_shard=0"),
     (["--parallel.tp=2", "--parallel.pp=2", "--parallel.dp_shard=1", "--parallel.pp_layers_per_stage=[0,2]"], 4,
      "under parallel.tp=2 the first stage needs a decoder layer"),
-    (["--parallel.tp=2", "--parallel.dp_shard=1", "--train.compile=true"], 2, "not supported with train.compile=true"),
     (["--parallel.tp=2", "--parallel.dp_shard=1", "--ac.mode=budget", "--ac.budget_mib=100"], 2,
      "not supported with ac.mode=budget"),
     (["--parallel.tp=4", "--parallel.dp_shard=1"], 4, "parallel.tp=4: must divide the model's num_key_value_heads=2"),

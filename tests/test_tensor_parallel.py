@@ -13,6 +13,7 @@ from harness.loss import token_loss_sum
 from harness.materialize import canonical_name
 from harness.model_parts import tensor_parallel_parts
 from harness.models import build_meta_model, load_config as load_model_config, reference_model
+from harness.summary import startup_summary
 from harness.trainer import build_run
 from harness.validation import validate
 from parallel.tensor_parallel import layer_styles
@@ -77,8 +78,10 @@ def _step_under_each_ac_mode(rank: int, world_size: int, cfgs: dict) -> dict:
     """Per AC mode: the loss, every gradient shard, and the TP collectives of forward and backward."""
     out = {}
     for mode, cfg in cfgs.items():
-        run = build_run(cfg, validate(cfg, world_size))
+        plan = validate(cfg, world_size)
+        run = build_run(cfg, plan)
         model = run.modules[0]
+        summary = startup_summary(cfg, plan, model.config, type(model).__name__, 0, run.modules, 0, None)
         inputs, labels = run.sampler.local_batch(0, 0, 1)
         forward, backward = CollectiveCounter(), CollectiveCounter()
         with forward:
@@ -86,7 +89,8 @@ def _step_under_each_ac_mode(rank: int, world_size: int, cfgs: dict) -> dict:
         with backward:
             loss.backward()
         grads = {canonical_name(name): p.grad.to_local().clone() for name, p in model.named_parameters()}
-        out[mode] = (loss.detach(), grads, forward.counts, backward.counts)
+        says_saved = any("recompute in backward issues no TP collective" in line for line in summary)
+        out[mode] = (loss.detach(), grads, forward.counts, backward.counts, says_saved)
     return out
 
 
@@ -94,10 +98,11 @@ def test_activation_checkpointing_is_bitwise_and_selective_recomputes_no_collect
     cfgs = {mode: tiny_config("--parallel.tp=2", "--parallel.dp_shard=1", f"--ac.mode={mode}")
             for mode in ("none", "selective", "full")}
     for per_mode in run_ranks(_step_under_each_ac_mode, 2, cfgs):
-        loss, grads, forward, backward = per_mode["none"]
+        loss, grads, forward, backward, _ = per_mode["none"]
         assert sum(forward.values()) > 0 and sum(backward.values()) > 0, (forward, backward)
+        assert [per_mode[mode][4] for mode in ("none", "selective", "full")] == [False, True, False]
         for mode in ("selective", "full"):
-            other_loss, other_grads, other_forward, other_backward = per_mode[mode]
+            other_loss, other_grads, other_forward, other_backward, _ = per_mode[mode]
             assert torch.equal(loss, other_loss), mode
             for name, grad in grads.items():
                 assert torch.equal(grad, other_grads[name]), (mode, name)

@@ -44,6 +44,7 @@ class _StageRole:
     returns_logits: bool  # owns the head
     entry: str  # where received hidden states enter: "layer:<i>", "base:<final norm's name>" or "head"
     router_stats: tuple[int, int] | None  # (experts, top-k) when stages carry router statistics
+    sequence_shards: int  # tensor parallel's sequence parallel: received hidden states hold 1/this of each sequence
 
 
 def _entry_module(stage: nn.Module, entry: str) -> nn.Module:
@@ -65,9 +66,13 @@ def _stage_forward(self: nn.Module, inputs: torch.Tensor,
     if role.takes_ids:
         kwargs, hook = {"input_ids": inputs}, None
     else:
-        kwargs = {"inputs_embeds": torch.zeros_like(inputs, requires_grad=False)}
+        # HF's forward reads positions and the mask from the placeholder: the whole sequence.
+        rows, seq, *rest = inputs.shape
+        kwargs = {"inputs_embeds": inputs.new_zeros(rows, seq * role.sequence_shards, *rest)}
+        # Ahead of the entry module's own hooks (tensor parallel's input layouts), which then
+        # see the received hidden states.
         hook = _entry_module(self, role.entry).register_forward_pre_hook(
-            lambda module, args, kw: _swap_in(inputs, module, args, kw), with_kwargs=True)
+            lambda module, args, kw: _swap_in(inputs, module, args, kw), with_kwargs=True, prepend=True)
     try:
         if role.returns_logits:
             outputs = type(self).forward(self, **kwargs, use_cache=False)
@@ -87,7 +92,7 @@ def _stage_forward(self: nn.Module, inputs: torch.Tensor,
     return result, received_stats + stats
 
 
-def _prune(causal_lm: nn.Module, module_names: list[str]) -> _StageRole:
+def _prune(causal_lm: nn.Module, module_names: list[str], sequence_shards: int) -> _StageRole:
     owned = set(module_names)
     inner = model_parts.base_model(causal_lm)
     # Parts around the layers go with the embeddings (before them) or the final norm (after).
@@ -113,16 +118,18 @@ def _prune(causal_lm: nn.Module, module_names: list[str]) -> _StageRole:
     config = causal_lm.config
     stats = ((model_parts.expert_count(config), model_parts.experts_per_token(config))
              if getattr(config, "output_router_logits", False) else None)
-    return _StageRole(takes_ids=EMBEDDINGS in owned, returns_logits=LM_HEAD in owned, entry=entry, router_stats=stats)
+    return _StageRole(takes_ids=EMBEDDINGS in owned, returns_logits=LM_HEAD in owned, entry=entry, router_stats=stats,
+                      sequence_shards=sequence_shards)
 
 
-def stage_builder(model: nn.Module) -> Callable[[list[str]], nn.Module]:
-    """`module_names -> stage`: each stage a pruned deep copy of `model` (cheap on meta)."""
+def stage_builder(model: nn.Module, sequence_shards: int = 1) -> Callable[[list[str]], nn.Module]:
+    """`module_names -> stage`: each stage a pruned deep copy of `model` (cheap on meta).
+    `sequence_shards`: the tp degree, over which sequence parallel splits what stages hand on."""
     model_parts.check_pipeline_support(model)
 
     def build(module_names: list[str]) -> nn.Module:
         stage = copy.deepcopy(model)
-        stage._pipeline_stage_role = _prune(stage, module_names)
+        stage._pipeline_stage_role = _prune(stage, module_names, sequence_shards)
         # An instance attribute: the class (and FSDP's subclass of it) keeps HF's own forward,
         # which `_stage_forward` calls.
         stage.forward = types.MethodType(_stage_forward, stage)

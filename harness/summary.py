@@ -67,6 +67,9 @@ def startup_summary(cfg: Config, plan: Plan, model_config: PretrainedConfig, mod
         optional = {name: ok for name, ok in found.items() if not name.startswith("aten.")}
         lines.append("  saved when seen: " + (", ".join(n for n, ok in optional.items() if ok) or "none"))
         lines.append("  not available: " + (", ".join(n for n, ok in optional.items() if not ok) or "none"))
+        if dims.tp > 1 and all(ok for name, ok in optional.items() if name.startswith("_c10d_functional")):
+            lines.append("  tensor parallel: its collectives' outputs are saved, so recompute in backward issues "
+                         "no TP collective")
     if dispatcher is not None:
         lines.append(f"moe: ep={dims.ep}, dispatcher {dispatcher}")
     randomness = model_parts.training_randomness(model_config)

@@ -143,13 +143,13 @@ def build_run(cfg: Config, plan: Plan) -> Run:
         carried = carried_examples(model)
         aux_loss = (LastStageAuxLoss(loss_fn, model_config, t.global_batch_size // plan.pipeline_microbatch_size)
                     if carried else None)
-        pipeline = pipeline_model(stage_builder(model), len(decoder_layers(model)), meshes.pp,
+        pipeline = pipeline_model(stage_builder(model, dims.tp), len(decoder_layers(model)), meshes.pp,
                                   schedule=p.pp_schedule, n_microbatches=plan.pp_microbatches,
                                   stages_per_rank=plan.pp_stages_per_rank, layers_per_stage=p.pp_layers_per_stage,
                                   parallelize_fn=parallelize_fn, device=device, loss_fn=aux_loss or loss_fn,
                                   microbatch_shape=(plan.pipeline_microbatch_size, t.seq_len),
                                   activation_dtype=mixed_precision_policy(device.type).param_dtype or torch.float32,
-                                  carried=carried)
+                                  carried=carried, sequence_shards=dims.tp)
         modules = list(pipeline.stage_modules)
         forward_backward = partial(aux_loss.step, pipeline) if aux_loss is not None else pipeline.step
         tied = tied_embedding_copies(model, pipeline, meshes.world, p.pp_schedule, plan.pp_stages_per_rank)

@@ -30,12 +30,14 @@ from parallel.ac_budget import BudgetPlan, StepShape, choose_plan
 from parallel.fsdp import mixed_precision_policy
 from parallel.mesh import ParallelDims
 from parallel.pipeline import validate_pipeline
+from parallel.pipeline_split import LAYER_PREFIX, stage_module_names
 from parallel.tensor_parallel import layer_styles
 
 
-def validate(cfg: Config, world_size: int) -> Plan:
+def validate(cfg: Config, world_size: int, gpus_per_node: int | None = None) -> Plan:
     """Checks the whole config for a world of `world_size` ranks; returns the resolved plan.
-    Reads the config only: what the user wrote stays as written."""
+    Reads the config only: what the user wrote stays as written. `gpus_per_node`: the GPUs of
+    one node the job will run on, when that is not this machine (a Slurm script written here)."""
     _check_positive(cfg)
     folder = run_folder(cfg)
     _check_output_paths(cfg, folder)
@@ -59,7 +61,7 @@ def validate(cfg: Config, world_size: int) -> Plan:
         raise ConfigError(f"model: {e}") from None
     check_data_config(cfg, model_config, dims)
     _check_experts(cfg, model, dims)
-    _check_tensor_parallel(cfg, dims, model)
+    _check_tensor_parallel(cfg, dims, model, gpus_per_node)
     pp_microbatches, stages_per_rank = 1, 1
     if dims.pp > 1:
         pp_microbatches = dims.pp if p.pp_microbatches is None else p.pp_microbatches
@@ -71,6 +73,12 @@ def validate(cfg: Config, world_size: int) -> Plan:
                 layers_per_stage=p.pp_layers_per_stage, local_batch_size=cfg.train.micro_batch_size)
         except ValueError as e:
             raise ConfigError(str(e)) from None
+        first_stage = stage_module_names(model_config.num_hidden_layers, dims.pp * stages_per_rank,
+                                         p.pp_layers_per_stage)[0]
+        if dims.tp > 1 and not any(name.startswith(LAYER_PREFIX) for name in first_stage):
+            raise ConfigError(f"parallel.pp_layers_per_stage: under parallel.tp={dims.tp} the first stage needs a "
+                              "decoder layer (sequence parallel splits the sequence at its first layer's input); "
+                              "give it at least one")
     ac_budget = _check_activation_checkpointing(cfg, dims, model)
     _check_checkpoint(cfg, folder, model_config)
     check_corpus(cfg)  # last: it may tokenize the whole source
@@ -121,18 +129,21 @@ def _check_activation_checkpointing(cfg: Config, dims: ParallelDims, model: nn.M
                           "or sequence length") from None
 
 
-def _check_tensor_parallel(cfg: Config, dims: ParallelDims, model: nn.Module) -> None:
-    """What tensor parallel shards must split evenly over tp, the family's TP plan must be one it
-    honours, and the features not yet composed with it are refused."""
+def _check_tensor_parallel(cfg: Config, dims: ParallelDims, model: nn.Module, gpus_per_node: int | None) -> None:
+    """What tensor parallel shards must split evenly over tp, a tp group must fit in one node, the
+    family's TP plan must be one it honours, and the features not yet composed with it are refused."""
     tp = dims.tp
     if tp == 1:
         return
-    unsupported = [(dims.pp > 1, f"parallel.pp={dims.pp}", "set parallel.pp=1"),
-                   (cfg.train.compile, "train.compile=true", "set train.compile=false"),
-                   (_ac_mode(cfg.ac.mode) == "budget", "ac.mode=budget", "use another ac.mode")]
-    for refused, what, fix in unsupported:
-        if refused:
-            raise ConfigError(f"parallel.tp={tp}: not supported with {what} yet; {fix} or parallel.tp=1")
+    if gpus_per_node is None and torch.cuda.is_available():
+        gpus_per_node = int(os.environ.get("LOCAL_WORLD_SIZE", 0)) or torch.cuda.device_count()
+    if gpus_per_node is not None and tp > gpus_per_node:
+        raise ConfigError(f"parallel.tp={tp}: larger than a node's {gpus_per_node} GPUs (a tensor-parallel group "
+                          "communicates at every layer and must stay inside one node); set parallel.tp <= "
+                          f"{gpus_per_node} and use dp_shard or pp across nodes")
+    if _ac_mode(cfg.ac.mode) == "budget":
+        raise ConfigError(f"parallel.tp={tp}: not supported with ac.mode=budget yet (its plan is measured on the "
+                          "unsharded layer); use another ac.mode or parallel.tp=1")
     config = model.config
     for key in ("num_attention_heads", "num_key_value_heads", "vocab_size"):
         value = getattr(config, key, None)

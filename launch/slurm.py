@@ -125,7 +125,7 @@ def main(argv: list[str]) -> int:
         if unknown:
             raise ConfigError(f"{unknown[0]}: unknown flag; recipe overrides look like --section.field=value")
         cfg = load_config(args.config, overrides)
-        validate(cfg, args.nodes * args.gpus_per_node)
+        validate(cfg, args.nodes * args.gpus_per_node, gpus_per_node=args.gpus_per_node)
         if args.out and os.path.isdir(args.out):
             raise ConfigError(f"--out {args.out}: is a directory; give a file path for the script")
     except ConfigError as e:

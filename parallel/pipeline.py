@@ -124,13 +124,17 @@ class PipelinePlan:
 
 
 def _stage_io(config, stage_id: int, num_stages: int, microbatch_shape: tuple[int, int],
-              dtype: torch.dtype, carried: tuple[torch.Tensor, ...]) -> dict[str, torch.Tensor | tuple[torch.Tensor, ...]]:
+              dtype: torch.dtype, carried: tuple[torch.Tensor, ...],
+              sequence_shards: int) -> dict[str, torch.Tensor | tuple[torch.Tensor, ...]]:
     """Meta examples of a stage's input (token ids or hidden states) and output (hidden or
-    logits), each followed by the `carried` tensors except the first stage's input."""
+    logits), each followed by the `carried` tensors except the first stage's input. Hidden
+    states hold 1/sequence_shards of each sequence; logits (a DTensor under tensor parallel)
+    have the global shape."""
     rows, seq = microbatch_shape
     meta = torch.device("meta")
     # requires_grad tells the stage that gradients flow back through these tensors.
-    hidden = torch.empty(rows, seq, config.hidden_size, dtype=dtype, device=meta, requires_grad=True)
+    hidden = torch.empty(rows, seq // sequence_shards, config.hidden_size, dtype=dtype, device=meta,
+                         requires_grad=True)
     ids = torch.empty(rows, seq, dtype=torch.long, device=meta)
     logits = torch.empty(rows, seq, config.vocab_size, dtype=dtype, device=meta, requires_grad=True)
     received = ids if stage_id == 0 else hidden
@@ -145,7 +149,7 @@ def pipeline_model(build_stage: Callable[[list[str]], nn.Module], num_layers: in
                    parallelize_fn: Callable[[nn.Module], None], device: torch.device | str,
                    loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
                    microbatch_shape: tuple[int, int], activation_dtype: torch.dtype = torch.float32,
-                   carried: tuple[torch.Tensor, ...] = ()) -> PipelinePlan:
+                   carried: tuple[torch.Tensor, ...] = (), sequence_shards: int = 1) -> PipelinePlan:
     """Build this rank's stages (`build_stage(module names)`, normally on meta, for a model of
     `num_layers` decoder layers), parallelize them, and build the schedule. `loss_fn(output,
     labels)` is the microbatch's share of the step loss, where `output` is the last stage's
@@ -155,7 +159,8 @@ def pipeline_model(build_stage: Callable[[list[str]], nn.Module], num_layers: in
     stages up front: without them torch infers it by running the first microbatch through an
     extra forward and backward, which side effects (expert load counts) would see. `carried`:
     meta examples of tensors each stage hands the next after its hidden states, with gradients
-    flowing back (statistics a loss at the end needs from every stage)."""
+    flowing back (statistics a loss at the end needs from every stage). `sequence_shards`: the
+    tp degree; under sequence parallel stages hand on this rank's slice of each sequence."""
     pp, rank = pp_mesh.size(), pp_mesh.get_local_rank()
     per_rank = _validate_layout(num_layers, pp, schedule, stages_per_rank, n_microbatches, layers_per_stage)
     num_stages = pp * per_rank
@@ -167,7 +172,7 @@ def pipeline_model(build_stage: Callable[[list[str]], nn.Module], num_layers: in
     group = pp_mesh.get_group()
     stages = [PipelineStage(module, stage_id, num_stages, torch.device(device), group=group,
                             **_stage_io(module.config, stage_id, num_stages, microbatch_shape, activation_dtype,
-                                          carried))
+                                          carried, sequence_shards))
               for module, stage_id in zip(modules, stage_ids)]
     schedule_class = get_schedule_class(schedule)
     if schedule in SINGLE_STAGE:

@@ -74,9 +74,9 @@ class TensorParallelParts:
     plan: dict[str, str] | None  # the family's TP plan: names relative to `base` -> style
     base: nn.Module  # the base model (decoder stack)
     layers: Sequence[nn.Module]  # its decoder layers
-    embeddings: nn.Module
-    final_norm: nn.Module
-    head: nn.Module
+    embeddings: nn.Module | None  # None on a pipeline stage without them, likewise the norm and head
+    final_norm: nn.Module | None
+    head: nn.Module | None
 
 
 def _redistribute(tensor: torch.Tensor, mesh: DeviceMesh, current: Placement, desired: Placement,
@@ -382,20 +382,27 @@ def _block_styles(context: _Context, cls: str, block_name: str, block: nn.Module
 
 def apply_tensor_parallel(parts: TensorParallelParts, mesh: DeviceMesh) -> None:
     """Shards the meta-device model over `mesh` (the tp view) in place; every parameter becomes
-    a DTensor. A head tied to the embeddings stays tied (both are sharded along the vocabulary)."""
+    a DTensor. A head tied to the embeddings stays tied (both are sharded along the vocabulary).
+
+    A pipeline stage holds only some of the parts (None for the rest): hidden states enter and
+    leave it as this rank's slice of the sequence, and only the stage with the embeddings splits
+    the sequence, at its first layer's input."""
     layers, embeddings, final_norm, head = parts.layers, parts.embeddings, parts.final_norm, parts.head
-    tied = head.weight is embeddings.weight
+    tied = head is not None and embeddings is not None and head.weight is embeddings.weight
     per_layer = layer_styles(parts)
-    parallelize_module(embeddings, mesh, RowwiseParallel(input_layouts=Replicate(), output_layouts=Replicate()))
-    for index, (layer, styles) in enumerate(zip(layers, per_layer)):
-        if index == 0:
-            parallelize_module(layer, mesh, HiddenStatesInput(Replicate(), Shard(1)))
+    if embeddings is not None:
+        assert layers, "the stage with the embeddings holds a decoder layer, whose input splits the sequence"
+        parallelize_module(embeddings, mesh, RowwiseParallel(input_layouts=Replicate(), output_layouts=Replicate()))
+        parallelize_module(layers[0], mesh, HiddenStatesInput(Replicate(), Shard(1)))
+    for layer, styles in zip(layers, per_layer):
         parallelize_module(layer, mesh, styles)
-    parallelize_module(final_norm, mesh, SequenceParallel(use_local_output=True))
-    parallelize_module(head, mesh, ColwiseParallel(input_layouts=Shard(1), output_layouts=Shard(-1),
-                                                   use_local_output=False))
+    if final_norm is not None:
+        parallelize_module(final_norm, mesh, SequenceParallel(use_local_output=True))
+    if head is not None:
+        parallelize_module(head, mesh, ColwiseParallel(input_layouts=Shard(1), output_layouts=Shard(-1),
+                                                       use_local_output=False))
     if tied:  # both shard the weight along the vocabulary (dim 0); sharding each made two parameters
         head.weight = embeddings.weight
     for module in (embeddings, *layers, final_norm, head):
-        for name, param in module.named_parameters():
+        for name, param in module.named_parameters() if module is not None else ():
             assert isinstance(param, DTensor), f"{type(module).__name__}.{name} was left unplaced"

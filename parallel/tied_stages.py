@@ -64,11 +64,15 @@ class TiedAcrossStages:
         """Both copies get the sum of their gradients (a collective over the first/last group)."""
         if not self.copies:
             return
-        grads = [_local(p.grad) if p.grad is not None else torch.zeros_like(_local(p)) for p in self.copies]
-        total = torch.stack(grads).sum(0)
-        if self.group is not None:
-            dist.all_reduce(total, group=self.group)
         for param in self.copies:
             if param.grad is None:
                 param.grad = torch.zeros_like(param)
+            elif isinstance(param.grad, DTensor) and param.grad.placements != param.placements:
+                # Tensor parallel's embedding backward leaves a replicated gradient of the
+                # vocabulary-sharded weight; the head's is sharded. Slicing it is local.
+                param.grad = param.grad.redistribute(placements=param.placements)
+        total = torch.stack([_local(param.grad) for param in self.copies]).sum(0)
+        if self.group is not None:
+            dist.all_reduce(total, group=self.group)
+        for param in self.copies:
             _local(param.grad).copy_(total)

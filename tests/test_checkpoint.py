@@ -95,6 +95,9 @@ RESHARD = {
     "interleaved-pp2-to-1rank": ((2, ["--parallel.pp=2", "--parallel.dp_shard=1",
                                       "--parallel.pp_schedule=Interleaved1F1B", "--train.micro_batch_size=8"]),
                                  (1, ["--parallel.dp_shard=1", "--train.micro_batch_size=8"])),
+    # Tensor-parallel shards (2-D DTensors of weights and Adam's moments) into FSDP2's, and back.
+    "tp2-to-fsdp2": ((2, ["--parallel.tp=2", "--parallel.dp_shard=1"]), (2, ["--parallel.dp_shard=2"])),
+    "fsdp2-to-tp2": ((2, ["--parallel.dp_shard=2"]), (2, ["--parallel.tp=2", "--parallel.dp_shard=1"])),
 }
 
 

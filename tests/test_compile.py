@@ -1,6 +1,6 @@
 """Compiling each transformer block: the same losses and gradients as eager (inductor's fused
-kernels round differently, so within 1e-4), with every activation-checkpointing mode; a machine
-without a C++ compiler is told so instead of failing inside inductor."""
+kernels round differently, so within 1e-4), with every activation-checkpointing mode and under
+tensor parallel; a machine without a C++ compiler is told so instead of failing inside inductor."""
 
 from __future__ import annotations
 
@@ -16,6 +16,9 @@ from harness.model_parts import decoder_layers
 from harness.models import load_config, reference_model
 from parallel.activation_checkpointing import apply_activation_checkpointing
 from parallel.compile import compile_layers, compile_unavailable_reason
+from tests.layout_run import train_layout
+from tests.multiproc import run_ranks
+from tests.reference import reference_run, tiny_config
 
 pytestmark = pytest.mark.skipif(compile_unavailable_reason("cpu") is not None, reason="no C++ compiler")
 
@@ -73,3 +76,14 @@ def test_selective_context_under_a_tracing_mode_is_sac_own_modes():
 
     make_fx(traced)(torch.ones(2))
     assert len(seen) == 2 and all(isinstance(mode, TorchDispatchMode) for mode in seen), seen
+
+
+def test_compiled_blocks_under_tensor_parallel_match_eager():
+    # tp=2 with selective AC: each compiled block holds DTensor parameters, sequence-parallel
+    # norms and the hooks that gather and scatter the sequence; against the one-process eager run.
+    cfg = tiny_config("--parallel.tp=2", "--parallel.dp_shard=1", "--train.compile=true", "--ac.mode=selective",
+                      "--train.steps=2")
+    reference_losses, reference_norms, _ = reference_run(cfg)
+    for losses, norms, _ in run_ranks(train_layout, 2, cfg, timeout=900):
+        torch.testing.assert_close(torch.tensor(losses), torch.tensor(reference_losses), atol=1e-4, rtol=0)
+        torch.testing.assert_close(torch.tensor(norms), torch.tensor(reference_norms), atol=0, rtol=1e-4)

@@ -74,6 +74,8 @@ def test_sbatch_script(tmp_path, recipe):
 @pytest.mark.parametrize("args, expected", [
     (["--nodes", "2", "--gpus-per-node", "3", "--checkpoint.dir=c"], "world size is 6"),
     (["--nodes", "2", "--gpus-per-node", "2", "--checkpoint.dir=c", "--partition", "x"], "--partition: unknown flag"),
+    (["--nodes", "2", "--gpus-per-node", "2", "--checkpoint.dir=c", "--parallel.tp=4", "--parallel.dp_shard=1"],
+     "parallel.tp=4: larger than a node's 2 GPUs"),
 ])
 def test_sbatch_refuses_bad_input(tmp_path, recipe, capsys, args, expected):
     out = tmp_path / "job.sbatch"

@@ -1,5 +1,5 @@
-"""Tensor + sequence parallel against the one-process run (fp32, CPU, gloo), activation
-checkpointing under it, and the plans it refuses."""
+"""Tensor + sequence parallel against the one-process run (fp32, CPU, gloo), under FSDP2 and
+under pipeline stages, activation checkpointing under it, and the plans it refuses."""
 
 import os
 import re
@@ -14,6 +14,7 @@ from harness.loss import token_loss_sum
 from harness.materialize import canonical_name
 from harness.model_parts import tensor_parallel_parts
 from harness.models import build_meta_model, load_config as load_model_config, reference_model
+from harness.summary import startup_summary
 from harness.trainer import build_run
 from harness.validation import validate
 from parallel.tensor_parallel import layer_styles
@@ -93,8 +94,10 @@ def _step_under_each_ac_mode(rank: int, world_size: int, cfgs: dict) -> dict:
     """Per AC mode: the loss, every gradient shard, and the TP collectives of forward and backward."""
     out = {}
     for mode, cfg in cfgs.items():
-        run = build_run(cfg, validate(cfg, world_size))
+        plan = validate(cfg, world_size)
+        run = build_run(cfg, plan)
         model = run.modules[0]
+        summary = startup_summary(cfg, plan, model.config, type(model).__name__, 0, run.modules, 0, None)
         inputs, labels = run.sampler.local_batch(0, 0, 1)
         forward, backward = CollectiveCounter(), CollectiveCounter()
         with forward:
@@ -102,7 +105,8 @@ def _step_under_each_ac_mode(rank: int, world_size: int, cfgs: dict) -> dict:
         with backward:
             loss.backward()
         grads = {canonical_name(name): p.grad.to_local().clone() for name, p in model.named_parameters()}
-        out[mode] = (loss.detach(), grads, forward.counts, backward.counts)
+        says_saved = any("recompute in backward issues no TP collective" in line for line in summary)
+        out[mode] = (loss.detach(), grads, forward.counts, backward.counts, says_saved)
     return out
 
 
@@ -110,10 +114,11 @@ def test_activation_checkpointing_is_bitwise_and_selective_recomputes_no_collect
     cfgs = {mode: tiny_config("--parallel.tp=2", "--parallel.dp_shard=1", f"--ac.mode={mode}")
             for mode in ("none", "selective", "full")}
     for per_mode in run_ranks(_step_under_each_ac_mode, 2, cfgs):
-        loss, grads, forward, backward = per_mode["none"]
+        loss, grads, forward, backward, _ = per_mode["none"]
         assert sum(forward.values()) > 0 and sum(backward.values()) > 0, (forward, backward)
+        assert [per_mode[mode][4] for mode in ("none", "selective", "full")] == [False, True, False]
         for mode in ("selective", "full"):
-            other_loss, other_grads, other_forward, other_backward = per_mode[mode]
+            other_loss, other_grads, other_forward, other_backward, _ = per_mode[mode]
             assert torch.equal(loss, other_loss), mode
             for name, grad in grads.items():
                 assert torch.equal(grad, other_grads[name]), (mode, name)
@@ -122,6 +127,57 @@ def test_activation_checkpointing_is_bitwise_and_selective_recomputes_no_collect
         # saved them, so its backward issues exactly the collectives of no AC.
         assert sum(per_mode["full"][3].values()) > sum(backward.values()), (per_mode["full"][3], backward)
         assert per_mode["selective"][3] == backward, (per_mode["selective"][3], backward)
+
+
+def _pipelines_then_ac(rank: int, world_size: int, cfgs: list, ac_cfgs: dict) -> tuple[list, dict]:
+    return _train_each(rank, world_size, cfgs), _pipeline_step_under_each_ac_mode(rank, world_size, ac_cfgs)
+
+
+def _pipeline_step_under_each_ac_mode(rank: int, world_size: int, cfgs: dict) -> dict:
+    """Per AC mode: this rank's loss (None off the last stage), gradient shards, and the TP
+    collectives of one pipeline step (forward and backward of every microbatch)."""
+    out = {}
+    for mode, cfg in cfgs.items():
+        run = build_run(cfg, validate(cfg, world_size))
+        inputs, labels = run.sampler.local_batch(0, 0, 1)
+        micro = cfg.train.micro_batch_size
+        with CollectiveCounter() as counter:
+            loss = run.forward_backward(inputs[:micro], labels[:micro])
+        grads = {canonical_name(name): p.grad.to_local().clone()
+                 for module in run.modules for name, p in module.named_parameters()}
+        out[mode] = (loss, grads, counter.counts)
+    return out
+
+
+def test_pipeline_stages_under_tensor_parallel(tmp_path):
+    # pp=2 x tp=2: stages hand on the sequence-sharded residual stream. Gemma 2's tied embeddings
+    # sit on the first and last stage (one rank each under 1F1B, one rank for both under the V
+    # placement of ZBVZeroBubble, whose backward splits input and weight gradients); Cohere's
+    # logit scale on the last of four stages of Interleaved1F1B.
+    pp_tp = ["--parallel.pp=2", "--parallel.tp=2", "--parallel.dp_shard=1", "--parallel.pp_microbatches=2"]
+    gemma2, cohere = _family_flags(tmp_path, "gemma2", tied=True), _family_flags(tmp_path, "cohere")
+    cfgs = [tiny_config(*pp_tp, "--parallel.pp_schedule=1F1B", *gemma2),
+            tiny_config(*pp_tp, "--parallel.pp_schedule=ZBVZeroBubble", *gemma2),
+            tiny_config(*pp_tp, "--parallel.pp_schedule=Interleaved1F1B", *cohere)]
+    ac_cfgs = {mode: tiny_config(*pp_tp, "--parallel.pp_schedule=GPipe", f"--ac.mode={mode}", "--train.steps=1")
+               for mode in ("none", "selective", "full")}
+    results = run_ranks(_pipelines_then_ac, 4, cfgs, ac_cfgs, timeout=900)
+    for index, cfg in enumerate(cfgs):
+        reference = reference_run(cfg)
+        for per_rank, _ in results:
+            assert compare(per_rank[index], reference) == "ok", cfg.parallel.pp_schedule
+    for _, per_mode in results:
+        loss, grads, counts = per_mode["none"]
+        assert sum(counts.values()) > 0, counts
+        for mode in ("selective", "full"):
+            other_loss, other_grads, _ = per_mode[mode]
+            assert (loss is None and other_loss is None) or torch.equal(loss, other_loss), mode
+            for name, grad in grads.items():
+                assert torch.equal(grad, other_grads[name]), (mode, name)
+        # Full AC runs each layer's forward again in backward, TP collectives included; selective
+        # AC saved them, so its step issues exactly the collectives of no AC.
+        assert sum(per_mode["full"][2].values()) > sum(counts.values()), (per_mode["full"][2], counts)
+        assert per_mode["selective"][2] == counts, (per_mode["selective"][2], counts)
 
 
 @pytest.mark.parametrize("family, fields, message", [

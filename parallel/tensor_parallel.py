@@ -252,8 +252,8 @@ def layer_styles(parts: TensorParallelParts) -> list[dict[str, ParallelStyle]]:
     names = {module: name for name, module in base.named_modules()}
     planned = _matches(plan, list(names.values()))
     planned_params = _matches(plan, [name for name, _ in base.named_parameters()])
-    context = _Context(family, width=parts.embeddings.weight.shape[-1],
-                       rope_dim=getattr(getattr(base, "config", None), "qk_rope_head_dim", None))
+    # The config, not the embeddings: a later pipeline stage holds no embeddings.
+    context = _Context(family, width=base.config.hidden_size, rope_dim=getattr(base.config, "qk_rope_head_dim", None))
     styles = []
     for layer in layers:
         prefix = names[layer] + "."

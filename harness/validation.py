@@ -27,6 +27,7 @@ from harness.run_folder import RunFolder, run_folder
 from harness.run_identity import first_difference, read_identity, run_identity
 from moe.balance import splits_over_stages
 from parallel.ac_budget import BudgetPlan, StepShape, choose_plan
+from parallel.cp_attention import check_context_parallel
 from parallel.fsdp import mixed_precision_policy
 from parallel.mesh import ParallelDims
 from parallel.pipeline import validate_pipeline
@@ -60,6 +61,7 @@ def validate(cfg: Config, world_size: int) -> Plan:
     check_data_config(cfg, model_config, dims)
     _check_experts(cfg, model, dims)
     _check_tensor_parallel(cfg, dims, model)
+    _check_context_parallel(cfg, dims, model)
     pp_microbatches, stages_per_rank = 1, 1
     if dims.pp > 1:
         pp_microbatches = dims.pp if p.pp_microbatches is None else p.pp_microbatches
@@ -119,6 +121,20 @@ def _check_activation_checkpointing(cfg: Config, dims: ParallelDims, model: nn.M
         raise ConfigError(f"ac.budget_mib={budget:g}: too small for train.micro_batch_size={shape.rows} x "
                           f"train.seq_len={shape.seq_len}: {e}; raise ac.budget_mib or lower the micro batch "
                           "or sequence length") from None
+
+
+def _check_context_parallel(cfg: Config, dims: ParallelDims, model: nn.Module) -> None:
+    if dims.cp == 1:
+        return
+    if dims.pp > 1:
+        raise ConfigError(f"parallel.cp={dims.cp}: not supported with parallel.pp={dims.pp} yet (position ids are "
+                          "not carried through pipeline stages); set parallel.pp=1 or parallel.cp=1")
+    layers = decoder_layers(model)
+    try:
+        check_context_parallel(model, list(layers.values()) if isinstance(layers, nn.ModuleDict) else list(layers),
+                               cfg.train.seq_len, dims.cp)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
 
 
 def _check_tensor_parallel(cfg: Config, dims: ParallelDims, model: nn.Module) -> None:

@@ -129,10 +129,8 @@ def _check_context_parallel(cfg: Config, dims: ParallelDims, model: nn.Module) -
     if dims.pp > 1:
         raise ConfigError(f"parallel.cp={dims.cp}: not supported with parallel.pp={dims.pp} yet (position ids are "
                           "not carried through pipeline stages); set parallel.pp=1 or parallel.cp=1")
-    layers = decoder_layers(model)
     try:
-        check_context_parallel(model, list(layers.values()) if isinstance(layers, nn.ModuleDict) else list(layers),
-                               cfg.train.seq_len, dims.cp)
+        check_context_parallel(model, cfg.train.seq_len, dims.cp)
     except ValueError as e:
         raise ConfigError(str(e)) from None
 

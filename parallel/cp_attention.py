@@ -132,20 +132,25 @@ def use_context_parallel_attention(model: nn.Module, shard: SequenceShard) -> No
 
 
 # The layer types whose masks masking_utils builds from positions alone, which this module evaluates
-# at global positions; any other sequence mixer (linear attention, state-space, convolution) carries
-# state along the sequence, which a split by sequence would cut.
+# at global positions. Other mixers (linear attention, state-space, short convolutions, sparse
+# attention's indexers) carry state along the sequence or select keys from it, which a split by
+# sequence would cut.
 SPLITTABLE_LAYER_TYPES = ("full_attention", "sliding_attention", "chunked_attention")
 
 
-def check_context_parallel(model: nn.Module, layers: list[nn.Module], seq_len: int, cp: int) -> None:
+def check_context_parallel(model: nn.Module, seq_len: int, cp: int) -> None:
     """Raises ValueError (one line) where `model` cannot train context parallel over `cp` ranks on
-    sequences of `seq_len` tokens: a length that does not split into 2 x cp chunks, attention not
-    called through transformers' interface or through an implementation whose masks are not built
-    here, or a sequence mixer other than softmax attention (named by its layer type or module)."""
+    sequences of `seq_len` tokens: a length that does not split into 2 x cp chunks, a sequence mixer
+    other than softmax attention (named by its layer type), or attention not called
+    through transformers' interface or through an implementation whose masks are not built here."""
     name, fix = type(model).__name__, "use parallel.cp=1"
     if seq_len % (2 * cp):
         raise ValueError(f"train.seq_len={seq_len}: context parallel cuts each sequence into 2*parallel.cp={2 * cp} "
                          f"equal chunks; use a seq_len divisible by {2 * cp}")
+    for layer_type in getattr(model.config, "layer_types", None) or ():
+        if layer_type not in SPLITTABLE_LAYER_TYPES:
+            raise ValueError(f"parallel.cp={cp}: {name} has '{layer_type}' layers, whose sequence mixing context "
+                             f"parallel cannot split (it splits {', '.join(SPLITTABLE_LAYER_TYPES)}); {fix}")
     if not getattr(model, "_supports_attention_backend", False):
         raise ValueError(f"parallel.cp={cp}: {name} does not call attention through transformers' "
                          f"AttentionInterface, which context parallel runs on; {fix}")
@@ -153,20 +158,3 @@ def check_context_parallel(model: nn.Module, layers: list[nn.Module], seq_len: i
     if inner not in INNER_IMPLEMENTATIONS:
         raise ValueError(f"parallel.cp={cp}: {name} attends with '{inner}', whose masks context parallel does not "
                          f"build (it builds {' and '.join(INNER_IMPLEMENTATIONS)} masks); {fix}")
-    layer_types = getattr(model.config, "layer_types", None) or ()
-    for layer_type in layer_types:
-        if layer_type not in SPLITTABLE_LAYER_TYPES:
-            raise ValueError(f"parallel.cp={cp}: {name} has '{layer_type}' layers, whose sequence mixing context "
-                             f"parallel cannot split (it splits {', '.join(SPLITTABLE_LAYER_TYPES)}); {fix}")
-    for layer in layers:
-        for module in layer.modules():
-            if isinstance(module, nn.Conv1d) and module.groups == module.in_channels > 1:
-                owner = next(m for m in layer.modules() if any(c is module for c in m.children()))
-                raise ValueError(f"parallel.cp={cp}: {name}'s {type(owner).__name__} mixes the sequence with a "
-                                 f"convolution, which context parallel cannot split; {fix}")
-        if inner == "eager":
-            for module in layer.modules():
-                if (getattr(module, "is_causal", None) is not None and hasattr(module, "config")
-                        and getattr(sys.modules[type(module).__module__], "eager_attention_forward", None) is None):
-                    raise ValueError(f"parallel.cp={cp}: {type(module).__name__} attends eagerly with no "
-                                     f"eager_attention_forward of its family to call; {fix}")

@@ -15,10 +15,11 @@ from harness.data import load_tokens
 from harness.data.splits import samplers
 from harness.loss import count_tokens, token_loss_sum
 from harness.materialize import canonical_name
-from harness.models import load_config as load_model_config, reference_model
-from harness.trainer import build_run, local_batch
+from harness.models import build_meta_model, load_config as load_model_config, reference_model
+from harness.trainer import build_run, local_batch, train
 from harness.validation import validate
 from parallel.context_parallel import forward_arguments, head_tail_index
+from parallel.cp_attention import check_context_parallel
 from tests.data_helpers import write_jsonl
 from tests.families import hand_shrunk_config, tiny_config as family_tiny_config
 from tests.family_matrix import compare
@@ -74,10 +75,8 @@ def _document_reference(cfg) -> tuple[float, float, float]:
 
 
 def _train_rows(rank: int, world_size: int, cfg) -> dict:
-    from harness.trainer import train_step
-
-    run = build_run(cfg, validate(cfg, world_size))
-    return train_step(run)
+    (row,) = train(cfg, validate(cfg, world_size))
+    return row
 
 
 class CollectiveCounter(TorchDispatchMode):
@@ -140,7 +139,8 @@ def spawned(tmp_path_factory):
     }
     document_cfg = load_config(None, ["--model.preset=llama", "--parallel.cp=2", "--parallel.dp_shard=2",
                                       "--train.steps=1", "--train.micro_batch_size=1", "--train.seq_len=32",
-                                      "--train.lr=1e-2", f"--run.dir={tmp_path / 'docs'}", "--logging.progress=false",
+                                      # lr ~1e-8 at step 1: the held-out loss after it is the initial model's.
+                                      "--train.warmup_steps=1000000", f"--run.dir={tmp_path / 'docs'}", "--logging.progress=false",
                                       *_document_flags(tmp_path)])
     ac_cfgs = {mode: tiny_config("--parallel.cp=2", "--parallel.dp_shard=2", f"--ac.mode={mode}")
                for mode in ("none", "selective", "full")}
@@ -203,7 +203,8 @@ def _family_cfg(tmp_path, family: str, *flags: str):
     ("llama", ["--train.seq_len=30"], r"train.seq_len=30: context parallel cuts each sequence into 2\*parallel.cp=4 "),
     ("llama", ["--parallel.pp=2", "--parallel.dp_shard=1"], "parallel.cp=2: not supported with parallel.pp=2"),
     ("qwen3_next", [], "Qwen3NextForCausalLM has 'linear_attention' layers"),
-    ("lfm2", [], "Lfm2ShortConv mixes the sequence with a convolution"),
+    ("lfm2_moe", [], "Lfm2MoeForCausalLM has 'conv' layers"),
+    ("bloom", [], "BloomForCausalLM does not call attention through transformers' AttentionInterface"),
 ])
 def test_what_cannot_split_is_refused_in_one_line(tmp_path, family, flags, message):
     cfg = _family_cfg(tmp_path, family, *flags)
@@ -211,3 +212,10 @@ def test_what_cannot_split_is_refused_in_one_line(tmp_path, family, flags, messa
     with pytest.raises(ConfigError, match=message) as error:
         validate(cfg, world)
     assert "\n" not in str(error.value)
+
+
+def test_an_attention_implementation_without_local_query_masks_is_refused():
+    config = load_model_config("llama", None)
+    config._attn_implementation = "flex_attention"
+    with pytest.raises(ValueError, match="attends with 'flex_attention', whose masks context parallel does not build"):
+        check_context_parallel(build_meta_model(config), 32, 2)

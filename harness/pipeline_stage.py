@@ -33,6 +33,7 @@ from torch.distributed.device_mesh import DeviceMesh
 
 from harness import model_parts
 from moe.balance import router_statistics
+from parallel.context_parallel import SequenceShard
 from parallel.pipeline import PipelinePlan, stage_ids_for_rank
 from parallel.pipeline_split import EMBEDDINGS, FINAL_NORM, LM_HEAD, layer_name
 from parallel.tied_stages import TiedAcrossStages, first_last_stage_group
@@ -68,6 +69,8 @@ def _stage_forward(self: nn.Module, inputs: torch.Tensor,
         kwargs = {"inputs_embeds": torch.zeros_like(inputs, requires_grad=False)}
         hook = _entry_module(self, role.entry).register_forward_pre_hook(
             lambda module, args, kw: _swap_in(inputs, module, args, kw), with_kwargs=True)
+    if self._sequence_shard is not None:  # the global positions of this rank's tokens
+        kwargs.update(self._sequence_shard.model_inputs(inputs.shape[0], None, inputs.device))
     try:
         if role.returns_logits:
             outputs = type(self).forward(self, **kwargs, use_cache=False)
@@ -116,13 +119,15 @@ def _prune(causal_lm: nn.Module, module_names: list[str]) -> _StageRole:
     return _StageRole(takes_ids=EMBEDDINGS in owned, returns_logits=LM_HEAD in owned, entry=entry, router_stats=stats)
 
 
-def stage_builder(model: nn.Module) -> Callable[[list[str]], nn.Module]:
-    """`module_names -> stage`: each stage a pruned deep copy of `model` (cheap on meta)."""
+def stage_builder(model: nn.Module, sequence_shard: SequenceShard | None = None) -> Callable[[list[str]], nn.Module]:
+    """`module_names -> stage`: each stage a pruned deep copy of `model` (cheap on meta); under
+    context parallel, `sequence_shard` says which tokens of each sequence the stages see."""
     model_parts.check_pipeline_support(model)
 
     def build(module_names: list[str]) -> nn.Module:
         stage = copy.deepcopy(model)
         stage._pipeline_stage_role = _prune(stage, module_names)
+        stage._sequence_shard = sequence_shard
         # An instance attribute: the class (and FSDP's subclass of it) keeps HF's own forward,
         # which `_stage_forward` calls.
         stage.forward = types.MethodType(_stage_forward, stage)

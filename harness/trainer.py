@@ -148,15 +148,15 @@ def build_run(cfg: Config, plan: Plan) -> Run:
         carried = carried_examples(model)
         aux_loss = (LastStageAuxLoss(loss_fn, model_config, t.global_batch_size // plan.pipeline_microbatch_size)
                     if carried else None)
-        pipeline = pipeline_model(stage_builder(model), len(decoder_layers(model)), meshes.pp,
+        pipeline = pipeline_model(stage_builder(model, shard), len(decoder_layers(model)), meshes.pp,
                                   schedule=p.pp_schedule, n_microbatches=plan.pp_microbatches,
                                   stages_per_rank=plan.pp_stages_per_rank, layers_per_stage=p.pp_layers_per_stage,
                                   parallelize_fn=parallelize_fn, device=device, loss_fn=aux_loss or loss_fn,
-                                  microbatch_shape=(plan.pipeline_microbatch_size, t.seq_len),
+                                  microbatch_shape=(plan.pipeline_microbatch_size, t.seq_len // dims.cp),
                                   activation_dtype=mixed_precision_policy(device.type).param_dtype or torch.float32,
                                   carried=carried)
         modules = list(pipeline.stage_modules)
-        forward_backward = partial(aux_loss.step, pipeline) if aux_loss is not None else pipeline.step
+        forward_backward = partial(_pipeline_step, partial(aux_loss.step, pipeline) if aux_loss is not None else pipeline.step)
         tied = tied_embedding_copies(model, pipeline, meshes.world, p.pp_schedule, plan.pp_stages_per_rank)
     else:
         parallelize_fn(model)
@@ -188,6 +188,13 @@ def build_run(cfg: Config, plan: Plan) -> Run:
                expert_modules=expert_modules,
                expert_load=expert_load, eval_sampler=eval_sampler,
                tied=tied, sequence_shard=shard)
+
+
+def _pipeline_step(step: Callable[..., torch.Tensor | None], inputs: torch.Tensor, labels: torch.Tensor,
+                   **_model_inputs: torch.Tensor) -> torch.Tensor | None:
+    """A pipeline schedule's step; each stage builds the model inputs besides its first stage's
+    ids itself (harness/pipeline_stage.py), since a schedule hands stages only what they pass on."""
+    return step(inputs, labels)
 
 
 def _forward_backward(model: nn.Module, loss_fn: GlobalTokenLoss, aux_terms: int, inputs: torch.Tensor,

@@ -126,9 +126,6 @@ def _check_activation_checkpointing(cfg: Config, dims: ParallelDims, model: nn.M
 def _check_context_parallel(cfg: Config, dims: ParallelDims, model: nn.Module) -> None:
     if dims.cp == 1:
         return
-    if dims.pp > 1:
-        raise ConfigError(f"parallel.cp={dims.cp}: not supported with parallel.pp={dims.pp} yet (position ids are "
-                          "not carried through pipeline stages); set parallel.pp=1 or parallel.cp=1")
     try:
         check_context_parallel(model, cfg.train.seq_len, dims.cp)
     except ValueError as e:

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 
 import torch
 import torch.distributed as dist
+from torch.nn.attention.bias import causal_lower_right
 
 
 def head_tail_index(seq_len: int, cp: int, rank: int) -> torch.Tensor:
@@ -38,8 +39,16 @@ class SequenceShard:
         self.size, self.rank = dist.get_world_size(self.group), dist.get_rank(self.group)
         self.group_name = self.group.group_name
         self.local_index = head_tail_index(self.seq_len, self.size, self.rank)
-        # The global position of each row of an all-gather over the group (rank-major).
+        self.chunk = self.seq_len // (2 * self.size)
+        # The global position of each row of an all-gather over the group (rank-major), and the
+        # rows of the gather in sequence order.
         self.gathered_index = torch.cat([head_tail_index(self.seq_len, self.size, r) for r in range(self.size)])
+        self.sequence_order = torch.argsort(self.gathered_index)
+        # Each local chunk's causal attention over the sequence up to its end, aligned bottom-right.
+        # Made here, outside any checkpointed region: a CausalBias created in activation
+        # checkpointing's recompute wraps a tensor SAC handed back, which torch refuses.
+        self.causal_biases = [causal_lower_right(self.chunk, start + self.chunk)
+                              for start in self.local_index[::self.chunk].tolist()]
 
     def split(self, tensor: torch.Tensor) -> torch.Tensor:
         """This rank's tokens of `tensor` [rows, seq_len, ...]."""

@@ -9,7 +9,10 @@ through the interface runs context parallel with its own scaling, soft-cap, sink
 
 - the mask function evaluates the family's mask function at the global positions of this rank's
   queries against the global positions of all keys (a [rows, 1, local, seq_len] mask), after
-  HF's own packed-sequence handling when documents are masked;
+  HF's own packed-sequence handling when documents are masked. A plain causal mask under sdpa is
+  not built (None, as HF's own sdpa mask skips it): each of the rank's two chunks then attends to
+  the prefix of the sequence that ends with it, under a bottom-right-aligned causal bias, which
+  fused kernels take without a materialized mask;
 - the attention function all-gathers the key and value heads (before any GQA expansion) over
   the cp group, then runs the implementation the model would have run (sdpa, or the family's own
   eager function) on the local queries and all keys. Its backward reduce-scatters dK and dV.
@@ -28,7 +31,7 @@ from functools import partial
 import torch
 from torch import nn
 from transformers import AttentionInterface
-from transformers.masking_utils import AttentionMaskInterface, find_packed_sequence_indices
+from transformers.masking_utils import AttentionMaskInterface, causal_mask_function, find_packed_sequence_indices
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 from parallel.context_parallel import SequenceShard
@@ -81,16 +84,26 @@ def _family_eager_attention(module: nn.Module) -> Callable:
 def context_parallel_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                                attention_mask: torch.Tensor | None, *, shard: SequenceShard, inner: str,
                                **kwargs) -> tuple[torch.Tensor, torch.Tensor | None]:
-    assert attention_mask is not None, "context parallel needs the mask of its local queries over all keys"
     key, value = gather_keys_values(key, value, shard)
     attend = _family_eager_attention(module) if inner == "eager" else ALL_ATTENTION_FUNCTIONS[inner]
-    return attend(module, query, key, value, attention_mask, **kwargs)
+    if attention_mask is not None:
+        return attend(module, query, key, value, attention_mask, **kwargs)
+    assert inner == "sdpa", "local_queries_mask skips only sdpa's plain causal mask"
+    order = shard.sequence_order.to(key.device)
+    key, value = key[:, :, order], value[:, :, order]
+    outputs = []
+    for index, bias in enumerate(shard.causal_biases):
+        end = bias.seq_len_kv
+        queries = query[:, :, index * shard.chunk:(index + 1) * shard.chunk]
+        output, _ = attend(module, queries, key[:, :, :end], value[:, :, :end], bias, **kwargs)
+        outputs.append(output)
+    return torch.cat(outputs, dim=1), None  # HF's attention output is [rows, local, heads, dim]
 
 
 def local_queries_mask(batch_size: int, mask_function: Callable, *, shard: SequenceShard, inner: str,
                        q_length: int, kv_length: int, q_offset: int = 0, kv_offset: int = 0,
                        dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu",
-                       **_: object) -> torch.Tensor:
+                       **_: object) -> torch.Tensor | None:
     """The family's mask of this rank's queries over the gathered keys: [batch, 1, local, seq_len],
     boolean for sdpa, additive for eager. `mask_function` comes from masking_utils with no packed
     sequence or padding folded in (the model is given an all-true padding mask); documents are
@@ -102,6 +115,8 @@ def local_queries_mask(batch_size: int, mask_function: Callable, *, shard: Seque
     batch = torch.arange(batch_size, device=device)[:, None, None, None]
     head = torch.zeros(1, dtype=torch.long, device=device)[None, :, None, None]
     documents = shard.document_positions
+    if inner == "sdpa" and documents is None and mask_function is causal_mask_function:
+        return None
     packed = find_packed_sequence_indices(documents.to(device)) if documents is not None else None
     if packed is None:
         allowed = mask_function(batch, head, queries[None, None, :, None], keys[None, None, None, :])

@@ -127,6 +127,8 @@ def spawned(tmp_path_factory):
         # Llama's weights read from safetensors; steps and parameters compared.
         "cp2-fsdp2": tiny_config("--parallel.cp=2", "--parallel.dp_shard=2", llama),
         "cp4": tiny_config("--parallel.cp=4", "--parallel.dp_shard=1", one_step, llama),
+        "pp2-cp2": tiny_config("--parallel.cp=2", "--parallel.pp=2", "--parallel.dp_shard=1",
+                               "--parallel.pp_microbatches=2", one_step, llama),
         "cp2-tp2": tiny_config("--parallel.cp=2", "--parallel.tp=2", "--parallel.dp_shard=1", one_step, llama),
         # Soft-capped attention and logits through its eager attention, sliding-window layers.
         "gemma2-cp2-hsdp": tiny_config("--parallel.cp=2", "--parallel.dp_replicate=2", "--parallel.dp_shard=1",
@@ -153,7 +155,7 @@ def spawned(tmp_path_factory):
 def test_llama_layouts_match_single_process(spawned):
     layouts, trained, _, _ = spawned
     assert_matches_reference(trained["cp2-fsdp2"], reference_run(layouts["cp2-fsdp2"]))
-    for name in ("cp4", "cp2-tp2"):
+    for name in ("cp4", "pp2-cp2", "cp2-tp2"):
         reference = reference_run(layouts[name])
         for result in trained[name]:
             assert compare(result, reference) == "ok", name
@@ -201,16 +203,14 @@ def _family_cfg(tmp_path, family: str, *flags: str):
 
 @pytest.mark.parametrize("family, flags, message", [
     ("llama", ["--train.seq_len=30"], r"train.seq_len=30: context parallel cuts each sequence into 2\*parallel.cp=4 "),
-    ("llama", ["--parallel.pp=2", "--parallel.dp_shard=1"], "parallel.cp=2: not supported with parallel.pp=2"),
     ("qwen3_next", [], "Qwen3NextForCausalLM has 'linear_attention' layers"),
     ("lfm2_moe", [], "Lfm2MoeForCausalLM has 'conv' layers"),
     ("bloom", [], "BloomForCausalLM does not call attention through transformers' AttentionInterface"),
 ])
 def test_what_cannot_split_is_refused_in_one_line(tmp_path, family, flags, message):
     cfg = _family_cfg(tmp_path, family, *flags)
-    world = 4 if "--parallel.pp=2" in flags else 2
     with pytest.raises(ConfigError, match=message) as error:
-        validate(cfg, world)
+        validate(cfg, 2)
     assert "\n" not in str(error.value)
 
 

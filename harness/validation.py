@@ -126,6 +126,11 @@ def _check_activation_checkpointing(cfg: Config, dims: ParallelDims, model: nn.M
 def _check_context_parallel(cfg: Config, dims: ParallelDims, model: nn.Module) -> None:
     if dims.cp == 1:
         return
+    unsupported = [(cfg.train.compile, "train.compile=true", "set train.compile=false"),
+                   (_ac_mode(cfg.ac.mode) == "budget", "ac.mode=budget", "use another ac.mode")]
+    for refused, what, fix in unsupported:
+        if refused:
+            raise ConfigError(f"parallel.cp={dims.cp}: not supported with {what} yet; {fix} or parallel.cp=1")
     try:
         check_context_parallel(model, cfg.train.seq_len, dims.cp)
     except ValueError as e:

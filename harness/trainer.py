@@ -156,7 +156,8 @@ def build_run(cfg: Config, plan: Plan) -> Run:
                                   activation_dtype=mixed_precision_policy(device.type).param_dtype or torch.float32,
                                   carried=carried)
         modules = list(pipeline.stage_modules)
-        forward_backward = partial(_pipeline_step, partial(aux_loss.step, pipeline) if aux_loss is not None else pipeline.step)
+        step = partial(aux_loss.step, pipeline) if aux_loss is not None else pipeline.step
+        forward_backward = partial(_pipeline_step, step)
         tied = tied_embedding_copies(model, pipeline, meshes.world, p.pp_schedule, plan.pp_stages_per_rank)
     else:
         parallelize_fn(model)
@@ -229,8 +230,8 @@ def agree_on_step(run: Run) -> None:
     that nothing waits for.
 
     Every pipeline and tensor-parallel rank of a data-parallel group counts the same labels (the
-    ranks of a cp group each their own), so the world sum is pp x tp times the dp x cp sum. The sum is float64 so the count is exact
-    before it is cast.
+    ranks of a cp group each their own), so the world sum is pp x tp times the dp x cp sum. The
+    sum is float64 so the count is exact before it is cast.
     """
     copies = run.plan.dims.pp * run.plan.dims.tp
     assert dist.get_world_size(run.token_group) * copies == dist.get_world_size(), "the world is pp x dp x cp x tp"

@@ -33,7 +33,7 @@ class SequenceShard:
     group: dist.ProcessGroup
     seq_len: int
     # Per forward (`documents`): the global document positions of the batch, when documents are masked.
-    document_positions: torch.Tensor | None = field(default=None, repr=False)
+    document_positions: torch.Tensor | None = field(default=None, init=False, repr=False)
 
     def __post_init__(self) -> None:
         self.size, self.rank = dist.get_world_size(self.group), dist.get_rank(self.group)

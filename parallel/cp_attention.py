@@ -122,7 +122,8 @@ def local_queries_mask(batch_size: int, mask_function: Callable, *, shard: Seque
         allowed = mask_function(batch, head, queries[None, None, :, None], keys[None, None, None, :])
     else:
         positions = documents.to(device)
-        allowed = mask_function(batch, head, positions[:, queries][:, None, :, None], positions[:, keys][:, None, None, :])
+        allowed = mask_function(batch, head, positions[:, queries][:, None, :, None],
+                                positions[:, keys][:, None, None, :])
         allowed = allowed & (packed[:, queries][:, None, :, None] == packed[:, keys][:, None, None, :])
     allowed = allowed.expand(batch_size, 1, queries.numel(), keys.numel())
     if inner == "sdpa":

@@ -109,7 +109,8 @@ class ParallelDims:
 
     def describe(self) -> str:
         names = ("pp", "dp_replicate", "dp_shard", "cp", "tp", "ep")
-        axes = [f"{name}={getattr(self, name)}" for name in names if name not in ("cp", "tp") or getattr(self, name) > 1]
+        shown = [name for name in names if name not in ("cp", "tp") or getattr(self, name) > 1]
+        axes = [f"{name}={getattr(self, name)}" for name in shown]
         return " x ".join(axes) + f" (world {self.world_size}, efsdp={self.efsdp})"
 
 

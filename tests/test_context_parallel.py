@@ -142,7 +142,8 @@ def spawned(tmp_path_factory):
     document_cfg = load_config(None, ["--model.preset=llama", "--parallel.cp=2", "--parallel.dp_shard=2",
                                       "--train.steps=1", "--train.micro_batch_size=1", "--train.seq_len=32",
                                       # lr ~1e-8 at step 1: the held-out loss after it is the initial model's.
-                                      "--train.warmup_steps=1000000", f"--run.dir={tmp_path / 'docs'}", "--logging.progress=false",
+                                      "--train.warmup_steps=1000000", f"--run.dir={tmp_path / 'docs'}",
+                                      "--logging.progress=false",
                                       *_document_flags(tmp_path)])
     ac_cfgs = {mode: tiny_config("--parallel.cp=2", "--parallel.dp_shard=2", f"--ac.mode={mode}")
                for mode in ("none", "selective", "full")}

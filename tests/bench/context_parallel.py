@@ -109,7 +109,8 @@ def balance(seq: int, cps: list[int], heads: int = 4, head_dim: int = 16, repeat
     rows = []
     for cp in (c for c in cps if c > 1):
         chunk = seq // (2 * cp)
-        split = {"head-tail": [[(int(s), int(s) + chunk) for s in head_tail_index(seq, cp, r)[::chunk]] for r in range(cp)],
+        head_tail = [[(int(s), int(s) + chunk) for s in head_tail_index(seq, cp, r)[::chunk]] for r in range(cp)]
+        split = {"head-tail": head_tail,
                  "contiguous": [[(r * seq // cp, (r + 1) * seq // cp)] for r in range(cp)]}
         for name, spans in split.items():
             seconds = [_attention_seconds(s, heads, head_dim, repeats) for s in spans]

@@ -8,8 +8,8 @@ from tests.multiproc import run_ranks
 
 LAYOUTS = [dict(dp_shard=4), dict(pp=2, dp_shard=2, ep=2), dict(dp_replicate=2, dp_shard=2, ep=2),
            dict(dp_shard=4, ep=2), dict(dp_shard=2, tp=2), dict(dp_replicate=2, tp=2, dp_shard=1),
-           dict(dp_shard=2, cp=2),           dict(dp_replicate=2, cp=2, dp_shard=1), dict(cp=2, ep=2, dp_shard=2), dict(pp=2, cp=2, dp_shard=1),
-           dict(cp=2, tp=2, dp_shard=1)]
+           dict(dp_shard=2, cp=2), dict(dp_replicate=2, cp=2, dp_shard=1), dict(cp=2, ep=2, dp_shard=2),
+           dict(pp=2, cp=2, dp_shard=1), dict(cp=2, tp=2, dp_shard=1)]
 
 
 def test_dp_shard_fills_the_world_and_ep_borrows_from_it():

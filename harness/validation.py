@@ -126,8 +126,12 @@ def _check_activation_checkpointing(cfg: Config, dims: ParallelDims, model: nn.M
 def _check_context_parallel(cfg: Config, dims: ParallelDims, model: nn.Module) -> None:
     if dims.cp == 1:
         return
+    # HF's router aux loss multiplies two means over the micro batch's tokens; a cp rank sees a
+    # part of them, and the product of partial means is not the whole batch's.
     unsupported = [(cfg.train.compile, "train.compile=true", "set train.compile=false"),
-                   (_ac_mode(cfg.ac.mode) == "budget", "ac.mode=budget", "use another ac.mode")]
+                   (_ac_mode(cfg.ac.mode) == "budget", "ac.mode=budget", "use another ac.mode"),
+                   (getattr(model.config, "output_router_logits", False), "HF's router aux loss (output_router_logits)",
+                    "set model.overrides.output_router_logits=false")]
     for refused, what, fix in unsupported:
         if refused:
             raise ConfigError(f"parallel.cp={dims.cp}: not supported with {what} yet; {fix} or parallel.cp=1")

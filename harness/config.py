@@ -89,7 +89,7 @@ class ParallelConfig:
     pp: int = option(1, "pipeline stages (ranks)")
     dp_replicate: int = option(1, "data-parallel replicas (HSDP when dp_shard > 1 too)")
     dp_shard: int = option(-1, "FSDP shards; -1 fills the world")
-    cp: int = option(1, "context parallel (reserved: must be 1)")
+    cp: int = option(1, "context parallel: each sequence split over this many ranks (head-tail)")
     tp: int = option(1, "tensor-parallel ranks (sequence parallel with them), from the family's TP plan; innermost")
     ep: int = option(1, "expert-parallel ranks, borrowed from dp_shard")
     pp_schedule: ScheduleName = option("1F1B", "pipeline schedule")

@@ -1,5 +1,5 @@
 """The fixed order in which a model (or one pipeline stage of it) is parallelized:
-tensor parallel -> expert parallel -> activation checkpointing -> compile -> FSDP2 -> weights.
+context-parallel attention -> tensor parallel -> expert parallel -> activation checkpointing -> compile -> FSDP2 -> weights.
 
 Runs on the meta-device model, so no rank ever holds more than its shards of the weights
 (plus one module's worth while filling them).
@@ -17,14 +17,18 @@ from harness.model_parts import decoder_layers, expert_count, moe_blocks, tensor
 from parallel.ac_budget import apply_budget_plan
 from parallel.activation_checkpointing import apply_activation_checkpointing
 from parallel.compile import compile_layers, compile_unavailable_reason
+from parallel.context_parallel import SequenceShard
+from parallel.cp_attention import use_context_parallel_attention
 from parallel.fsdp import apply_fsdp, give_every_parameter_a_gradient
 from parallel.mesh import ParallelMeshes
 from parallel.tensor_parallel import apply_tensor_parallel
 
 
 def parallelize(module: nn.Module, *, cfg: Config, plan: Plan, meshes: ParallelMeshes,
-                weights: WeightSource, device: torch.device) -> None:
+                weights: WeightSource, device: torch.device, sequence_shard: SequenceShard | None = None) -> None:
     layers = decoder_layers(module)
+    if sequence_shard is not None:
+        use_context_parallel_attention(module, sequence_shard)
     if plan.dims.tp > 1:
         apply_tensor_parallel(tensor_parallel_parts(module), meshes.tp)
     expert_modules: list[nn.Module] = []

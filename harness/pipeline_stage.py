@@ -33,6 +33,7 @@ from torch.distributed.device_mesh import DeviceMesh
 
 from harness import model_parts
 from moe.balance import router_statistics
+from parallel.context_parallel import SequenceShard
 from parallel.pipeline import PipelinePlan, stage_ids_for_rank
 from parallel.pipeline_split import EMBEDDINGS, FINAL_NORM, LM_HEAD, layer_name
 from parallel.tied_stages import TiedAcrossStages, first_last_stage_group
@@ -73,6 +74,8 @@ def _stage_forward(self: nn.Module, inputs: torch.Tensor,
         # see the received hidden states.
         hook = _entry_module(self, role.entry).register_forward_pre_hook(
             lambda module, args, kw: _swap_in(inputs, module, args, kw), with_kwargs=True, prepend=True)
+    if self._context_shard is not None:  # the global positions of this rank's tokens
+        kwargs.update(self._context_shard.model_inputs(inputs.shape[0], None, inputs.device))
     try:
         if role.returns_logits:
             outputs = type(self).forward(self, **kwargs, use_cache=False)
@@ -122,14 +125,17 @@ def _prune(causal_lm: nn.Module, module_names: list[str], sequence_shards: int) 
                       sequence_shards=sequence_shards)
 
 
-def stage_builder(model: nn.Module, sequence_shards: int = 1) -> Callable[[list[str]], nn.Module]:
+def stage_builder(model: nn.Module, sequence_shards: int = 1,
+                  context_shard: SequenceShard | None = None) -> Callable[[list[str]], nn.Module]:
     """`module_names -> stage`: each stage a pruned deep copy of `model` (cheap on meta).
-    `sequence_shards`: the tp degree, over which sequence parallel splits what stages hand on."""
+    `sequence_shards`: the tp degree, over which sequence parallel splits what stages hand on;
+    under context parallel, `context_shard` says which tokens of each sequence the stages see."""
     model_parts.check_pipeline_support(model)
 
     def build(module_names: list[str]) -> nn.Module:
         stage = copy.deepcopy(model)
         stage._pipeline_stage_role = _prune(stage, module_names, sequence_shards)
+        stage._context_shard = context_shard
         # An instance attribute: the class (and FSDP's subclass of it) keeps HF's own forward,
         # which `_stage_forward` calls.
         stage.forward = types.MethodType(_stage_forward, stage)

@@ -38,6 +38,7 @@ from harness.schedule import lr_factor
 from harness.summary import startup_summary
 from moe.balance import aux_loss_term, switch_aux_loss, update_expert_bias
 from moe.load_meter import ExpertLoadMeter, expert_load_row, takes_routing
+from parallel.context_parallel import SequenceShard, forward_arguments
 from parallel.fsdp import mixed_precision_policy
 from parallel.grad_clip import clip_grad_norm_
 from parallel.tied_stages import TiedAcrossStages
@@ -100,7 +101,8 @@ class Run:
     loss_fn: GlobalTokenLoss
     # (inputs, labels) -> this rank's loss (None off the last pipeline stage); accumulates gradients
     forward_backward: Callable[[torch.Tensor, torch.Tensor], torch.Tensor | None]
-    dp_group: dist.ProcessGroup
+    dp_group: dist.ProcessGroup  # the ranks that read different samples
+    token_group: dist.ProcessGroup  # the ranks that hold different tokens: dp x cp
     pp_group: dist.ProcessGroup | None
     flops_per_token: float
     peak_flops_per_rank: float
@@ -109,6 +111,7 @@ class Run:
     state: TrainState = field(default_factory=TrainState)
     eval_sampler: BatchSampler | None = None  # the held-out split, when eval.every > 0
     tied: TiedAcrossStages | None = None  # a tied embedding's copies on the first and last pipeline stage
+    sequence_shard: SequenceShard | None = None  # this rank's tokens of each sequence, under context parallel
 
     @property
     def step(self) -> int:
@@ -132,7 +135,9 @@ def build_run(cfg: Config, plan: Plan) -> Run:
     model_class, parameters = type(model).__name__, sum(p.numel() for p in model.parameters())
     model_flops = flops_per_token(model, model_config, cfg.train.seq_len)
     weights = weight_source(model, cfg.train.seed, cfg.model.path)
-    parallelize_fn = partial(parallelize, cfg=cfg, plan=plan, meshes=meshes, weights=weights, device=device)
+    shard = SequenceShard(meshes.cp.get_group(), cfg.train.seq_len) if dims.cp > 1 else None
+    parallelize_fn = partial(parallelize, cfg=cfg, plan=plan, meshes=meshes, weights=weights, device=device,
+                             sequence_shard=shard)
     loss_fn = GlobalTokenLoss()
     t = cfg.train
     if dims.pp > 1:
@@ -143,15 +148,16 @@ def build_run(cfg: Config, plan: Plan) -> Run:
         carried = carried_examples(model)
         aux_loss = (LastStageAuxLoss(loss_fn, model_config, t.global_batch_size // plan.pipeline_microbatch_size)
                     if carried else None)
-        pipeline = pipeline_model(stage_builder(model, dims.tp), len(decoder_layers(model)), meshes.pp,
+        pipeline = pipeline_model(stage_builder(model, dims.tp, shard), len(decoder_layers(model)), meshes.pp,
                                   schedule=p.pp_schedule, n_microbatches=plan.pp_microbatches,
                                   stages_per_rank=plan.pp_stages_per_rank, layers_per_stage=p.pp_layers_per_stage,
                                   parallelize_fn=parallelize_fn, device=device, loss_fn=aux_loss or loss_fn,
-                                  microbatch_shape=(plan.pipeline_microbatch_size, t.seq_len),
+                                  microbatch_shape=(plan.pipeline_microbatch_size, t.seq_len // dims.cp),
                                   activation_dtype=mixed_precision_policy(device.type).param_dtype or torch.float32,
                                   carried=carried, sequence_shards=dims.tp)
         modules = list(pipeline.stage_modules)
-        forward_backward = partial(aux_loss.step, pipeline) if aux_loss is not None else pipeline.step
+        step = partial(aux_loss.step, pipeline) if aux_loss is not None else pipeline.step
+        forward_backward = partial(_pipeline_step, step)
         tied = tied_embedding_copies(model, pipeline, meshes.world, p.pp_schedule, plan.pp_stages_per_rank)
     else:
         parallelize_fn(model)
@@ -176,21 +182,30 @@ def build_run(cfg: Config, plan: Plan) -> Run:
         logger.info("\n".join(summary))
     return Run(cfg=cfg, plan=plan, modules=modules, optimizer=optimizer, scheduler=scheduler, sampler=sampler,
                loss_fn=loss_fn, forward_backward=forward_backward, dp_group=meshes.dp.get_group(),
+               token_group=meshes.dp_cp.get_group(),
                pp_group=meshes.pp.get_group() if dims.pp > 1 else None, flops_per_token=model_flops,
                peak_flops_per_rank=peak_flops_per_rank(cfg.logging.peak_tflops,
                                                        int(os.environ.get("LOCAL_WORLD_SIZE", "1"))),
                expert_modules=expert_modules,
                expert_load=expert_load, eval_sampler=eval_sampler,
-               tied=tied)
+               tied=tied, sequence_shard=shard)
+
+
+def _pipeline_step(step: Callable[..., torch.Tensor | None], inputs: torch.Tensor, labels: torch.Tensor,
+                   **_model_inputs: torch.Tensor) -> torch.Tensor | None:
+    """A pipeline schedule's step; each stage builds the model inputs besides its first stage's
+    ids itself (harness/pipeline_stage.py), since a schedule hands stages only what they pass on."""
+    return step(inputs, labels)
 
 
 def _forward_backward(model: nn.Module, loss_fn: GlobalTokenLoss, aux_terms: int, inputs: torch.Tensor,
-                      labels: torch.Tensor, **position_ids: torch.Tensor) -> torch.Tensor:
+                      labels: torch.Tensor, **model_inputs: torch.Tensor) -> torch.Tensor:
     """Backward of the token loss plus, when the model returns one, HF's router aux loss averaged
     over the step's `aux_terms` microbatch forwards (all ranks); returns the token loss alone.
-    `position_ids` (data.document_mask) restart at each document: HF masks attention across them."""
+    `model_inputs`: `position_ids` (data.document_mask: they restart at each document, and HF masks
+    attention across them; context parallel: the global positions) and context parallel's mask."""
     # No KV cache in training: recompute under activation checkpointing would append to it again.
-    outputs = model(input_ids=inputs, use_cache=False, **position_ids)
+    outputs = model(input_ids=inputs, use_cache=False, **model_inputs)
     loss = loss_fn(outputs.logits, labels)
     total = loss + aux_loss_term(outputs, aux_loss_coefficient(model.config), aux_terms) if aux_terms else loss
     total.backward()
@@ -214,14 +229,13 @@ def agree_on_step(run: Run) -> None:
     """Sets the loss divisor of the next step: its global token count, from one world all-reduce
     that nothing waits for.
 
-    Every pipeline and tensor-parallel rank of a data-parallel group counts the same labels, so
-    the world sum is pp x tp times the data-parallel sum. The sum is float64 so the count is exact
-    before it is cast.
+    Every pipeline and tensor-parallel rank of a data-parallel group counts the same labels (the
+    ranks of a cp group each their own), so the world sum is pp x tp times the dp x cp sum. The
+    sum is float64 so the count is exact before it is cast.
     """
-    dp_rank, dp_size = dist.get_rank(run.dp_group), dist.get_world_size(run.dp_group)
     copies = run.plan.dims.pp * run.plan.dims.tp
-    assert dp_size * copies == dist.get_world_size(), "the world is pp x dp x tp"
-    _, labels = run.sampler.local_batch(run.step, dp_rank, dp_size)
+    assert dist.get_world_size(run.token_group) * copies == dist.get_world_size(), "the world is pp x dp x cp x tp"
+    _, labels, _ = local_batch(run, run.step)
     tokens = torch.tensor([float(count_tokens(labels))], dtype=torch.float64, device=device_for_rank())
     dist.all_reduce(tokens)
     run.loss_fn.global_tokens = (tokens[0] / copies).float()
@@ -257,19 +271,34 @@ def agree_after_backward(run: Run, loss: torch.Tensor, grad_norm: torch.Tensor,
     return pending, askers > 0
 
 
+def local_batch(run: Run, step: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """This rank's inputs and labels of `step`, and (data.document_mask) the document positions of
+    its rows over the whole sequence. Under context parallel, the inputs and labels are this rank's
+    tokens of its data-parallel rank's rows (the labels were shifted over the whole sequence)."""
+    dp_rank, dp_size = dist.get_rank(run.dp_group), dist.get_world_size(run.dp_group)
+    inputs, labels = run.sampler.local_batch(step, dp_rank, dp_size)
+    positions = run.sampler.position_ids(step, dp_rank, dp_size) if run.cfg.data.document_mask else None
+    if run.sequence_shard is not None:
+        inputs, labels = run.sequence_shard.split(inputs), run.sequence_shard.split(labels)
+    return inputs, labels, positions
+
+
 def run_step(run: Run, preemption: PreemptionRequest | None = None) -> tuple[PendingStep, bool]:
     """One optimizer step over the global batch, after `agree_on_step`; returns its values and
     whether to stop after it (`agree_after_backward`, which also refuses a non-finite step)."""
     cfg, device = run.cfg, device_for_rank()
-    dp_rank, dp_size = dist.get_rank(run.dp_group), dist.get_world_size(run.dp_group)
-    inputs, labels = run.sampler.local_batch(run.step, dp_rank, dp_size)
+    inputs, labels, positions = local_batch(run, run.step)
     inputs, labels = inputs.to(device), labels.to(device)
     loss = torch.zeros((), device=device)
     micro = cfg.train.micro_batch_size
-    positions = run.sampler.position_ids(run.step, dp_rank, dp_size).to(device) if cfg.data.document_mask else None
+    positions = positions.to(device) if positions is not None else None
+    shard = run.sequence_shard
     for start in range(0, inputs.shape[0], micro):
-        extra = {"position_ids": positions[start:start + micro]} if positions is not None else {}
-        micro_loss = run.forward_backward(inputs[start:start + micro], labels[start:start + micro], **extra)
+        rows = slice(start, start + micro)
+        documents = positions[rows] if positions is not None else None
+        extra, forward = forward_arguments(shard, inputs[rows].shape[0], documents, device)
+        with forward:
+            micro_loss = run.forward_backward(inputs[rows], labels[rows], **extra)
         if micro_loss is not None:
             loss += micro_loss
     params = run.optimizer.param_groups[0]["params"]  # every parameter of this rank's modules
@@ -281,7 +310,7 @@ def run_step(run: Run, preemption: PreemptionRequest | None = None) -> tuple[Pen
     run.optimizer.step()
     run.scheduler.step()
     if cfg.moe.bias_update_rate > 0:
-        update_expert_bias(run.modules, cfg.moe.bias_update_rate, run.dp_group)
+        update_expert_bias(run.modules, cfg.moe.bias_update_rate, run.token_group)
     run.optimizer.zero_grad(set_to_none=True)
     run.state.step += 1
     return pending, stop
@@ -378,7 +407,8 @@ def train(cfg: Config, plan: Plan, preemption: PreemptionRequest | None = None) 
                 if evaluating:
                     pending[-1].extra.update(evaluate(run.modules[0], run.eval_sampler, cfg.eval.steps,
                                                       cfg.train.micro_batch_size, cfg.data.document_mask,
-                                                      run.dp_group, device_for_rank()))
+                                                      run.dp_group, run.token_group, device_for_rank(),
+                                                      run.sequence_shard))
                 rows += _log_rows(log, metrics_rows(run, pending, elapsed))
                 pending = []
                 if checkpointing:

@@ -27,6 +27,7 @@ from harness.run_folder import RunFolder, run_folder
 from harness.run_identity import first_difference, read_identity, run_identity
 from moe.balance import splits_over_stages
 from parallel.ac_budget import BudgetPlan, StepShape, choose_plan
+from parallel.cp_attention import check_context_parallel
 from parallel.fsdp import mixed_precision_policy
 from parallel.mesh import ParallelDims
 from parallel.pipeline import validate_pipeline
@@ -62,6 +63,7 @@ def validate(cfg: Config, world_size: int, gpus_per_node: int | None = None) -> 
     check_data_config(cfg, model_config, dims)
     _check_experts(cfg, model, dims)
     _check_tensor_parallel(cfg, dims, model, gpus_per_node)
+    _check_context_parallel(cfg, dims, model)
     pp_microbatches, stages_per_rank = 1, 1
     if dims.pp > 1:
         pp_microbatches = dims.pp if p.pp_microbatches is None else p.pp_microbatches
@@ -129,6 +131,24 @@ def _check_activation_checkpointing(cfg: Config, dims: ParallelDims, model: nn.M
                           "or sequence length") from None
 
 
+def _check_context_parallel(cfg: Config, dims: ParallelDims, model: nn.Module) -> None:
+    if dims.cp == 1:
+        return
+    # HF's router aux loss multiplies two means over the micro batch's tokens; a cp rank sees a
+    # part of them, and the product of partial means is not the whole batch's.
+    unsupported = [(cfg.train.compile, "train.compile=true", "set train.compile=false"),
+                   (_ac_mode(cfg.ac.mode) == "budget", "ac.mode=budget", "use another ac.mode"),
+                   (getattr(model.config, "output_router_logits", False), "HF's router aux loss (output_router_logits)",
+                    "set model.overrides.output_router_logits=false")]
+    for refused, what, fix in unsupported:
+        if refused:
+            raise ConfigError(f"parallel.cp={dims.cp}: not supported with {what} yet; {fix} or parallel.cp=1")
+    try:
+        check_context_parallel(model, cfg.train.seq_len, dims.cp)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+
+
 def _check_tensor_parallel(cfg: Config, dims: ParallelDims, model: nn.Module, gpus_per_node: int | None) -> None:
     """What tensor parallel shards must split evenly over tp, a tp group must fit in one node, the
     family's TP plan must be one it honours, and the features not yet composed with it are refused."""
@@ -149,9 +169,9 @@ def _check_tensor_parallel(cfg: Config, dims: ParallelDims, model: nn.Module, gp
         value = getattr(config, key, None)
         if isinstance(value, int) and value % tp:
             raise ConfigError(f"parallel.tp={tp}: must divide the model's {key}={value}")
-    if cfg.train.seq_len % tp:
-        raise ConfigError(f"parallel.tp={tp}: must divide train.seq_len={cfg.train.seq_len} (sequence parallel "
-                          "splits each sequence over the tp ranks)")
+    if cfg.train.seq_len % (tp * dims.cp):
+        raise ConfigError(f"parallel.tp={tp}: parallel.tp x parallel.cp must divide train.seq_len={cfg.train.seq_len} "
+                          "(sequence parallel splits each rank's tokens over the tp ranks)")
     try:
         layer_styles(tensor_parallel_parts(model))
     except ValueError as e:

@@ -2,13 +2,17 @@
 
 World = pp x dp_replicate x dp_shard x cp x tp. Expert parallel is not a factor of the world:
 it borrows ranks from dp_shard x cp, and experts are FSDP-sharded over the rest ("efsdp").
-One world mesh (pp, dp_replicate, fsdp, tp) is built, tp innermost so that a tensor-parallel
-group is a run of neighbouring ranks (one node); the expert meshes unflatten its fsdp axis into
-(efsdp, ep) with ep innermost. The views:
+One world mesh (pp, dp_replicate, fsdp, tp) is built, fsdp = dp_shard x cp (the ranks of a cp
+group hold different tokens of the same samples, so they are data parallel for the weights) and
+tp innermost so that a tensor-parallel group is a run of neighbouring ranks (one node); the
+context-parallel meshes unflatten its fsdp axis into (dp_shard, cp), the expert meshes into
+(efsdp, ep), cp and ep innermost. The views:
 
-    dp     dp_replicate x fsdp     data loading and the loss (the ranks of a tp group share a batch)
+    dp     dp_replicate x dp_shard   data loading (the ranks of a cp or tp group read the same samples)
+    dp_cp  dp_replicate x fsdp       the loss: its token count and sums (the ranks of a tp group share a batch)
     fsdp   fsdp, or (dp_replicate, fsdp) for HSDP     FSDP2 of dense parameters
-    tp     tp                      tensor and sequence parallel
+    cp     cp                        context parallel: the sequence split
+    tp     tp                        tensor and sequence parallel
     ep     ep                      expert parallel
     efsdp  efsdp, or (dp_replicate, efsdp) for HSDP   FSDP2 of expert parameters
 """
@@ -37,8 +41,6 @@ class ParallelDims:
         for name in ("pp", "dp_replicate", "cp", "tp", "ep", "world_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"parallel.{name}={getattr(self, name)}: must be >= 1")
-        if self.cp != 1:
-            raise ValueError(f"parallel.cp={self.cp}: context parallel is not supported yet; set parallel.cp=1")
         if self.dp_shard == -1:
             rest = self.pp * self.dp_replicate * self.cp * self.tp
             if self.world_size % rest:
@@ -65,21 +67,28 @@ class ParallelDims:
         return self.dp_replicate * self.dp_shard
 
     @property
+    def dp_cp(self) -> int:
+        return self.dp * self.cp
+
+    @property
     def efsdp(self) -> int:
         return self.dp_shard * self.cp // self.ep
 
     def build_meshes(self, device_type: str) -> "ParallelMeshes":
-        world = init_device_mesh(device_type, (self.pp, self.dp_replicate, self.dp_shard, self.tp),
+        world = init_device_mesh(device_type, (self.pp, self.dp_replicate, self.dp_shard * self.cp, self.tp),
                                  mesh_dim_names=("pp", "dp_replicate", "fsdp", "tp"))
         hsdp = self.dp_replicate > 1
         # The axis by index: torch 2.11 rejects a name that is present (inverted check,
         # https://github.com/pytorch/pytorch/issues/176443).
         experts = world._unflatten(2, (self.efsdp, self.ep), ("efsdp", "ep"))
+        shards = world._unflatten(2, (self.dp_shard, self.cp), ("dp_shard", "cp"))
         return ParallelMeshes(
             world=world,
             pp=world["pp"],
-            dp=world["dp_replicate", "fsdp"]._flatten("dp"),
+            dp=shards["dp_replicate", "dp_shard"]._flatten("dp"),
+            dp_cp=world["dp_replicate", "fsdp"]._flatten("dp_cp"),
             fsdp=world["dp_replicate", "fsdp"] if hsdp else world["fsdp"],
+            cp=shards["cp"],
             tp=world["tp"],
             ep=experts["ep"],
             efsdp=experts["dp_replicate", "efsdp"] if hsdp else experts["efsdp"],
@@ -89,16 +98,19 @@ class ParallelDims:
         """The ranks of every group of each view, as build_meshes lays them out."""
         grid = torch.arange(self.world_size).reshape(self.pp, self.dp_replicate, self.efsdp, self.ep, self.tp)
 
-        def along(*dims: int) -> list[list[int]]:
+        def along(grid: torch.Tensor, *dims: int) -> list[list[int]]:
             rest = [d for d in range(grid.ndim) if d not in dims]
             return grid.permute(*rest, *dims).reshape(-1, math.prod(grid.shape[d] for d in dims)).tolist()
 
-        return {"pp": along(0), "dp": along(1, 2, 3), "fsdp": along(2, 3), "tp": along(4), "ep": along(3),
-                "efsdp": along(2)}
+        experts = along(grid, 0), along(grid, 2, 3), along(grid, 4), along(grid, 3), along(grid, 2)
+        shards = torch.arange(self.world_size).reshape(self.pp, self.dp_replicate, self.dp_shard, self.cp, self.tp)
+        return {"pp": experts[0], "dp": along(shards, 1, 2), "dp_cp": along(shards, 1, 2, 3), "fsdp": experts[1],
+                "cp": along(shards, 3), "tp": experts[2], "ep": experts[3], "efsdp": experts[4]}
 
     def describe(self) -> str:
-        names = ("pp", "dp_replicate", "dp_shard", "tp", "ep") if self.tp > 1 else ("pp", "dp_replicate", "dp_shard", "ep")
-        axes = [f"{name}={getattr(self, name)}" for name in names]
+        names = ("pp", "dp_replicate", "dp_shard", "cp", "tp", "ep")
+        shown = [name for name in names if name not in ("cp", "tp") or getattr(self, name) > 1]
+        axes = [f"{name}={getattr(self, name)}" for name in shown]
         return " x ".join(axes) + f" (world {self.world_size}, efsdp={self.efsdp})"
 
 
@@ -107,7 +119,9 @@ class ParallelMeshes:
     world: DeviceMesh
     pp: DeviceMesh
     dp: DeviceMesh
+    dp_cp: DeviceMesh
     fsdp: DeviceMesh
+    cp: DeviceMesh
     tp: DeviceMesh
     ep: DeviceMesh
     efsdp: DeviceMesh

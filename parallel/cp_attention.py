@@ -1,0 +1,176 @@
+"""Context-parallel attention through transformers' own attention interface.
+
+A family calls attention as `ALL_ATTENTION_FUNCTIONS[config._attn_implementation](module, q, k, v,
+mask, scaling=..., softcap=..., sinks=..., ...)` and builds its masks with masking_utils, which
+calls `ALL_MASK_ATTENTION_FUNCTIONS[config._attn_implementation]` with the family's composed mask
+function (causal, sliding window, chunked, ...). Both are registered here under one name per inner
+implementation (`context_parallel_sdpa`, `context_parallel_eager`), so every family that attends
+through the interface runs context parallel with its own scaling, soft-cap, sinks and masks:
+
+- the mask function evaluates the family's mask function at the global positions of this rank's
+  queries against the global positions of all keys (a [rows, 1, local, seq_len] mask), after
+  HF's own packed-sequence handling when documents are masked. A plain causal mask under sdpa is
+  not built (None, as HF's own sdpa mask skips it): each of the rank's two chunks then attends to
+  the prefix of the sequence that ends with it, under a bottom-right-aligned causal bias, which
+  fused kernels take without a materialized mask;
+- the attention function all-gathers the key and value heads (before any GQA expansion) over
+  the cp group, then runs the implementation the model would have run (sdpa, or the family's own
+  eager function) on the local queries and all keys. Its backward reduce-scatters dK and dV.
+
+This is the all-gather form of context parallel (the one Llama 3 was trained with; it takes any
+mask): it keeps the whole sequence's K and V per layer on every rank, which is small next to the
+queries' activations when keys and values have fewer heads.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable
+from functools import partial
+
+import torch
+from torch import nn
+from transformers import AttentionInterface
+from transformers.masking_utils import AttentionMaskInterface, causal_mask_function, find_packed_sequence_indices
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+from parallel.context_parallel import SequenceShard
+
+# The implementations whose masks this module builds: sdpa takes a boolean mask, eager an additive one.
+INNER_IMPLEMENTATIONS = ("sdpa", "eager")
+
+
+class _GatherSequence(torch.autograd.Function):
+    """All-gather along dim 0 over a process group; backward reduce-scatters (sums) the gradient.
+
+    Functional collectives, so that selective activation checkpointing saves the gathered tensor
+    (`_c10d_functional.all_gather_into_tensor` is on its save list) and its recompute issues none."""
+
+    @staticmethod
+    def forward(ctx, local: torch.Tensor, group_name: str, size: int) -> torch.Tensor:
+        ctx.group_name, ctx.size = group_name, size
+        gathered = torch.ops._c10d_functional.all_gather_into_tensor(local.contiguous(), size, group_name)
+        return torch.ops._c10d_functional.wait_tensor(gathered)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None, None]:
+        summed = torch.ops._c10d_functional.reduce_scatter_tensor(grad.contiguous(), "sum", ctx.size, ctx.group_name)
+        return torch.ops._c10d_functional.wait_tensor(summed), None, None
+
+
+def gather_keys_values(key: torch.Tensor, value: torch.Tensor,
+                       shard: SequenceShard) -> tuple[torch.Tensor, torch.Tensor]:
+    """Key and value [rows, heads, local, dim] of every rank of the cp group, in one collective:
+    [rows, heads, size * local, dim], rank-major (`shard.gathered_index` says where each row sits)."""
+    rows, heads, local, key_dim = key.shape
+    value_dim = value.shape[-1]
+    # Sequence-major, so that the gather's dim 0 is the sequence.
+    packed = torch.cat([key.permute(2, 0, 1, 3).reshape(local, -1), value.permute(2, 0, 1, 3).reshape(local, -1)], 1)
+    gathered = _GatherSequence.apply(packed, shard.group_name, shard.size)
+    keys, values = gathered.split([rows * heads * key_dim, rows * heads * value_dim], dim=1)
+    total = shard.size * local
+    return (keys.reshape(total, rows, heads, key_dim).permute(1, 2, 0, 3),
+            values.reshape(total, rows, heads, value_dim).permute(1, 2, 0, 3))
+
+
+def _family_eager_attention(module: nn.Module) -> Callable:
+    """The eager attention the family's attention module falls back to: `eager_attention_forward`
+    of the module that defines its class (what its forward calls when the implementation is eager)."""
+    function = getattr(sys.modules[type(module).__module__], "eager_attention_forward", None)
+    assert function is not None, f"{type(module).__name__} has no eager_attention_forward (validation refuses it)"
+    return function
+
+
+def context_parallel_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                               attention_mask: torch.Tensor | None, *, shard: SequenceShard, inner: str,
+                               **kwargs) -> tuple[torch.Tensor, torch.Tensor | None]:
+    key, value = gather_keys_values(key, value, shard)
+    attend = _family_eager_attention(module) if inner == "eager" else ALL_ATTENTION_FUNCTIONS[inner]
+    if attention_mask is not None:
+        return attend(module, query, key, value, attention_mask, **kwargs)
+    assert inner == "sdpa", "local_queries_mask skips only sdpa's plain causal mask"
+    order = shard.sequence_order.to(key.device)
+    key, value = key[:, :, order], value[:, :, order]
+    outputs = []
+    for index, bias in enumerate(shard.causal_biases):
+        end = bias.seq_len_kv
+        queries = query[:, :, index * shard.chunk:(index + 1) * shard.chunk]
+        output, _ = attend(module, queries, key[:, :, :end], value[:, :, :end], bias, **kwargs)
+        outputs.append(output)
+    return torch.cat(outputs, dim=1), None  # HF's attention output is [rows, local, heads, dim]
+
+
+def local_queries_mask(batch_size: int, mask_function: Callable, *, shard: SequenceShard, inner: str,
+                       q_length: int, kv_length: int, q_offset: int = 0, kv_offset: int = 0,
+                       dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu",
+                       **_: object) -> torch.Tensor | None:
+    """The family's mask of this rank's queries over the gathered keys: [batch, 1, local, seq_len],
+    boolean for sdpa, additive for eager. `mask_function` comes from masking_utils with no packed
+    sequence or padding folded in (the model is given an all-true padding mask); documents are
+    handled as masking_utils handles packed sequences: positions within the document, and no
+    attention across documents."""
+    assert q_length == kv_length == shard.local_index.numel() and q_offset == kv_offset == 0, (
+        "context parallel trains without a KV cache", q_length, kv_length, q_offset, kv_offset)
+    queries, keys = shard.local_index.to(device), shard.gathered_index.to(device)
+    batch = torch.arange(batch_size, device=device)[:, None, None, None]
+    head = torch.zeros(1, dtype=torch.long, device=device)[None, :, None, None]
+    documents = shard.document_positions
+    if inner == "sdpa" and documents is None and mask_function is causal_mask_function:
+        return None
+    packed = find_packed_sequence_indices(documents.to(device)) if documents is not None else None
+    if packed is None:
+        allowed = mask_function(batch, head, queries[None, None, :, None], keys[None, None, None, :])
+    else:
+        positions = documents.to(device)
+        allowed = mask_function(batch, head, positions[:, queries][:, None, :, None],
+                                positions[:, keys][:, None, None, :])
+        allowed = allowed & (packed[:, queries][:, None, :, None] == packed[:, keys][:, None, None, :])
+    allowed = allowed.expand(batch_size, 1, queries.numel(), keys.numel())
+    if inner == "sdpa":
+        return allowed
+    return torch.where(allowed, torch.tensor(0.0, dtype=dtype, device=device), torch.finfo(dtype).min)
+
+
+def implementation_name(inner: str) -> str:
+    return f"context_parallel_{inner}"
+
+
+def use_context_parallel_attention(model: nn.Module, shard: SequenceShard) -> None:
+    """Runs `model`'s attention context parallel over `shard` (its implementation must be one of
+    INNER_IMPLEMENTATIONS, which validation checks). Registering again rebinds the name to the
+    newest shard: one process trains one model at a time."""
+    inner = model.config._attn_implementation
+    assert inner in INNER_IMPLEMENTATIONS, inner
+    name = implementation_name(inner)
+    AttentionInterface.register(name, partial(context_parallel_attention, shard=shard, inner=inner))
+    AttentionMaskInterface.register(name, partial(local_queries_mask, shard=shard, inner=inner))
+    model.set_attn_implementation(name)
+
+
+# The layer types whose masks masking_utils builds from positions alone, which this module evaluates
+# at global positions. Other mixers (linear attention, state-space, short convolutions, sparse
+# attention's indexers) carry state along the sequence or select keys from it, which a split by
+# sequence would cut.
+SPLITTABLE_LAYER_TYPES = ("full_attention", "sliding_attention", "chunked_attention")
+
+
+def check_context_parallel(model: nn.Module, seq_len: int, cp: int) -> None:
+    """Raises ValueError (one line) where `model` cannot train context parallel over `cp` ranks on
+    sequences of `seq_len` tokens: a length that does not split into 2 x cp chunks, a sequence mixer
+    other than softmax attention (named by its layer type), or attention not called
+    through transformers' interface or through an implementation whose masks are not built here."""
+    name, fix = type(model).__name__, "use parallel.cp=1"
+    if seq_len % (2 * cp):
+        raise ValueError(f"train.seq_len={seq_len}: context parallel cuts each sequence into 2*parallel.cp={2 * cp} "
+                         f"equal chunks; use a seq_len divisible by {2 * cp}")
+    for layer_type in getattr(model.config, "layer_types", None) or ():
+        if layer_type not in SPLITTABLE_LAYER_TYPES:
+            raise ValueError(f"parallel.cp={cp}: {name} has '{layer_type}' layers, whose sequence mixing context "
+                             f"parallel cannot split (it splits {', '.join(SPLITTABLE_LAYER_TYPES)}); {fix}")
+    if not getattr(model, "_supports_attention_backend", False):
+        raise ValueError(f"parallel.cp={cp}: {name} does not call attention through transformers' "
+                         f"AttentionInterface, which context parallel runs on; {fix}")
+    inner = model.config._attn_implementation
+    if inner not in INNER_IMPLEMENTATIONS:
+        raise ValueError(f"parallel.cp={cp}: {name} attends with '{inner}', whose masks context parallel does not "
+                         f"build (it builds {' and '.join(INNER_IMPLEMENTATIONS)} masks); {fix}")

@@ -1,0 +1,225 @@
+"""Context parallel against the one-process run (fp32, CPU, gloo): the head-tail split, layouts
+with FSDP, tensor and expert parallel, sliding-window and soft-capped families, document masks,
+selective activation checkpointing under it, and the configs it refuses."""
+
+import os
+from collections import Counter
+
+import numpy as np
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from harness.config import ConfigError, load_config
+from harness.data import load_tokens
+from harness.data.splits import samplers
+from harness.loss import count_tokens, token_loss_sum
+from harness.materialize import canonical_name
+from harness.models import build_meta_model, load_config as load_model_config, reference_model
+from harness.trainer import build_run, local_batch, train
+from harness.validation import validate
+from parallel.context_parallel import forward_arguments, head_tail_index
+from parallel.cp_attention import check_context_parallel
+from tests.data_helpers import write_jsonl
+from tests.families import hand_shrunk_config, tiny_config as family_tiny_config
+from tests.family_matrix import compare
+from tests.layout_run import assert_matches_reference, train_layout
+from tests.multiproc import run_ranks
+from tests.reference import reference_run, tiny_config
+
+WORLD = 4
+
+
+def test_head_tail_split_pairs_an_early_chunk_with_a_late_one():
+    assert head_tail_index(8, 2, 0).tolist() == [0, 1, 6, 7]
+    assert head_tail_index(8, 2, 1).tolist() == [2, 3, 4, 5]
+    held = torch.cat([head_tail_index(32, 4, rank) for rank in range(4)])
+    assert sorted(held.tolist()) == list(range(32))
+    # Causal attention work of a rank: the keys each of its queries sees.
+    work = [int((head_tail_index(32, 4, rank) + 1).sum()) for rank in range(4)]
+    assert len(set(work)) == 1, work
+
+
+def _path_flags(tmp_path, name: str, config) -> list[str]:
+    folder = os.path.join(tmp_path, name)
+    config.save_pretrained(folder)
+    return [f"--model.path={folder}/config.json"]
+
+
+def _document_flags(tmp_path) -> list[str]:
+    """A corpus of short documents (3-12 words), so that every window of 32 tokens holds several."""
+    rng = np.random.default_rng(0)
+    texts = [" ".join(f"w{rng.integers(100)}" for _ in range(rng.integers(3, 12))) for _ in range(200)]
+    source = write_jsonl(str(tmp_path / "docs.jsonl"), texts)
+    return [f"--data.source={source}", f"--data.cache_dir={tmp_path / 'cache'}", "--data.document_mask=true",
+            "--eval.every=1", "--eval.steps=1", "--eval.held_out=0.2", "--train.global_batch_size=4"]
+
+
+def _document_reference(cfg) -> tuple[float, float, float]:
+    """Step 1's loss and gradient norm, and the initial held-out loss, of the HF model given the
+    document positions (the one-process forward of data.document_mask)."""
+    model = reference_model(load_model_config(cfg.model.preset, cfg.model.path, cfg.model.overrides), cfg.train.seed)
+    train, held_out = samplers(load_tokens(cfg.data), cfg)
+
+    def mean_loss(sampler):
+        inputs, labels = sampler.global_batch(0)
+        logits = model(input_ids=inputs, position_ids=sampler.position_ids(0)).logits
+        return token_loss_sum(logits, labels) / count_tokens(labels)
+
+    with torch.no_grad():
+        val_loss = mean_loss(held_out).item()
+    loss = mean_loss(train)
+    loss.backward()
+    norm = torch.nn.utils.clip_grad_norm_(model.parameters(), float("inf")).item()
+    return loss.item(), norm, val_loss
+
+
+def _train_rows(rank: int, world_size: int, cfg) -> dict:
+    (row,) = train(cfg, validate(cfg, world_size))
+    return row
+
+
+class CollectiveCounter(TorchDispatchMode):
+    """Functional collectives issued (context parallel's; FSDP2's are c10d's own ops)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.counts: Counter = Counter()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func.namespace == "_c10d_functional" and func.__name__.split(".")[0] != "wait_tensor":
+            self.counts[func.__name__] += 1
+        return func(*args, **(kwargs or {}))
+
+
+def _step_under_each_ac_mode(rank: int, world_size: int, cfgs: dict) -> dict:
+    """Per AC mode: the loss, every gradient shard, and the collectives of forward and backward."""
+    out = {}
+    for mode, cfg in cfgs.items():
+        run = build_run(cfg, validate(cfg, world_size))
+        model = run.modules[0]
+        inputs, labels, _ = local_batch(run, 0)
+        extra, context = forward_arguments(run.sequence_shard, inputs.shape[0], None, torch.device("cpu"))
+        forward, backward = CollectiveCounter(), CollectiveCounter()
+        with context, forward:
+            loss = token_loss_sum(model(input_ids=inputs, use_cache=False, **extra).logits, labels)
+        with backward:
+            loss.backward()
+        grads = {canonical_name(name): p.grad.to_local().clone() for name, p in model.named_parameters()}
+        out[mode] = (loss.detach(), grads, forward.counts, backward.counts)
+    return out
+
+
+def _spawned(rank: int, world_size: int, layouts: list, document_cfg, ac_cfgs: dict) -> tuple:
+    return ([train_layout(rank, world_size, cfg) for cfg in layouts], _train_rows(rank, world_size, document_cfg),
+            _step_under_each_ac_mode(rank, world_size, ac_cfgs))
+
+
+@pytest.fixture(scope="module")
+def spawned(tmp_path_factory):
+    """Every layout of this module, trained in one spawn of WORLD ranks."""
+    tmp_path = tmp_path_factory.mktemp("cp")
+    reference_model(load_model_config("llama", None), seed=7).save_pretrained(tmp_path / "llama")
+    llama = f"--model.path={tmp_path / 'llama'}"
+    gemma2, gemma3 = hand_shrunk_config("gemma2"), hand_shrunk_config("gemma3_text")
+    one_step = "--train.steps=1"
+    layouts = {
+        # Llama's weights read from safetensors; steps and parameters compared.
+        "cp2-fsdp2": tiny_config("--parallel.cp=2", "--parallel.dp_shard=2", llama),
+        "cp4": tiny_config("--parallel.cp=4", "--parallel.dp_shard=1", one_step, llama),
+        "pp2-cp2": tiny_config("--parallel.cp=2", "--parallel.pp=2", "--parallel.dp_shard=1",
+                               "--parallel.pp_microbatches=2", one_step, llama),
+        "cp2-tp2": tiny_config("--parallel.cp=2", "--parallel.tp=2", "--parallel.dp_shard=1", one_step, llama),
+        # Soft-capped attention and logits through its eager attention, sliding-window layers.
+        "gemma2-cp2-hsdp": tiny_config("--parallel.cp=2", "--parallel.dp_replicate=2", "--parallel.dp_shard=1",
+                                       one_step, *_path_flags(tmp_path, "gemma2", gemma2)),
+        # Sliding-window layers through sdpa.
+        "gemma3-cp2-fsdp2": tiny_config("--parallel.cp=2", "--parallel.dp_shard=2", one_step,
+                                        *_path_flags(tmp_path, "gemma3", gemma3)),
+        "moe-cp2-ep2": tiny_config("--parallel.cp=2", "--parallel.dp_shard=2", "--parallel.ep=2", one_step,
+                                   *_path_flags(tmp_path, "qwen3_moe", family_tiny_config("qwen3_moe"))),
+    }
+    document_cfg = load_config(None, ["--model.preset=llama", "--parallel.cp=2", "--parallel.dp_shard=2",
+                                      "--train.steps=1", "--train.micro_batch_size=1", "--train.seq_len=32",
+                                      # lr ~1e-8 at step 1: the held-out loss after it is the initial model's.
+                                      "--train.warmup_steps=1000000", f"--run.dir={tmp_path / 'docs'}",
+                                      "--logging.progress=false",
+                                      *_document_flags(tmp_path)])
+    ac_cfgs = {mode: tiny_config("--parallel.cp=2", "--parallel.dp_shard=2", f"--ac.mode={mode}")
+               for mode in ("none", "selective", "full")}
+    results = run_ranks(_spawned, WORLD, list(layouts.values()), document_cfg, ac_cfgs, timeout=600)
+    trained = {name: [per_rank[0][index] for per_rank in results] for index, name in enumerate(layouts)}
+    return (layouts, trained, (document_cfg, [per_rank[1] for per_rank in results]),
+            [per_rank[2] for per_rank in results])
+
+
+def test_llama_layouts_match_single_process(spawned):
+    layouts, trained, _, _ = spawned
+    assert_matches_reference(trained["cp2-fsdp2"], reference_run(layouts["cp2-fsdp2"]))
+    for name in ("cp4", "pp2-cp2", "cp2-tp2"):
+        reference = reference_run(layouts[name])
+        for result in trained[name]:
+            assert compare(result, reference) == "ok", name
+
+
+@pytest.mark.parametrize("name", ["gemma2-cp2-hsdp", "gemma3-cp2-fsdp2", "moe-cp2-ep2"])
+def test_family_layouts_match_single_process(spawned, name):
+    layouts, trained, _, _ = spawned
+    reference = reference_run(layouts[name])
+    for result in trained[name]:
+        assert compare(result, reference) == "ok", name
+
+
+def test_document_masks_match_single_process(spawned):
+    _, _, (cfg, rows), _ = spawned
+    loss, norm, val_loss = _document_reference(cfg)
+    for row in rows:
+        assert abs(row["loss"] - loss) < 1e-5
+        assert abs(row["grad_norm"] - norm) <= 1e-5 * norm
+        assert abs(row["val_loss"] - val_loss) < 1e-5
+
+
+def test_activation_checkpointing_is_bitwise_and_selective_recomputes_no_gather(spawned):
+    for per_mode in spawned[3]:
+        loss, grads, forward, backward = per_mode["none"]
+        # One key/value all-gather per layer forward, one reduce-scatter of their gradients in backward.
+        layers = load_model_config("llama", None).num_hidden_layers
+        assert forward == {"all_gather_into_tensor.default": layers}, forward
+        assert backward == {"reduce_scatter_tensor.default": layers}, backward
+        for mode in ("selective", "full"):
+            other_loss, other_grads, other_forward, other_backward = per_mode[mode]
+            assert torch.equal(loss, other_loss), mode
+            for name, grad in grads.items():
+                assert torch.equal(grad, other_grads[name]), (mode, name)
+            assert other_forward == forward, mode
+        # Full AC gathers again in its recompute; selective AC saved the gathered keys and values.
+        assert per_mode["full"][3]["all_gather_into_tensor.default"] == layers, per_mode["full"][3]
+        assert per_mode["selective"][3] == backward, per_mode["selective"][3]
+
+
+def _family_cfg(tmp_path, family: str, *flags: str):
+    return tiny_config("--parallel.cp=2", "--parallel.dp_shard=1", *flags,
+                       *_path_flags(tmp_path, family, family_tiny_config(family)))
+
+
+@pytest.mark.parametrize("family, flags, message", [
+    ("llama", ["--train.seq_len=30"], r"train.seq_len=30: context parallel cuts each sequence into 2\*parallel.cp=4 "),
+    ("llama", ["--ac.mode=budget", "--ac.budget_mib=100"], "parallel.cp=2: not supported with ac.mode=budget yet"),
+    ("llama", ["--train.compile=true"], "parallel.cp=2: not supported with train.compile=true yet"),
+    ("qwen3_moe", ["--model.overrides.output_router_logits=true"], r"not supported with HF's router aux loss"),
+    ("qwen3_next", [], "Qwen3NextForCausalLM has 'linear_attention' layers"),
+    ("lfm2_moe", [], "Lfm2MoeForCausalLM has 'conv' layers"),
+    ("bloom", [], "BloomForCausalLM does not call attention through transformers' AttentionInterface"),
+])
+def test_what_cannot_split_is_refused_in_one_line(tmp_path, family, flags, message):
+    cfg = _family_cfg(tmp_path, family, *flags)
+    with pytest.raises(ConfigError, match=message) as error:
+        validate(cfg, 2)
+    assert "\n" not in str(error.value)
+
+
+def test_an_attention_implementation_without_local_query_masks_is_refused():
+    config = load_model_config("llama", None)
+    config._attn_implementation = "flex_attention"
+    with pytest.raises(ValueError, match="attends with 'flex_attention', whose masks context parallel does not build"):
+        check_context_parallel(build_meta_model(config), 32, 2)

@@ -22,6 +22,9 @@ class Device:
     efficiency: float  # fraction of peak_tflops the layers' FLOPs reach (MFU of the compute alone)
     device_type: str  # "cuda" or "cpu": which kernels and which mixed precision the run uses
     reserve_bytes: int  # memory the run cannot use for its tensors (CUDA context, NCCL, allocator slack)
+    # FSDP's collectives run beside the compute (NCCL on its own SMs and copy engines); gloo's
+    # share the CPU cores the compute runs on.
+    overlaps_communication: bool
 
     @property
     def compute_dtype(self) -> torch.dtype:
@@ -39,7 +42,7 @@ def _cpu() -> Device:
     cores = os.cpu_count() or 1
     memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     return Device("cpu", memory, cores * 50.0 / 1000, intra_node_GBps=2.0, inter_node_GBps=1.0, efficiency=0.5,
-                  device_type="cpu", reserve_bytes=0)
+                  device_type="cpu", reserve_bytes=0, overlaps_communication=False)
 
 
 # H100 SXM: 80 GiB HBM3 (79.6 GiB as CUDA reports it), 989 TFLOP/s dense bf16, NVLink 4 (450 GB/s per direction, ~360 GB/s of
@@ -48,9 +51,9 @@ def _cpu() -> Device:
 # reaches in bf16 without float8 (TorchTitan and Megatron-Core report 40-55% MFU).
 DEVICES = {
     "h100": Device("h100", 80 * GiB, 989.0, intra_node_GBps=360.0, inter_node_GBps=40.0, efficiency=0.5,
-                   device_type="cuda", reserve_bytes=3 * GiB),
+                   device_type="cuda", reserve_bytes=3 * GiB, overlaps_communication=True),
     "h200": Device("h200", 140 * GiB, 989.0, intra_node_GBps=360.0, inter_node_GBps=40.0, efficiency=0.5,
-                   device_type="cuda", reserve_bytes=3 * GiB),
+                   device_type="cuda", reserve_bytes=3 * GiB, overlaps_communication=True),
 }
 
 

@@ -14,7 +14,8 @@ Step time = compute + bubble + exposed communication:
 - bubble: the schedule's idle share of that compute;
 - FSDP all-gathers (forward, and backward again when resharding) and reduce-scatters (fp32 on
   CUDA) of every micro batch, plus HSDP's all-reduce: overlapped with compute by prefetching,
-  so only what exceeds the compute, plus the first layer's gather, is exposed;
+  so only what exceeds the compute, plus the first layer's gather, is exposed (on GPUs; gloo's
+  collectives take the CPU cores the compute needs, and are all exposed);
 - tensor parallel's all-gathers and reduce-scatters (4 per layer forward, 4 backward), expert
   parallel's dispatch and combine (forward and backward), pipeline sends: not overlapped.
 Each collective moves (n - 1) / n of its bytes per rank over its group's link: inside a node when
@@ -130,7 +131,8 @@ def _step_times(facts: ModelFacts, layout: Layout, cfg: Config, world: int, gpus
         r = layout.dp_replicate
         fsdp += accumulation * 2 * local * FP32 * (r - 1) / r / 1e9 / _link_GBps(device, dp * layout.tp, gpus_per_node)
     first_unit = sum(sharding.gathered_numel(t) for t in units[0]) * compute_bytes if units else 0
-    times["fsdp"] = max(0.0, fsdp - compute) + first_unit / 1e9 / _link_GBps(device, layout.dp_shard * layout.tp,
+    exposed = max(0.0, fsdp - compute) if device.overlaps_communication else fsdp
+    times["fsdp"] = exposed + first_unit / 1e9 / _link_GBps(device, layout.dp_shard * layout.tp,
                                                                              gpus_per_node)
     activation = rows * seq * facts.hidden_size * compute_bytes  # one microbatch's hidden states
     if layout.tp > 1:

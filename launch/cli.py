@@ -99,6 +99,10 @@ def world_size(cfg: Config, torchrun: list[str]) -> int:
 
 
 def main(argv: list[str]) -> int:
+    if argv[:1] == ["plan"]:
+        from launch.plan_cli import main as plan_main
+
+        return plan_main(argv[1:])
     if "--help" in argv or "-h" in argv:
         print(recipe_help())
         return 0

@@ -40,6 +40,7 @@ import time
 import torch
 
 from harness.config import Config, load_config
+from harness.memory import peak_rss_bytes, reset_peak_rss, rss_bytes
 from harness.validation import validate
 from tests.bench.results import write_results
 
@@ -50,22 +51,6 @@ LAYOUTS = {"dp_shard=4": ["--parallel.dp_shard=4"],
 MODES = {"sharded load, fp32 file": ("fp32", False), "full copy, fp32 file": ("fp32", True),
          "sharded load, bf16 file": ("bf16", False), "full copy, bf16 file": ("bf16", True),
          "seeded init": (None, False), "full copy, fresh init": (None, True)}
-
-
-def _rss_bytes() -> int:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-
-
-def _reset_peak() -> None:
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")  # resets VmHWM to the current RSS
-
-
-def _peak_bytes() -> int:
-    with open("/proc/self/status") as f:
-        line = next(line for line in f if line.startswith("VmHWM:"))
-    return int(line.split()[1]) * 1024
 
 
 def _measure(rank: int, world_size: int, cfg: Config, full_copy: bool) -> dict[str, float]:
@@ -80,15 +65,15 @@ def _measure(rank: int, world_size: int, cfg: Config, full_copy: bool) -> dict[s
 
         trainer.weight_source = whole_model_then_shards
     plan = validate(cfg, world_size)
-    before = _rss_bytes()
-    _reset_peak()
+    before = rss_bytes()
+    reset_peak_rss()
     started = time.perf_counter()
     run = trainer.build_run(cfg, plan)
     build_s = time.perf_counter() - started
-    load_growth = _peak_bytes() - before
-    _reset_peak()
+    load_growth = peak_rss_bytes() - before
+    reset_peak_rss()
     trainer.train_step(run)
-    return {"build_s": build_s, "load_growth": load_growth, "step_growth": _peak_bytes() - before}
+    return {"build_s": build_s, "load_growth": load_growth, "step_growth": peak_rss_bytes() - before}
 
 
 def _model_config(family: str, hidden: int, layers: int, vocab: int):

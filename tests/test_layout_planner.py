@@ -1,0 +1,82 @@
+"""`python -m launch plan`: the ranked table and its recipe, bad input, and predictions against
+real gloo runs (parameter, gradient and optimizer bytes exactly; peak memory within 15%)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import yaml
+
+from harness.config import load_config
+from harness.layout_planner.activations import measure_profile
+from harness.layout_planner.devices import named_device
+from harness.layout_planner.plan_check import predict_run
+from harness.loss import token_loss_sum
+from harness.model_parts import decoder_layers
+from harness.models import build_meta_model
+from harness.validation import validate
+from launch.cli import main
+from parallel.ac_budget import BUDGET_MODES, StepShape, simulate
+from tests.bench.planner_runs import measure_layout
+from tests.families import hand_shrunk_config
+from tests.multiproc import run_ranks
+
+RECIPE = {"model": {"preset": "qwen3_moe"}, "data": {"max_bytes": 100_000},
+          "train": {"seq_len": 32, "global_batch_size": 8, "micro_batch_size": 2}}
+
+
+@pytest.fixture
+def recipe(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    path = tmp_path / "r.yaml"
+    path.write_text(yaml.safe_dump(RECIPE))
+    return str(path)
+
+
+def test_plan_ranks_layouts_and_writes_the_best_recipe(recipe, tmp_path, capsys):
+    out = tmp_path / "best.yaml"
+    assert main(["plan", "--config", recipe, "--world", "4", "--device", "cpu", "--device-memory", "4GiB",
+                 "--out", str(out)]) == 0
+    captured = capsys.readouterr()
+    assert "measuring activations" in captured.err  # progress
+    table = [line for line in captured.out.splitlines() if line.startswith("| 1 |")]
+    assert len(table) == 1 and "| yes |" in table[0]
+    best = yaml.safe_load(out.read_text())
+    assert best["model"] == RECIPE["model"] and best["train"]["seq_len"] == 32
+    written = load_config(str(out))
+    validate(written, 4)  # the written recipe runs as is on 4 ranks
+    overrides = next(line for line in captured.out.splitlines() if line.startswith("overrides: "))
+    assert f"--parallel.dp_shard={written.parallel.dp_shard}" in overrides
+
+
+@pytest.mark.parametrize("argv, expected", [
+    (["--world", "4", "--device", "tpu9"], "error: --device tpu9: unknown device; choose one of h100, h200, cpu"),
+    (["--world", "4", "--device-memory", "lots"], "error: --device-memory=lots: give a positive size with a unit"),
+    (["--world", "4", "--device-memory", "4MiB"], "error: --device-memory=0.0GiB: no layout fits; the smallest"),
+    (["--world", "3"], "error: --world 3: validation accepts no layout of this model on 3 ranks"),
+])
+def test_bad_input_is_one_line_and_exit_2(recipe, argv, expected, capsys):
+    assert main(["plan", "--config", recipe, *argv]) == 2
+    errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and errors[0].startswith(expected), errors
+
+
+def test_no_fit_names_the_smallest_requirement(recipe, capsys):
+    assert main(["plan", "--config", recipe, "--world", "2", "--device", "cpu", "--device-memory", "1MiB"]) == 2
+    error = capsys.readouterr().err.splitlines()[-1]
+    assert " needs " in error and "GiB per rank" in error and "more memory" in error
+
+
+def test_layer_kinds_measured_once_give_every_layer_its_own_measurement():
+    """A hybrid (conv and attention layers): the prefix measurement, reused per kind, equals each
+    layer's kept bytes in a fake step of the whole model."""
+    config = hand_shrunk_config("lfm2")
+    config.update(dict(num_hidden_layers=6, layer_types=["conv", "full_attention", "conv"] * 2))
+    model = build_meta_model(config)
+    profile = measure_profile(model, 16, torch.float32, lambda _: None)
+    assert profile.kinds == 2
+    shape = StepShape(rows=1, seq_len=16, dtype=torch.float32, device_type="cpu")
+    for mode in BUDGET_MODES:
+        whole = simulate(model, decoder_layers(model), [mode] * 6, shape, token_loss_sum)
+        assert [cost.kept_bytes[mode] for cost in profile.layers] == whole.kept_bytes
+        assert profile.kept([mode] * 6, list(range(6)), 1) + profile.remainder_bytes >= whole.peak_bytes * 0.95

@@ -227,12 +227,18 @@ def main(argv: list[str] | None = None) -> None:
 
 def merged_matrix(paths: list[str]) -> tuple[dict[str, dict[str, str]], list[str]]:
     """The cells of several runs in one matrix, and their layouts in the order LAYOUTS lists them.
-    A family that did not build in one run did not build in any (the build is the same)."""
+    A later run's cells replace an earlier run's. A family that built in any run keeps its cells
+    (a build can time out on a loaded machine); one that built in none is left out of the table."""
     matrix: dict[str, dict[str, str]] = {}
+    built: set[str] = set()
     for path in paths:
         with open(path) as f:
             for family, cells in json.load(f).items():
                 matrix.setdefault(family, {}).update(cells)
+                if "build" not in cells:
+                    built.add(family)
+    for family in built:
+        matrix[family].pop("build", None)
     present = {layout for cells in matrix.values() for layout in cells}
     return dict(sorted(matrix.items())), [layout for layout in LAYOUTS if layout in present]
 

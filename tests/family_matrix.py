@@ -108,7 +108,7 @@ def run_recipes(world: int, recipes: dict[str, Config], exported: bool = False) 
             if outcomes[0][0] != "ran":
                 cells[family] = f"{outcomes[0][0]}: {outcomes[0][1]}"
                 continue
-            cells[family] = compare(outcomes[0][1], reference_run(cfg), routed=is_moe(family))
+            cells[family] = compare(outcomes[0][1], reference_run(cfg), routed=_routes_experts(cfg))
             if family in roots and cells[family] == "ok":
                 # Pipeline stages each return their own parameters.
                 params = {name: value for _, (_, _, stage) in outcomes for name, value in stage.items()}
@@ -177,6 +177,13 @@ def compare(result: tuple, reference: tuple, routed: bool = False) -> str:
         return "ok"
     return (f"mismatch: step 1 loss off by {loss_gaps[0]:.1e}, gradient norm by {norm_gaps[0]:.1e} (relative); "
             f"at most {max(loss_gaps):.1e} and {max(norm_gaps):.1e} over {len(losses)} steps")
+
+
+def _routes_experts(cfg: Config) -> bool:
+    from harness.model_parts import expert_count
+    from harness.models import load_config
+
+    return expert_count(load_config(cfg.model.preset, cfg.model.path, cfg.model.overrides)) > 0
 
 
 def is_moe(family: str) -> bool:

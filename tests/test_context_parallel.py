@@ -210,6 +210,7 @@ def _family_cfg(tmp_path, family: str, *flags: str):
     ("qwen3_next", [], "Qwen3NextForCausalLM has 'linear_attention' layers"),
     ("lfm2_moe", [], "Lfm2MoeForCausalLM has 'conv' layers"),
     ("bloom", [], "BloomForCausalLM does not call attention through transformers' AttentionInterface"),
+    ("doge", [], r"DogeForCausalLM's DogeAttention attends under a mask it makes itself \(attn_mask\)"),
 ])
 def test_what_cannot_split_is_refused_in_one_line(tmp_path, family, flags, message):
     cfg = _family_cfg(tmp_path, family, *flags)

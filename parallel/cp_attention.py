@@ -24,7 +24,10 @@ queries' activations when keys and values have fewer heads.
 
 from __future__ import annotations
 
+import ast
+import inspect
 import sys
+import textwrap
 from collections.abc import Callable
 from functools import partial
 
@@ -157,8 +160,9 @@ SPLITTABLE_LAYER_TYPES = ("full_attention", "sliding_attention", "chunked_attent
 def check_context_parallel(model: nn.Module, seq_len: int, cp: int) -> None:
     """Raises ValueError (one line) where `model` cannot train context parallel over `cp` ranks on
     sequences of `seq_len` tokens: a length that does not split into 2 x cp chunks, a sequence mixer
-    other than softmax attention (named by its layer type), or attention not called
-    through transformers' interface or through an implementation whose masks are not built here."""
+    other than softmax attention (named by its layer type), attention not called through
+    transformers' interface, under a mask of the module's own, or through an implementation whose
+    masks are not built here."""
     name, fix = type(model).__name__, "use parallel.cp=1"
     if seq_len % (2 * cp):
         raise ValueError(f"train.seq_len={seq_len}: context parallel cuts each sequence into 2*parallel.cp={2 * cp} "
@@ -170,7 +174,39 @@ def check_context_parallel(model: nn.Module, seq_len: int, cp: int) -> None:
     if not getattr(model, "_supports_attention_backend", False):
         raise ValueError(f"parallel.cp={cp}: {name} does not call attention through transformers' "
                          f"AttentionInterface, which context parallel runs on; {fix}")
+    own_mask = attention_under_its_own_mask(model)
+    if own_mask is not None:
+        module, mask = own_mask
+        raise ValueError(f"parallel.cp={cp}: {name}'s {module} attends under a mask it makes itself ({mask}), not "
+                         f"the position mask context parallel builds over the whole sequence; {fix}")
     inner = model.config._attn_implementation
     if inner not in INNER_IMPLEMENTATIONS:
         raise ValueError(f"parallel.cp={cp}: {name} attends with '{inner}', whose masks context parallel does not "
                          f"build (it builds {' and '.join(INNER_IMPLEMENTATIONS)} masks); {fix}")
+
+
+def attention_under_its_own_mask(model: nn.Module) -> tuple[str, str] | None:
+    """A module class of `model` whose forward calls the attention interface with a mask other than
+    one it was given (the mask masking_utils built, which is what context parallel replaces), and
+    that mask's expression; None when every one passes its argument on. Doge's attention, say,
+    adds a bias computed from each key's value to the mask: under context parallel the module
+    would see only this rank's keys."""
+    for cls in dict.fromkeys(type(module) for module in model.modules()):
+        try:
+            source = textwrap.dedent(inspect.getsource(cls.forward))
+        except (OSError, TypeError):  # no Python source (a builtin or C++ module)
+            continue
+        forward = ast.parse(source).body[0]
+        if not isinstance(forward, ast.FunctionDef):
+            continue
+        given = {argument.arg for argument in forward.args.args + forward.args.kwonlyargs}
+        # `attention_interface`: the name transformers' families give the function they take from
+        # ALL_ATTENTION_FUNCTIONS; its mask is the fifth argument or `attention_mask=`.
+        for node in ast.walk(forward):
+            if not (isinstance(node, ast.Call) and isinstance(node.func, ast.Name)
+                    and node.func.id == "attention_interface"):
+                continue
+            masks = [keyword.value for keyword in node.keywords if keyword.arg == "attention_mask"] + node.args[4:5]
+            if masks and not (isinstance(masks[0], ast.Name) and masks[0].id in given):
+                return cls.__name__, ast.unparse(masks[0])
+    return None

@@ -38,9 +38,8 @@ SCALARS: dict[str, float] = dict(
 # or leave with per-layer features at full-size defaults or switched off; one entry per family,
 # alphabetical, saying why.
 FAMILY_FIELDS: dict[str, dict[str, Any]] = {
-    # DeepSeek sparse attention under MLA: keys have one head per query head (the generic GQA split
-    # would repeat them 4 -> 8); the indexer keeps 8 of the 32 tokens, so its selection shows.
-    "axk2": dict(num_key_value_heads=4, index_n_heads=4, index_head_dim=16, index_topk=8),
+    # DeepSeek sparse attention under MLA: the indexer keeps 8 of the 32 tokens, so its selection shows.
+    "axk2": dict(index_n_heads=4, index_head_dim=16, index_topk=8),
     # Bytes through a local encoder, a global transformer over patches and a local decoder, each a
     # sub-config of its own (no top-level layer count), patched by a frozen entropy model; its hash
     # n-gram embeddings default to 500002 rows per n-gram size. It builds; the harness, which
@@ -65,7 +64,7 @@ FAMILY_FIELDS: dict[str, dict[str, Any]] = {
                  ffn_config=dict(ffn_hidden_size=32, moe_num_experts=8, moe_top_k=2, moe_loss_weight=0.01,
                                  moe_normalize_expert_weights=2.0)),
     # DeepSeek sparse attention, as axk2.
-    "deepseek_v32": dict(num_key_value_heads=4, index_n_heads=4, index_head_dim=16, index_topk=8),
+    "deepseek_v32": dict(index_n_heads=4, index_head_dim=16, index_topk=8),
     # Sliding-window layers are per-layer configs with their own MLA sizes (swa_*, default 64
     # heads); indexed (sparse) attention keeps 4 of the keys; keys need as many heads as queries.
     "dots3_note_text": dict(num_key_value_heads=4, swa_num_attention_heads=2, swa_num_key_value_heads=2,
@@ -92,7 +91,7 @@ FAMILY_FIELDS: dict[str, dict[str, Any]] = {
                                 attention_k_eq_v=True, num_global_key_value_heads=1, num_kv_shared_layers=2,
                                 use_double_wide_mlp=True),
     # DeepSeek sparse attention, as axk2; every other layer reuses the previous layer's top-k.
-    "glm_moe_dsa": dict(num_key_value_heads=4, index_n_heads=4, index_head_dim=16, index_topk=8,
+    "glm_moe_dsa": dict(index_n_heads=4, index_head_dim=16, index_topk=8,
                         indexer_types=["full", "shared", "full", "shared"]),
     # Per-layer attention comes as [[types], repeats] (not layer_types); a window shorter than the
     # sequence makes its local layers differ from its global ones.
@@ -157,6 +156,12 @@ def tiny_config(family: str, tied: bool | None = None) -> PretrainedConfig:
                   if hasattr(default, key) and not isinstance(getattr(type(default), key, None), property)}
         if "qk_rope_head_dim" in values:  # multi-head latent attention: rotary runs on the rope part
             values["head_dim"] = values["qk_rope_head_dim"]
+        if "kv_lora_rank" in values:
+            # Latent attention decompresses a key and a value per query head, yet HF's attention
+            # functions repeat them by num_attention_heads / num_key_value_heads wherever a mask
+            # is given (eager, sdpa with padding or document masks): as in every MLA checkpoint,
+            # the counts are equal.
+            values["num_key_value_heads"] = values["num_attention_heads"]
         values.update(FAMILY_FIELDS.get(family, {}))
         try:
             config = AutoConfig.for_model(family, **values)

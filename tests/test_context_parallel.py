@@ -1,6 +1,6 @@
 """Context parallel against the one-process run (fp32, CPU, gloo): the head-tail split, layouts
-with FSDP, tensor and expert parallel, sliding-window and soft-capped families, document masks,
-selective activation checkpointing under it, and the configs it refuses."""
+with FSDP, tensor and expert parallel, sliding-window, soft-capped and latent-attention families,
+document masks, selective activation checkpointing under it, and the configs it refuses."""
 
 import os
 from collections import Counter
@@ -138,6 +138,10 @@ def spawned(tmp_path_factory):
                                         *_path_flags(tmp_path, "gemma3", gemma3)),
         "moe-cp2-ep2": tiny_config("--parallel.cp=2", "--parallel.dp_shard=2", "--parallel.ep=2", one_step,
                                    *_path_flags(tmp_path, "qwen3_moe", family_tiny_config("qwen3_moe"))),
+        # Multi-head latent attention: a key and a value decompressed per query head, rotary on part
+        # of the key, through sdpa's causal-bias path.
+        "mla-cp2-fsdp2": tiny_config("--parallel.cp=2", "--parallel.dp_shard=2", one_step,
+                                     *_path_flags(tmp_path, "deepseek_v3", family_tiny_config("deepseek_v3"))),
     }
     document_cfg = load_config(None, ["--model.preset=llama", "--parallel.cp=2", "--parallel.dp_shard=2",
                                       "--train.steps=1", "--train.micro_batch_size=1", "--train.seq_len=32",
@@ -162,7 +166,7 @@ def test_llama_layouts_match_single_process(spawned):
             assert compare(result, reference) == "ok", name
 
 
-@pytest.mark.parametrize("name", ["gemma2-cp2-hsdp", "gemma3-cp2-fsdp2", "moe-cp2-ep2"])
+@pytest.mark.parametrize("name", ["gemma2-cp2-hsdp", "gemma3-cp2-fsdp2", "moe-cp2-ep2", "mla-cp2-fsdp2"])
 def test_family_layouts_match_single_process(spawned, name):
     layouts, trained, _, _ = spawned
     reference = reference_run(layouts[name])
@@ -210,6 +214,7 @@ def _family_cfg(tmp_path, family: str, *flags: str):
     ("qwen3_next", [], "Qwen3NextForCausalLM has 'linear_attention' layers"),
     ("lfm2_moe", [], "Lfm2MoeForCausalLM has 'conv' layers"),
     ("bloom", [], "BloomForCausalLM does not call attention through transformers' AttentionInterface"),
+    ("doge", [], r"DogeForCausalLM's DogeAttention attends under a mask it makes itself \(attn_mask\)"),
 ])
 def test_what_cannot_split_is_refused_in_one_line(tmp_path, family, flags, message):
     cfg = _family_cfg(tmp_path, family, *flags)

@@ -48,6 +48,7 @@ class ModelFacts:
 @dataclass(frozen=True)
 class Prediction:
     layout: Layout
+    rank: int  # the pipeline rank whose peak this is (the one that needs most)
     state: StateBytes
     activation_bytes: int
     peak_bytes: int
@@ -94,10 +95,10 @@ def predict(facts: ModelFacts, layout: Layout, cfg: Config, world: int, gpus_per
             activation += rows * facts.profile.remainder_bytes
         if worst is None or state.total + activation > worst[1].total + worst[2]:
             worst = (rank, state, activation)
-    _, state, activation = worst
+    worst_rank, state, activation = worst
     peak = state.total + int(activation)
     times = _step_times(facts, layout, cfg, world, gpus_per_node, device, modes, most_layers)
-    return Prediction(layout=layout, state=state, activation_bytes=int(activation), peak_bytes=peak,
+    return Prediction(layout=layout, rank=worst_rank, state=state, activation_bytes=int(activation), peak_bytes=peak,
                       fits=peak <= device.memory_bytes - device.reserve_bytes, times=times,
                       tokens_per_step=cfg.train.global_batch_size * seq)
 

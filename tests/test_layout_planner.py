@@ -14,6 +14,7 @@ from harness.config import load_config
 from harness.layout_planner.activations import measure_profile
 from harness.layout_planner.devices import named_device
 from harness.layout_planner.plan_check import predict_run
+from harness.layout_planner.planner import make_plan
 from harness.loss import token_loss_sum
 from harness.model_parts import decoder_layers
 from harness.models import build_meta_model
@@ -117,3 +118,17 @@ def test_plan_check_prints_predicted_and_measured_after_step_3(tmp_path):
     measured = (row0, row1)[prediction.rank]  # pp outermost: global rank = pipeline rank on 2 ranks
     measured_bytes = (measured["param_mib"] + measured["optimizer_mib"]) * 2**20
     assert prediction.state.param + prediction.state.optimizer == measured_bytes
+
+
+def test_tensor_and_context_parallel_layouts_are_planned():
+    """On 4 ranks of a dense model the plan weighs tp and cp layouts, and prices their traffic:
+    cp2 keeps half of fsdp4's activations plus the gathered keys and values."""
+    cfg = load_config(None, ["--model.preset=llama", "--train.seq_len=64", "--train.global_batch_size=8",
+                             "--train.micro_batch_size=2"])
+    device = named_device("cpu")
+    plan = make_plan(cfg, 4, 4, device, lambda _: None)
+    by_layout = {(p.layout.describe(), p.layout.micro_batch_size, p.layout.ac_mode): p for p in plan.predictions}
+    tp2, cp2, fsdp4 = (by_layout[(name, 2, "none")] for name in ("fsdp2 tp2", "fsdp2 cp2", "fsdp4"))
+    assert "tp" in tp2.times and "cp" in cp2.times and not {"tp", "cp"} & set(fsdp4.times)
+    kv = 2 * 64 * plan.facts.kv_width * 4 / 2 * len(plan.facts.state.layers)  # rows x seq x width x fp32 x (cp-1)/cp
+    assert cp2.activation_bytes == pytest.approx(fsdp4.activation_bytes / 2 + kv, rel=1e-6)

@@ -32,6 +32,7 @@ class Layout:
     pp_microbatches: int = 1
     ac_mode: str = "none"
     ac_budget_mib: float | None = None
+    cp: int = 1
 
     @property
     def stages_per_rank(self) -> int:
@@ -39,8 +40,8 @@ class Layout:
 
     def overrides(self) -> dict[str, dict[str, object]]:
         """The recipe sections this layout sets."""
-        parallel = {"pp": self.pp, "dp_replicate": self.dp_replicate, "dp_shard": self.dp_shard, "tp": self.tp,
-                    "ep": self.ep}
+        parallel = {"pp": self.pp, "dp_replicate": self.dp_replicate, "dp_shard": self.dp_shard, "cp": self.cp,
+                    "tp": self.tp, "ep": self.ep}
         if self.pp > 1:
             parallel.update(pp_schedule=self.pp_schedule, pp_microbatches=self.pp_microbatches)
         ac = {"mode": self.ac_mode}
@@ -50,7 +51,8 @@ class Layout:
 
     def describe(self) -> str:
         axes = [f"{name}{value}" for name, value in (("pp", self.pp), ("dpr", self.dp_replicate),
-                                                     ("fsdp", self.dp_shard), ("tp", self.tp), ("ep", self.ep))
+                                                     ("fsdp", self.dp_shard), ("cp", self.cp), ("tp", self.tp),
+                                                     ("ep", self.ep))
                 if value > 1]
         text = " ".join(axes) or "1 rank"
         if self.pp > 1:
@@ -77,25 +79,27 @@ def _powers_of_two(limit: int) -> list[int]:
     return [2**k for k in range(limit.bit_length()) if 2**k <= limit]
 
 
-def _meshes(world: int, gpus_per_node: int, experts: int) -> Iterator[tuple[int, int, int, int, int]]:
-    """(pp, dp_replicate, dp_shard, tp, ep) the mesh accepts: tp inside a node, HSDP only with
-    node-sized or larger shard groups, ep dividing the experts."""
+def _meshes(world: int, gpus_per_node: int, experts: int) -> Iterator[tuple[int, int, int, int, int, int]]:
+    """(pp, dp_replicate, dp_shard, cp, tp, ep) the mesh accepts: tp x cp inside a node (both
+    communicate at every layer), HSDP only with node-sized or larger shard groups, ep dividing the
+    experts."""
     for pp in (d for d in _divisors(world) if d <= MAX_PP):
         for tp in (d for d in _divisors(world // pp) if d <= gpus_per_node):
-            data = world // (pp * tp)
-            for dp_replicate in _divisors(data):
-                dp_shard = data // dp_replicate
-                if dp_replicate > 1 and (dp_shard * tp) % gpus_per_node:
-                    continue
-                for ep in _divisors(dp_shard):
-                    if ep > 1 and (not experts or experts % ep):
+            for cp in (d for d in _divisors(world // (pp * tp)) if d * tp <= gpus_per_node):
+                data = world // (pp * tp * cp)
+                for dp_replicate in _divisors(data):
+                    dp_shard = data // dp_replicate
+                    if dp_replicate > 1 and (dp_shard * cp * tp) % gpus_per_node:
                         continue
-                    try:
-                        ParallelDims(pp=pp, dp_replicate=dp_replicate, dp_shard=dp_shard, tp=tp, ep=ep,
-                                     world_size=world)
-                    except ValueError:
-                        continue
-                    yield pp, dp_replicate, dp_shard, tp, ep
+                    for ep in _divisors(dp_shard * cp):
+                        if ep > 1 and (not experts or experts % ep):
+                            continue
+                        try:
+                            ParallelDims(pp=pp, dp_replicate=dp_replicate, dp_shard=dp_shard, cp=cp, tp=tp, ep=ep,
+                                         world_size=world)
+                        except ValueError:
+                            continue
+                        yield pp, dp_replicate, dp_shard, cp, tp, ep
 
 
 def _batches(cfg: Config, pp: int, dp: int) -> Iterator[tuple[int, str | None, int]]:
@@ -120,8 +124,8 @@ def accepted_layouts(cfg: Config, world: int, gpus_per_node: int, progress: Call
     from harness.models import load_config
 
     experts = expert_count(load_config(cfg.model.preset, cfg.model.path, cfg.model.overrides))
-    candidates = [Layout(pp, dpr, dps, tp, ep, micro, schedule, count, "none")
-                  for pp, dpr, dps, tp, ep in _meshes(world, gpus_per_node, experts)
+    candidates = [Layout(pp, dpr, dps, tp, ep, micro, schedule, count, "none", cp=cp)
+                  for pp, dpr, dps, cp, tp, ep in _meshes(world, gpus_per_node, experts)
                   for micro, schedule, count in _batches(cfg, pp, dpr * dps)]
     accepted, refusals = [], []
     for index, layout in enumerate(candidates):

@@ -25,7 +25,8 @@ def run_layout(cfg: Config, plan: Plan) -> Layout:
     return Layout(pp=dims.pp, dp_replicate=dims.dp_replicate, dp_shard=dims.dp_shard, tp=dims.tp, ep=dims.ep,
                   micro_batch_size=plan.micro_batch_size,
                   pp_schedule=cfg.parallel.pp_schedule if dims.pp > 1 else None,
-                  pp_microbatches=plan.pp_microbatches, ac_mode=plan.ac_mode, ac_budget_mib=cfg.ac.budget_mib)
+                  pp_microbatches=plan.pp_microbatches, ac_mode=plan.ac_mode, ac_budget_mib=cfg.ac.budget_mib,
+                  cp=dims.cp)
 
 
 def this_device(peak_tflops: float | None, local_world_size: int) -> Device:

@@ -38,8 +38,8 @@ def _budget_prediction(facts: ModelFacts, layout: Layout, cfg: Config, world: in
                        device: Device, plans: list[tuple[str, ...]]) -> Prediction | None:
     """The layout under ac.mode=budget with the activation memory the device has left, when the
     cheapest plan that fits mixes modes (a uniform one is already among the candidates).
-    Validation takes budget only without pipeline and tensor parallel and compile."""
-    if layout.pp > 1 or layout.tp > 1 or cfg.train.compile:
+    Validation takes budget only without pipeline, tensor and context parallel and compile."""
+    if layout.pp > 1 or layout.tp > 1 or layout.cp > 1 or cfg.train.compile:
         return None
     none = predict(facts, layout, cfg, world, gpus_per_node, device)
     room = device.memory_bytes - device.reserve_bytes - none.state.total

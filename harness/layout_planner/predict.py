@@ -85,7 +85,7 @@ def predict(facts: ModelFacts, layout: Layout, cfg: Config, world: int, gpus_per
     """`layer_modes`: each layer's AC mode (budget plans); None = `layout.ac_mode` everywhere."""
     num_layers = len(facts.state.layers)
     modes = layer_modes or (layout.ac_mode,) * num_layers
-    sharding = Sharding(tp=layout.tp, ep=layout.ep, dp_shard=layout.dp_shard)
+    sharding = Sharding(tp=layout.tp, ep=layout.ep, dp_shard=layout.dp_shard * layout.cp)  # FSDP over dp_shard x cp
     compute_bytes = device.compute_dtype.itemsize
     rows = layout.micro_batch_size / layout.pp_microbatches / layout.tp
     seq = cfg.train.seq_len

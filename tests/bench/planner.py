@@ -60,8 +60,10 @@ LAYOUTS = {
     "pp2 Interleaved1F1B/2": ["--parallel.pp=2", "--parallel.dp_shard=1", "--parallel.pp_schedule=Interleaved1F1B",
                               "--parallel.pp_microbatches=2"],
     "fsdp2 ep2": ["--parallel.dp_shard=2", "--parallel.ep=2"],
+    "tp2": ["--parallel.dp_shard=1", "--parallel.tp=2"],
+    "cp2": ["--parallel.dp_shard=1", "--parallel.cp=2"],
 }
-COMMON = ["--train.seq_len=256", "--train.global_batch_size=16", "--train.micro_batch_size=4", "--train.steps=3",
+COMMON = ["--train.seq_len=256", "--train.global_batch_size=8", "--train.micro_batch_size=4", "--train.steps=3",
           "--train.metrics_file=null", "--logging.progress=false", "--data.max_bytes=300000"]
 
 

@@ -127,7 +127,7 @@ def test_tensor_and_context_parallel_layouts_are_planned():
     cfg = load_config(None, ["--model.preset=llama", "--train.seq_len=64", "--train.global_batch_size=8",
                              "--train.micro_batch_size=2"])
     device = named_device("cpu")
-    plan = make_plan(cfg, 4, 4, device, lambda _: None)
+    plan = make_plan(cfg, 4, 4, device, lambda _: None, wanted=10**6)  # every accepted layout
     by_layout = {(p.layout.describe(), p.layout.micro_batch_size, p.layout.ac_mode): p for p in plan.predictions}
     tp2, cp2, fsdp4 = (by_layout[(name, 2, "none")] for name in ("fsdp2 tp2", "fsdp2 cp2", "fsdp4"))
     assert "tp" in tp2.times and "cp" in cp2.times and not {"tp", "cp"} & set(fsdp4.times)

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import copy
-from collections.abc import Callable, Iterator
+import dataclasses
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 from harness.config import Config, ConfigError
@@ -119,27 +120,28 @@ def _batches(cfg: Config, pp: int, dp: int) -> Iterator[tuple[int, str | None, i
                     yield micro, schedule, count
 
 
-def accepted_layouts(cfg: Config, world: int, gpus_per_node: int, progress: Callable[[str], None]) -> list[Layout]:
-    """Every layout validation accepts for `cfg` on `world` ranks, in the uniform AC modes."""
+def candidate_layouts(cfg: Config, world: int, gpus_per_node: int) -> list[Layout]:
+    """Every mesh, batch split and pipeline schedule proposed for `cfg` on `world` ranks, in each
+    uniform AC mode; validation judges them later (`refusal`), only those a plan shows."""
     from harness.models import load_config
 
     experts = expert_count(load_config(cfg.model.preset, cfg.model.path, cfg.model.overrides))
-    candidates = [Layout(pp, dpr, dps, tp, ep, micro, schedule, count, "none", cp=cp)
-                  for pp, dpr, dps, cp, tp, ep in _meshes(world, gpus_per_node, experts)
-                  for micro, schedule, count in _batches(cfg, pp, dpr * dps)]
-    accepted, refusals = [], []
-    for index, layout in enumerate(candidates):
-        if index % 25 == 0:
-            progress(f"validating layouts: {index}/{len(candidates)}, {len(accepted)} accepted")
-        try:
-            validate(apply_layout(cfg, layout), world)
-        except ConfigError as e:
-            refusals.append(str(e))
-            continue
-        accepted.extend(Layout(**{**layout.__dict__, "ac_mode": mode}) for mode in AC_CHOICES)
-    if not accepted:
-        reason = refusals[0] if refusals else "no mesh of these sizes"
-        raise ValueError(f"--world {world}: validation accepts no layout of this model on {world} ranks "
-                         f"(e.g. {reason}); change --world or the recipe")
-    progress(f"validating layouts: {len(candidates)} tried, {len(accepted) // len(AC_CHOICES)} accepted")
-    return accepted
+    return [Layout(pp, dpr, dps, tp, ep, micro, schedule, count, mode, cp=cp)
+            for pp, dpr, dps, cp, tp, ep in _meshes(world, gpus_per_node, experts)
+            for micro, schedule, count in _batches(cfg, pp, dpr * dps)
+            for mode in AC_CHOICES]
+
+
+def validated_form(layout: Layout) -> Layout:
+    """What validation is asked about `layout`: its mesh, batch and schedule under ac.mode=none
+    (the uniform modes are accepted alike; budget's own limits are the planner's to respect)."""
+    return dataclasses.replace(layout, ac_mode="none", ac_budget_mib=None)
+
+
+def refusal(cfg: Config, layout: Layout, world: int) -> str | None:
+    """Validation's one-line refusal of `layout` for `cfg` on `world` ranks, None when it accepts it."""
+    try:
+        validate(apply_layout(cfg, validated_form(layout)), world)
+    except ConfigError as e:
+        return str(e)
+    return None

@@ -62,10 +62,10 @@ def main() -> None:
                                          f"--train.global_batch_size={per_gpu * world}",
                                          f"--train.micro_batch_size={per_gpu}"])
                 started = time.perf_counter()
-                plan = make_plan(cfg, world, 8, device, lambda line: None)
+                plan = make_plan(cfg, world, 8, device, lambda line: None, wanted=1)
                 best = plan.best
                 row = {"model": name, "world": world, "seq_len": seq_len, "global_batch_size": per_gpu * world,
-                       "layouts": plan.layouts_validated, "planning_s": time.perf_counter() - started,
+                       "layouts": plan.candidates, "validated": plan.validated, "planning_s": time.perf_counter() - started,
                        "layout": best.layout.describe() if best else None,
                        "micro_batch_size": best.layout.micro_batch_size if best else None,
                        "ac": (best.layout.ac_mode if best.layout.ac_budget_mib is None

@@ -125,7 +125,7 @@ class Sharding:
 @dataclass(frozen=True)
 class StateBytes:
     param: int
-    grad: int
+    grad: int  # 0 in a prediction whose peak comes before any gradient exists
     optimizer: int
     gathered: int  # FSDP's unsharded copies in the compute dtype at the step's peak
 

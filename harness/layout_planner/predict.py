@@ -1,8 +1,9 @@
 """Per-rank peak memory and step time of one layout, from the model's shapes, the measured
 activations and the device's figures.
 
-Memory at the peak (the start of the first backward, with a full step's state) on the pp rank
-that needs most: parameters, gradients and AdamW moments (model_state.py), FSDP's gathered
+Memory at the peak (the start of a backward) on the pp rank that needs most: parameters,
+gradients (when earlier passes of the step made them: gradient accumulation, or a pipeline
+schedule that runs backwards before its last forwards) and AdamW moments (model_state.py), FSDP's gathered
 copies, and the activations of the microbatches the schedule keeps in flight (schedules.py) plus
 the step's remainder (logits and loss) on the rank that holds the head. Tensor parallel divides
 the activations by tp (sequence parallel shards what the column / row split does not); context
@@ -29,6 +30,7 @@ the group's ranks fit one (--gpus-per-node), else across nodes.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 from harness.config import Config
@@ -94,6 +96,7 @@ def predict(facts: ModelFacts, layout: Layout, cfg: Config, world: int, gpus_per
     gathered_kv = (layout.micro_batch_size / layout.pp_microbatches * seq * facts.kv_width / layout.tp
                    * compute_bytes * (layout.cp - 1) / layout.cp)
     rows /= layout.cp
+    accumulation = cfg.train.global_batch_size // (layout.micro_batch_size * layout.dp_replicate * layout.dp_shard)
     worst: tuple[int, StateBytes, float] | None = None
     most_layers = 0
     for rank in range(layout.pp):
@@ -102,6 +105,10 @@ def predict(facts: ModelFacts, layout: Layout, cfg: Config, world: int, gpus_per
         state = state_bytes(facts.state, sharding, layer_ids, first, last, compute_bytes, pipelined=layout.pp > 1)
         flight = in_flight(layout.pp_schedule, layout.pp, layout.stages_per_rank, layout.pp_microbatches, rank)
         activation = flight * (facts.profile.kept(modes, layer_ids, rows) + len(layer_ids) * gathered_kv)
+        if not (accumulation > 1 or flight < layout.pp_microbatches):
+            # One forward-then-backward pass: its peak, at the start of the backward, comes before
+            # any gradient exists (each is made as the activations it needs are freed).
+            state = dataclasses.replace(state, grad=0)
         if last:
             activation += rows * facts.profile.remainder_bytes
         if worst is None or state.total + activation > worst[1].total + worst[2]:

@@ -15,6 +15,9 @@ from harness.models import build_meta_model, load_config
 from parallel.ac_budget import BUDGET_MODE, greedy_sequence
 
 Progress = Callable[[str], None]
+# Refusals, with no layout yet accepted, after which a plan gives up: what refuses that many
+# layouts is the recipe's own (too little data for one global batch, a model feature), not a layout's.
+MAX_VALIDATED = 200
 
 
 @dataclass(frozen=True)
@@ -90,6 +93,10 @@ def make_plan(cfg: Config, world: int, gpus_per_node: int, device: Device, progr
     def accepted(prediction: Prediction) -> bool:
         key = validated_form(prediction.layout)
         if key not in verdicts:
+            if len(verdicts) == MAX_VALIDATED and not any(verdict is None for verdict in verdicts.values()):
+                raise ValueError(f"--world {world}: validation refuses the {MAX_VALIDATED} best-ranked layouts of "
+                                 f"this model on {world} ranks (e.g. {next(iter(verdicts.values()))}); change the "
+                                 "recipe or --world")
             if len(verdicts) % 25 == 0:
                 progress(f"validating layouts in ranked order: {len(verdicts)} asked")
             verdicts[key] = refusal(cfg, key, world)

@@ -97,12 +97,16 @@ def predict(facts: ModelFacts, layout: Layout, cfg: Config, world: int, gpus_per
                    * compute_bytes * (layout.cp - 1) / layout.cp)
     rows /= layout.cp
     accumulation = cfg.train.global_batch_size // (layout.micro_batch_size * layout.dp_replicate * layout.dp_shard)
+    # One data-parallel rank on CPU runs without FSDP (harness/parallelize.py): no gathered copies.
+    fsdp = layout.dp_replicate * layout.dp_shard * layout.cp > 1 or device.device_type == "cuda"
     worst: tuple[int, StateBytes, float] | None = None
     most_layers = 0
     for rank in range(layout.pp):
         layer_ids, first, last = rank_layers(num_layers, layout.pp, layout.pp_schedule, layout.stages_per_rank, rank)
         most_layers = max(most_layers, len(layer_ids))
         state = state_bytes(facts.state, sharding, layer_ids, first, last, compute_bytes, pipelined=layout.pp > 1)
+        if not fsdp:
+            state = dataclasses.replace(state, gathered=0)
         flight = in_flight(layout.pp_schedule, layout.pp, layout.stages_per_rank, layout.pp_microbatches, rank)
         activation = flight * (facts.profile.kept(modes, layer_ids, rows) + len(layer_ids) * gathered_kv)
         if not (accumulation > 1 or flight < layout.pp_microbatches):
@@ -150,7 +154,7 @@ def _step_times(facts: ModelFacts, layout: Layout, cfg: Config, world: int, gpus
         local = sum(sharding.local_numel(t) for unit in units for t in unit)
         r = layout.dp_replicate
         fsdp += accumulation * 2 * local * FP32 * (r - 1) / r / 1e9 / _link_GBps(device, dp * layout.tp, gpus_per_node)
-    first_unit = sum(sharding.gathered_numel(t) for t in units[0]) * compute_bytes if units else 0
+    first_unit = sum(sharding.gathered_numel(t) for t in units[0]) * compute_bytes if units and shards > 1 else 0
     exposed = max(0.0, fsdp - compute) if device.overlaps_communication else fsdp
     times["fsdp"] = exposed + first_unit / 1e9 / _link_GBps(device, shards * layout.tp, gpus_per_node)
     tokens = rows * seq / layout.cp  # one microbatch's tokens on this rank

@@ -109,12 +109,17 @@ def predict(facts: ModelFacts, layout: Layout, cfg: Config, world: int, gpus_per
             state = dataclasses.replace(state, gathered=0)
         flight = in_flight(layout.pp_schedule, layout.pp, layout.stages_per_rank, layout.pp_microbatches, rank)
         activation = flight * (facts.profile.kept(modes, layer_ids, rows) + len(layer_ids) * gathered_kv)
-        if not (accumulation > 1 or flight < layout.pp_microbatches):
-            # One forward-then-backward pass: its peak, at the start of the backward, comes before
-            # any gradient exists (each is made as the activations it needs are freed).
-            state = dataclasses.replace(state, grad=0)
         if last:
             activation += rows * facts.profile.remainder_bytes
+        if not (accumulation > 1 or flight < layout.pp_microbatches) and layer_ids:
+            # One forward-then-backward pass: at the start of its backward no gradient exists yet
+            # (each is made as the activations it needs are freed); at its end every one does,
+            # beside the last layer backpropagated, recomputed whole under AC. The larger is the peak.
+            end = facts.profile.kept(("none",) * num_layers, layer_ids[:1], rows) + gathered_kv
+            if activation > state.grad + end:
+                state = dataclasses.replace(state, grad=0)
+            else:
+                activation = end
         if worst is None or state.total + activation > worst[1].total + worst[2]:
             worst = (rank, state, activation)
     worst_rank, state, activation = worst

@@ -109,13 +109,14 @@ def predict(facts: ModelFacts, layout: Layout, cfg: Config, world: int, gpus_per
             state = dataclasses.replace(state, gathered=0)
         flight = in_flight(layout.pp_schedule, layout.pp, layout.stages_per_rank, layout.pp_microbatches, rank)
         activation = flight * (facts.profile.kept(modes, layer_ids, rows) + len(layer_ids) * gathered_kv)
-        if last:
-            activation += rows * facts.profile.remainder_bytes
+        if last:  # the head's logits and loss, kept for each microbatch in flight as a layer's activations are
+            activation += flight * rows * facts.profile.remainder_bytes
         if not (accumulation > 1 or flight < layout.pp_microbatches) and layer_ids:
             # One forward-then-backward pass: at the start of its backward no gradient exists yet
             # (each is made as the activations it needs are freed); at its end every one does,
-            # beside the last layer backpropagated, recomputed whole under AC. The larger is the peak.
-            end = facts.profile.kept(("none",) * num_layers, layer_ids[:1], rows) + gathered_kv
+            # beside a layer recomputed whole under AC (the largest: a hybrid's attention, not its
+            # convolution). The larger is the peak.
+            end = max(facts.profile.kept(("none",) * num_layers, [i], rows) for i in layer_ids) + gathered_kv
             if activation > state.grad + end:
                 state = dataclasses.replace(state, grad=0)
             else:

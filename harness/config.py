@@ -131,6 +131,8 @@ class LoggingConfig:
     progress: bool = option(True, "a live progress bar on a terminal")
     tensorboard_dir: str | None = option(None, "also write scalars for TensorBoard (pip install tensorboard)")
     peak_tflops: float | None = option(None, "per-rank peak for MFU; null = the GPU's known peak, or a CPU estimate")
+    plan_check: bool = option(False, "after the third step, print the layout planner's predicted peak memory and "
+                                     "step time next to the measured ones")
 
 
 @dataclass

@@ -23,6 +23,7 @@ from harness.data import BatchSampler, load_tokens
 from harness.data.splits import samplers
 from harness.evaluate import evaluate
 from harness.flops import flops_per_token, peak_flops_per_rank
+from harness.layout_planner.plan_check import PlanCheck
 from harness.loss import count_tokens, token_loss_sum
 from harness.memory import peak_mib, state_mib
 from harness.metrics import MetricsLog, report_outputs
@@ -374,6 +375,7 @@ def train(cfg: Config, plan: Plan, preemption: PreemptionRequest | None = None) 
     """Trains up to cfg.train.steps, resuming from the newest checkpoint; returns the metrics rows
     of this invocation (on every rank). When `preemption` is signalled, checkpoints and stops."""
     folder = plan.folder
+    check = PlanCheck(cfg) if cfg.logging.plan_check else None
     run = build_run(cfg, plan)
     start = start_point(cfg.checkpoint, folder.checkpoint_dir)
     if start is not None and start.weights_only:
@@ -396,10 +398,17 @@ def train(cfg: Config, plan: Plan, preemption: PreemptionRequest | None = None) 
     window_start = time.perf_counter()
     try:
         while run.step < total:
+            step_start = time.perf_counter()
             agree_on_step(run)
             done, stop = run_step(run, preemption)
             pending.append(done)
             step = run.step
+            if check is not None and check.is_due(step, first_step, total):
+                checked = _wait_for_device()
+                line = check.line(cfg, plan, checked - step_start)
+                if line is not None:
+                    logger.info(line)
+                window_start += time.perf_counter() - checked  # the prediction is no step's time
             evaluating = cfg.eval.every > 0 and (step % cfg.eval.every == 0 or step == total)
             checkpointing = stop or is_due(cfg.checkpoint.every, step, total)
             if evaluating or checkpointing or log.wants_row(step):

@@ -58,7 +58,7 @@ def main(argv: list[str]) -> int:
                                 args.intra_node_GBps, args.inter_node_GBps, args.efficiency)
         cfg = load_config(args.config, overrides)
         print(f"planning {args.config or 'the default recipe'} on {args.world} x {device.describe()}", file=sys.stderr)
-        plan = make_plan(cfg, args.world, min(args.gpus_per_node, args.world), device, _progress)
+        plan = make_plan(cfg, args.world, min(args.gpus_per_node, args.world), device, _progress, args.rows)
         best = plan.best
         if best is None:
             smallest = plan.predictions[0]
@@ -70,10 +70,9 @@ def main(argv: list[str]) -> int:
     except ValueError as e:  # ConfigError included
         print(f"error: {e}", file=sys.stderr)
         return 2
-    fitting = sum(p.fits for p in plan.predictions)
-    print(f"{plan.layouts_validated} layouts accepted by validation, {len(plan.predictions)} predicted (AC modes "
-          f"included), {fitting} fit in {(device.memory_bytes - device.reserve_bytes) / GiB:.1f} GiB per rank; "
-          f"activations measured on {plan.facts.profile.kinds} layer kind(s)")
+    print(f"{plan.candidates} layouts predicted (meshes, batch splits, schedules, AC modes), {plan.fitting} fit in "
+          f"{(device.memory_bytes - device.reserve_bytes) / GiB:.1f} GiB per rank; validation asked about "
+          f"{plan.validated} of them, best first; activations measured on {plan.facts.profile.kinds} layer kind(s)")
     print("\n".join(table(plan, device, args.world, args.rows)))
     print(f"best: {best.layout.describe()}: {best.peak_bytes / GiB:.1f} GiB per rank, {best.step_s:.3g} s per step, "
           f"{best.tokens_per_s:,.0f} tokens/s")

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import copy
-from collections.abc import Callable, Iterator
+import dataclasses
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 from harness.config import Config, ConfigError
@@ -32,6 +33,7 @@ class Layout:
     pp_microbatches: int = 1
     ac_mode: str = "none"
     ac_budget_mib: float | None = None
+    cp: int = 1
 
     @property
     def stages_per_rank(self) -> int:
@@ -39,8 +41,8 @@ class Layout:
 
     def overrides(self) -> dict[str, dict[str, object]]:
         """The recipe sections this layout sets."""
-        parallel = {"pp": self.pp, "dp_replicate": self.dp_replicate, "dp_shard": self.dp_shard, "tp": self.tp,
-                    "ep": self.ep}
+        parallel = {"pp": self.pp, "dp_replicate": self.dp_replicate, "dp_shard": self.dp_shard, "cp": self.cp,
+                    "tp": self.tp, "ep": self.ep}
         if self.pp > 1:
             parallel.update(pp_schedule=self.pp_schedule, pp_microbatches=self.pp_microbatches)
         ac = {"mode": self.ac_mode}
@@ -50,7 +52,8 @@ class Layout:
 
     def describe(self) -> str:
         axes = [f"{name}{value}" for name, value in (("pp", self.pp), ("dpr", self.dp_replicate),
-                                                     ("fsdp", self.dp_shard), ("tp", self.tp), ("ep", self.ep))
+                                                     ("fsdp", self.dp_shard), ("cp", self.cp), ("tp", self.tp),
+                                                     ("ep", self.ep))
                 if value > 1]
         text = " ".join(axes) or "1 rank"
         if self.pp > 1:
@@ -77,25 +80,27 @@ def _powers_of_two(limit: int) -> list[int]:
     return [2**k for k in range(limit.bit_length()) if 2**k <= limit]
 
 
-def _meshes(world: int, gpus_per_node: int, experts: int) -> Iterator[tuple[int, int, int, int, int]]:
-    """(pp, dp_replicate, dp_shard, tp, ep) the mesh accepts: tp inside a node, HSDP only with
-    node-sized or larger shard groups, ep dividing the experts."""
+def _meshes(world: int, gpus_per_node: int, experts: int) -> Iterator[tuple[int, int, int, int, int, int]]:
+    """(pp, dp_replicate, dp_shard, cp, tp, ep) the mesh accepts: tp x cp inside a node (both
+    communicate at every layer), HSDP only with node-sized or larger shard groups, ep dividing the
+    experts."""
     for pp in (d for d in _divisors(world) if d <= MAX_PP):
         for tp in (d for d in _divisors(world // pp) if d <= gpus_per_node):
-            data = world // (pp * tp)
-            for dp_replicate in _divisors(data):
-                dp_shard = data // dp_replicate
-                if dp_replicate > 1 and (dp_shard * tp) % gpus_per_node:
-                    continue
-                for ep in _divisors(dp_shard):
-                    if ep > 1 and (not experts or experts % ep):
+            for cp in (d for d in _divisors(world // (pp * tp)) if d * tp <= gpus_per_node):
+                data = world // (pp * tp * cp)
+                for dp_replicate in _divisors(data):
+                    dp_shard = data // dp_replicate
+                    if dp_replicate > 1 and (dp_shard * cp * tp) % gpus_per_node:
                         continue
-                    try:
-                        ParallelDims(pp=pp, dp_replicate=dp_replicate, dp_shard=dp_shard, tp=tp, ep=ep,
-                                     world_size=world)
-                    except ValueError:
-                        continue
-                    yield pp, dp_replicate, dp_shard, tp, ep
+                    for ep in _divisors(dp_shard * cp):
+                        if ep > 1 and (not experts or experts % ep):
+                            continue
+                        try:
+                            ParallelDims(pp=pp, dp_replicate=dp_replicate, dp_shard=dp_shard, cp=cp, tp=tp, ep=ep,
+                                         world_size=world)
+                        except ValueError:
+                            continue
+                        yield pp, dp_replicate, dp_shard, cp, tp, ep
 
 
 def _batches(cfg: Config, pp: int, dp: int) -> Iterator[tuple[int, str | None, int]]:
@@ -115,27 +120,28 @@ def _batches(cfg: Config, pp: int, dp: int) -> Iterator[tuple[int, str | None, i
                     yield micro, schedule, count
 
 
-def accepted_layouts(cfg: Config, world: int, gpus_per_node: int, progress: Callable[[str], None]) -> list[Layout]:
-    """Every layout validation accepts for `cfg` on `world` ranks, in the uniform AC modes."""
+def candidate_layouts(cfg: Config, world: int, gpus_per_node: int) -> list[Layout]:
+    """Every mesh, batch split and pipeline schedule proposed for `cfg` on `world` ranks, in each
+    uniform AC mode; validation judges them later (`refusal`), only those a plan shows."""
     from harness.models import load_config
 
     experts = expert_count(load_config(cfg.model.preset, cfg.model.path, cfg.model.overrides))
-    candidates = [Layout(pp, dpr, dps, tp, ep, micro, schedule, count, "none")
-                  for pp, dpr, dps, tp, ep in _meshes(world, gpus_per_node, experts)
-                  for micro, schedule, count in _batches(cfg, pp, dpr * dps)]
-    accepted, refusals = [], []
-    for index, layout in enumerate(candidates):
-        if index % 25 == 0:
-            progress(f"validating layouts: {index}/{len(candidates)}, {len(accepted)} accepted")
-        try:
-            validate(apply_layout(cfg, layout), world)
-        except ConfigError as e:
-            refusals.append(str(e))
-            continue
-        accepted.extend(Layout(**{**layout.__dict__, "ac_mode": mode}) for mode in AC_CHOICES)
-    if not accepted:
-        reason = refusals[0] if refusals else "no mesh of these sizes"
-        raise ValueError(f"--world {world}: validation accepts no layout of this model on {world} ranks "
-                         f"(e.g. {reason}); change --world or the recipe")
-    progress(f"validating layouts: {len(candidates)} tried, {len(accepted) // len(AC_CHOICES)} accepted")
-    return accepted
+    return [Layout(pp, dpr, dps, tp, ep, micro, schedule, count, mode, cp=cp)
+            for pp, dpr, dps, cp, tp, ep in _meshes(world, gpus_per_node, experts)
+            for micro, schedule, count in _batches(cfg, pp, dpr * dps)
+            for mode in AC_CHOICES]
+
+
+def validated_form(layout: Layout) -> Layout:
+    """What validation is asked about `layout`: its mesh, batch and schedule under ac.mode=none
+    (the uniform modes are accepted alike; budget's own limits are the planner's to respect)."""
+    return dataclasses.replace(layout, ac_mode="none", ac_budget_mib=None)
+
+
+def refusal(cfg: Config, layout: Layout, world: int) -> str | None:
+    """Validation's one-line refusal of `layout` for `cfg` on `world` ranks, None when it accepts it."""
+    try:
+        validate(apply_layout(cfg, validated_form(layout)), world)
+    except ConfigError as e:
+        return str(e)
+    return None

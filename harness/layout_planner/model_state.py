@@ -19,13 +19,14 @@ import math
 from dataclasses import dataclass
 
 from torch import nn
-from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel
+from torch.distributed.tensor import Shard
+from torch.distributed.tensor.parallel import ColwiseParallel, ParallelStyle, RowwiseParallel
 
 from harness.model_parts import (decoder_layers, embeddings, has_tied_embeddings, lm_head, moe_blocks,
                                  tensor_parallel_parts)
 from parallel.pipeline import stage_ids_for_rank
 from parallel.pipeline_split import EMBEDDINGS, LM_HEAD, layer_name, stage_module_names
-from parallel.tensor_parallel import layer_styles
+from parallel.tensor_parallel import LocalParameters, Styles, layer_styles
 
 FP32 = 4
 
@@ -56,16 +57,10 @@ class ModelState:
             styles = [{} for _ in layers]
         per_layer = []
         for layer, style in zip(layers, styles):
-            tensors = []
-            for name, param in layer.named_parameters():
-                module, _, leaf = name.rpartition(".")
-                tp_dim = None
-                if isinstance(style.get(module), ColwiseParallel):
-                    tp_dim = 0
-                elif isinstance(style.get(module), RowwiseParallel) and leaf == "weight":
-                    tp_dim = 1
-                tensors.append(Tensor(tuple(param.shape), tp_dim, id(param) in expert_ids))
-            per_layer.append(tensors)
+            split = {name: dim for module, module_style in style.items()
+                     for name, dim in _split_dims(module_style, module).items()}
+            per_layer.append([Tensor(tuple(param.shape), split.get(name), id(param) in expert_ids)
+                              for name, param in layer.named_parameters()])
         in_layers = {id(p) for layer in layers for p in layer.parameters()}
         embedding = embeddings(model)
         embedding_ids = {id(p) for p in embedding.parameters()} if embedding is not None else set()
@@ -80,6 +75,22 @@ class ModelState:
         tied = has_tied_embeddings(model)
         return cls(layers=per_layer, embeddings=first, head=last, tied=tied,
                    parameters=sum(p.numel() for p in model.parameters()))
+
+
+def _split_dims(style: ParallelStyle, module: str) -> dict[str, int]:
+    """The parameters (dotted names in the layer) that `style` on sub-module `module` splits over
+    tp, and the dimension each is split along (parallel/tensor_parallel.py's styles)."""
+    prefix = f"{module}." if module else ""
+    if isinstance(style, ColwiseParallel):
+        return {f"{prefix}weight": 0, f"{prefix}bias": 0}
+    if isinstance(style, RowwiseParallel):
+        return {f"{prefix}weight": 1}
+    if isinstance(style, LocalParameters):
+        return {f"{prefix}{name}": placement.dim for name, placement in style.placements.items()
+                if isinstance(placement, Shard)}
+    if isinstance(style, Styles):
+        return {name: dim for inner in style.styles for name, dim in _split_dims(inner, module).items()}
+    return {}
 
 
 @dataclass(frozen=True)
@@ -114,7 +125,7 @@ class Sharding:
 @dataclass(frozen=True)
 class StateBytes:
     param: int
-    grad: int
+    grad: int  # 0 in a prediction whose peak comes before any gradient exists
     optimizer: int
     gathered: int  # FSDP's unsharded copies in the compute dtype at the step's peak
 

@@ -1,9 +1,9 @@
 """The layout planner against real runs: per-rank peak memory and step-time ranking on gloo CPU.
 
-    nice -n 10 python -m tests.bench.planner [--families dense moe hybrid] [--out runs/bench_planner.json]
+    nice -n 10 python -m tests.bench.planner [--families dense moe hybrid] [--out runs/bench_planner.json] [--predict-only]
 
 For a dense (Llama), an MoE (Qwen3-MoE) and a hybrid (LFM2: convolution and attention layers)
-model of a few tens of millions of parameters, each layout runs 3 steps for real on 2 gloo ranks
+model of a few tens of millions of parameters, each layout runs 4 steps for real on 2 gloo ranks
 (one core each) and is predicted by the planner for the same recipe (harness/layout_planner,
 device `cpu` with this machine's own figures as inputs: one core's matmul GFLOP/s and the
 ranks' gloo all-gather bandwidth, both measured first).
@@ -13,13 +13,14 @@ exact shard shapes; the worst rank's RSS growth over the RSS before `build_run`,
 and the steps (as tests/bench/load_bench.py measures it), against the prediction plus the
 process's own growth, measured once as the growth of the same run with a near-empty model
 (the token array, gloo's buffers, allocator arenas, kernels' workspaces: none of it the model's).
-Time: the median step after the first, against the predicted step time; the Spearman rank
-correlation over the dense model's layouts.
+Time: the fastest step after the first (the box is shared: other work only ever slows a step),
+against the predicted step time; the Spearman rank correlation over each family's layouts.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import tempfile
 import time
@@ -60,8 +61,10 @@ LAYOUTS = {
     "pp2 Interleaved1F1B/2": ["--parallel.pp=2", "--parallel.dp_shard=1", "--parallel.pp_schedule=Interleaved1F1B",
                               "--parallel.pp_microbatches=2"],
     "fsdp2 ep2": ["--parallel.dp_shard=2", "--parallel.ep=2"],
+    "tp2": ["--parallel.dp_shard=1", "--parallel.tp=2"],
+    "cp2": ["--parallel.dp_shard=1", "--parallel.cp=2"],
 }
-COMMON = ["--train.seq_len=256", "--train.global_batch_size=16", "--train.micro_batch_size=4", "--train.steps=3",
+COMMON = ["--train.seq_len=256", "--train.global_batch_size=8", "--train.micro_batch_size=4", "--train.steps=4",
           "--train.metrics_file=null", "--logging.progress=false", "--data.max_bytes=300000"]
 
 
@@ -111,6 +114,18 @@ def _spearman(xs: list[float], ys: list[float]) -> float:
     return cov / var
 
 
+def _predicted(row: dict, cfg, device) -> dict:
+    """`row` with the planner's prediction for its recipe."""
+    predicted = predict_run(cfg, validate(cfg, WORLD), WORLD, WORLD, device)
+    return {**row, "predicted_bytes": predicted.peak_bytes,
+            "predicted_state_bytes": predicted.state.param + predicted.state.optimizer,
+            "predicted_step_s": predicted.step_s}
+
+
+def _recipe(path: str, name: str):
+    return load_config(None, [f"--model.path={path}", *COMMON, *LAYOUTS[name]])
+
+
 def main() -> None:
     from tests.multiproc import run_ranks
 
@@ -118,39 +133,50 @@ def main() -> None:
     parser.add_argument("--families", nargs="+", choices=list(FAMILIES), default=list(FAMILIES))
     parser.add_argument("--layouts", nargs="+", choices=list(LAYOUTS), default=list(LAYOUTS))
     parser.add_argument("--out", default="runs/bench_planner.json")
+    parser.add_argument("--predict-only", action="store_true",
+                        help="predict again the runs measured in --out (the planner changed, the runs did not)")
     args = parser.parse_args()
-    # A fixed mmap threshold: glibc's default one rises with each large free, after which freed
-    # tensors stay in the heap and the RSS peak counts them as if alive.
-    os.environ["MALLOC_MMAP_THRESHOLD_"] = str(MiB)
-    gflops = _core_gflops()
-    bandwidth = min(run_ranks(_gather_GBps, WORLD))
+    if args.predict_only:
+        with open(args.out) as f:
+            results = json.load(f)
+        gflops, bandwidth, process_growth = results["gflops_per_core"], results["gloo_GBps"], \
+            results["process_growth_bytes"]
+    else:
+        # A fixed, low mmap threshold: glibc's default one rises with each large free, and below it
+        # freed tensors stay in the heap, where the RSS peak counts them as if alive (at 1 MiB the
+        # activations of a one-sequence micro batch, 384 KiB each, read 14% above their live bytes).
+        os.environ["MALLOC_MMAP_THRESHOLD_"] = str(64 * 2**10)
+        gflops = _core_gflops()
+        bandwidth = min(run_ranks(_gather_GBps, WORLD))
     device = with_overrides(named_device("cpu"), peak_tflops=gflops / 1000, intra_node_GBps=bandwidth,
                             inter_node_GBps=bandwidth, efficiency=1.0)
     print(f"this machine: {gflops:.0f} GFLOP/s per core (fp32 matmul), gloo all-gather {bandwidth:.2f} GB/s per rank",
           flush=True)
     rows = []
     with tempfile.TemporaryDirectory() as directory:
-        empty = load_config(None, [f"--model.path={_config_path(directory, 'empty', EMPTY)}", "--parallel.dp_shard=2",
-                                   *COMMON])
-        process_growth = max(r["peak_growth"] for r in run_ranks(measure_layout, WORLD, empty, timeout=1800))
-        print(f"process growth with a near-empty model: {process_growth / MiB:.0f} MiB", flush=True)
-        for family in args.families:
-            path = _config_path(directory, family, FAMILIES[family])
+        paths = {family: _config_path(directory, family, FAMILIES[family]) for family in args.families}
+        if args.predict_only:
+            rows = [_predicted(row, _recipe(paths[row["family"]], row["layout"]), device)
+                    for row in results["rows"] if row["family"] in paths]
+        else:
+            empty = load_config(None, [f"--model.path={_config_path(directory, 'empty', EMPTY)}",
+                                       "--parallel.dp_shard=2", *COMMON])
+            process_growth = max(r["peak_growth"] for r in run_ranks(measure_layout, WORLD, empty, timeout=1800))
+            print(f"process growth with a near-empty model: {process_growth / MiB:.0f} MiB", flush=True)
+        for family in [] if args.predict_only else args.families:
             for name in args.layouts:
-                cfg = load_config(None, [f"--model.path={path}", *COMMON, *LAYOUTS[name]])
+                cfg = _recipe(paths[family], name)
                 try:
-                    plan = validate(cfg, WORLD)
+                    validate(cfg, WORLD)
                 except ValueError as e:
                     print(f"{family:>6} | {name:>22} | refused: {e}", flush=True)
                     continue
-                predicted = predict_run(cfg, plan, WORLD, WORLD, device)
                 per_rank = run_ranks(measure_layout, WORLD, cfg, timeout=1800)
-                measured = max(r["peak_growth"] for r in per_rank)
-                row = {"family": family, "layout": name, "predicted_bytes": predicted.peak_bytes,
-                       "predicted_state_bytes": predicted.state.param + predicted.state.optimizer,
-                       "measured_state_bytes": max(r["state_bytes"] for r in per_rank),
-                       "process_growth_bytes": process_growth, "measured_growth_bytes": measured,
-                       "predicted_step_s": predicted.step_s, "measured_step_s": max(r["step_s"] for r in per_rank)}
+                row = _predicted({"family": family, "layout": name,
+                                  "measured_state_bytes": max(r["state_bytes"] for r in per_rank),
+                                  "process_growth_bytes": process_growth,
+                                  "measured_growth_bytes": max(r["peak_growth"] for r in per_rank),
+                                  "measured_step_s": max(r["step_s"] for r in per_rank)}, cfg, device)
                 rows.append(row)
                 print(_format(row), flush=True)
     print()

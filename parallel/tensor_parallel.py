@@ -335,6 +335,7 @@ def _block_styles(context: _Context, cls: str, block_name: str, block: nn.Module
     outputs = [name for name, style in planned.items()
                if style in _ROWWISE and getattr(modules[name], "out_features", None) == context.width]
     block_output = outputs[0] if len(outputs) == 1 else None
+    on_dtensors = _modules_on_dtensors(context, cls, modules, planned, shards_activations)
     styles: dict[str, ParallelStyle] = {}
     local: dict[str, Placement] = {}  # by dotted name, the block's own prefixed
     for name, module in modules.items():
@@ -349,11 +350,10 @@ def _block_styles(context: _Context, cls: str, block_name: str, block: nn.Module
             # replicated): a norm between gathered projections, MLA's low-rank query projection.
             # Beside column-parallel projections, an unplaced Linear or norm can only take whole
             # activations (a sharded one would not fit its width); anything else (a learnable
-            # activation, a block's own gates) might take this rank's features, whose gradient
-            # must be summed over the ranks.
-            if style is None and shards_activations and not (isinstance(module, nn.Linear) or _is_norm(module)):
-                raise ValueError(f"{family}: {cls}.{name} ({type(module).__name__}) holds parameters its TP plan "
-                                 "does not place beside column-parallel projections; use parallel.tp=1")
+            # activation) might take this rank's features: it stays a replicated DTensor, below.
+            if style is None and name in on_dtensors:
+                styles[name] = ReplicatedParameters()
+                continue
             local.update((param, _PARAMETER_PLACEMENTS[planned_params[param]] if param in planned_params
                           else Replicate()) for param in own)
             if style == _MLA_KV_A:
@@ -369,6 +369,8 @@ def _block_styles(context: _Context, cls: str, block_name: str, block: nn.Module
         if style == "colwise" and only_projections:
             styles[name] = LocalParameters({param: Shard(0) for param, value in module._parameters.items()
                                             if value is not None})
+        elif style == "colwise" and on_dtensors:
+            styles[name] = ColwiseParallel(use_local_output=False)
         else:
             styles[name] = _STYLES[style](Shard(1) if name == block_output else Replicate())
     boundary = [HiddenStatesInput(Shard(1), Replicate(), partial_gradient=only_projections)]
@@ -378,6 +380,42 @@ def _block_styles(context: _Context, cls: str, block_name: str, block: nn.Module
         boundary.append(LocalParameters({name[len(block_name) + 1:]: placement for name, placement in local.items()}))
     styles[block_name] = Styles(*boundary)
     return styles
+
+
+def _modules_on_dtensors(context: _Context, cls: str, modules: dict[str, nn.Module], planned: dict[str, str],
+                         shards_activations: bool) -> set[str]:
+    """The modules of a block, beside column-parallel projections, that hold parameters the plan
+    leaves unplaced and are neither a Linear nor a norm (Apertus's learnable XIELU activation): they
+    may take this rank's features, so the block's column-parallel outputs stay DTensors
+    (Shard(-1)) and these parameters replicated DTensors, whose gradient DTensor sums over the
+    ranks where the features were sharded. Only in a block of column- and row-parallel projections
+    and such modules: anything else in it runs on local tensors, which cannot meet a DTensor."""
+    if not shards_activations:
+        return set()
+    outside = {name: module for name, module in modules.items() if _owns_parameters(module)
+               and not any(name.startswith(other + ".") for other in planned)}
+    found = {name for name, module in outside.items()
+             if name not in planned and not (isinstance(module, nn.Linear) or _is_norm(module))}
+    others = [name for name in outside if name not in found and planned.get(name) not in ("colwise", "rowwise")]
+    if found and (others or any(_owns_parameters(sub) for name in found for sub in modules[name].modules()
+                                if sub is not modules[name])):
+        name = sorted(found)[0]
+        raise ValueError(f"{context.family}: {cls}.{name} ({type(modules[name]).__name__}) holds parameters its TP "
+                         "plan does not place beside column-parallel projections; use parallel.tp=1")
+    return found
+
+
+class ReplicatedParameters(ParallelStyle):
+    """A module's own parameters as replicated DTensors: it runs on the DTensor activations of
+    its block, and DTensor gives its parameters' gradient the sum over the ranks."""
+
+    def _apply(self, module: nn.Module, device_mesh: DeviceMesh) -> nn.Module:
+        for name, param in list(module._parameters.items()):
+            if param is not None:
+                module.register_parameter(name, nn.Parameter(
+                    distribute_tensor(param, device_mesh, (Replicate(),), src_data_rank=None),
+                    requires_grad=param.requires_grad))
+        return module
 
 
 def apply_tensor_parallel(parts: TensorParallelParts, mesh: DeviceMesh) -> None:

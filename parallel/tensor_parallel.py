@@ -12,7 +12,10 @@ planned modules (attention, MLP) all-gathers its input, its column-parallel proj
 this rank's heads or features, and its row-parallel output projection reduce-scatters back to
 the sequence slice (a block without one, gathered throughout, has its output cut to the slice).
 Parameters the plan leaves unplaced inside a planned block work on whole activations, as
-transformers keeps them: they stay replicated, and the block runs them as local tensors. The embeddings and the LM head are sharded over the vocabulary; the head's
+transformers keeps them: they stay replicated, and the block runs them as local tensors; a
+learnable activation (Apertus's XIELU) works on this rank's features instead, so its block's
+activations and its parameters stay DTensors, and DTensor sums its gradient over the ranks. The
+embeddings and the LM head are sharded over the vocabulary; the head's
 logits stay vocabulary-sharded (a DTensor) through the family's logit processing into the loss
 (parallel/vocab_parallel_loss.py). The base model's forward reads positions and the mask from
 the whole embedded sequence, so the sequence is split at the first layer's input, not at the
@@ -350,7 +353,7 @@ def _block_styles(context: _Context, cls: str, block_name: str, block: nn.Module
             # replicated): a norm between gathered projections, MLA's low-rank query projection.
             # Beside column-parallel projections, an unplaced Linear or norm can only take whole
             # activations (a sharded one would not fit its width); anything else (a learnable
-            # activation) might take this rank's features: it stays a replicated DTensor, below.
+            # activation) might take this rank's features, and runs on DTensors (_modules_on_dtensors).
             if style is None and name in on_dtensors:
                 styles[name] = ReplicatedParameters()
                 continue

@@ -10,6 +10,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from transformers import AutoConfig, PretrainedConfig
 
+from harness.config import ConfigError
 from harness.loss import token_loss_sum
 from harness.materialize import canonical_name
 from harness.model_parts import tensor_parallel_parts
@@ -54,7 +55,9 @@ def _train_each(rank: int, world_size: int, cfgs: list) -> list:
 ], ids=["tp2", "tp2-fsdp2"])
 def test_layout_matches_single_process(tmp_path, world_size, layout):
     # Gemma 2 with tied embeddings: soft-capped attention and logits, a scaled embedding, four norms
-    # per layer, and the head sharing the vocabulary-sharded embedding. Under FSDP2, DeepSeek-V3's
+    # per layer, and the head sharing the vocabulary-sharded embedding. Apertus's learnable XIELU
+    # activation takes this rank's MLP features: its replicated parameters' gradient is summed over
+    # the ranks (this rank's share alone let the replicas part, 5e-4 in loss by step 3). Under FSDP2, DeepSeek-V3's
     # multi-head latent attention (the plan's mla_kv_a_proj, a replicated low-rank query
     # projection and norms), its layers all dense: its routed experts have no TP style (the
     # family matrix's slice has MiniCPM3's MLA at tp=2).
@@ -64,7 +67,8 @@ def test_layout_matches_single_process(tmp_path, world_size, layout):
     reference_model(load_model_config("llama", None), seed=7).save_pretrained(tmp_path / "llama")
     cfgs = [tiny_config(*layout, f"--model.path={tmp_path / 'llama'}"),
             tiny_config(*layout, *_family_flags(tmp_path, "gemma2", tied=True)),
-            tiny_config(*layout, *_family_flags(tmp_path, "cohere"))]
+            tiny_config(*layout, *_family_flags(tmp_path, "cohere")),
+            tiny_config(*layout, *_config_flags(tmp_path, "apertus", family_tiny_config("apertus")))]
     if world_size == 4:
         cfgs.append(tiny_config(*layout, *_config_flags(tmp_path, "deepseek_v3", _dense_deepseek_v3())))
     results = run_ranks(_train_each, world_size, cfgs)
@@ -187,8 +191,6 @@ def test_pipeline_stages_under_tensor_parallel(tmp_path):
     ("qwen3_moe", dict(num_experts=4, num_experts_per_tok=2), "Qwen3MoeExperts) holds routed experts"),
     ("lfm2", {}, "Lfm2Attention) holds parameters its TP plan does not place"),
     ("doge", {}, "DogeDecoderLayer holds parameters of its own"),
-    # A learnable activation between column- and row-parallel projections sees this rank's features.
-    ("apertus", {}, "mlp.act_fn (XIELUActivation) holds parameters its TP plan does not place beside column-parallel"),
 ])
 def test_plans_it_cannot_honour_are_refused_in_one_line(family, fields, message):
     config = AutoConfig.for_model(family, hidden_size=32, num_attention_heads=2, num_key_value_heads=2,
@@ -196,3 +198,17 @@ def test_plans_it_cannot_honour_are_refused_in_one_line(family, fields, message)
     with pytest.raises(ValueError, match=re.escape(message)) as error:
         layer_styles(tensor_parallel_parts(build_meta_model(config)))
     assert "\n" not in str(error.value) and str(error.value).endswith("use parallel.tp=1")
+
+
+@pytest.mark.parametrize("family, tp, message", [
+    # Gemma 4's full-attention layers have their own key/value heads (1 in its tiny config).
+    ("gemma4_unified_text", 2, "parallel.tp=2: must divide layer 1's num_key_value_heads=1"),
+    # Dots 3's sliding-window layers have their own query heads (2 in its tiny config, 4 elsewhere).
+    ("dots3_note_text", 4, "parallel.tp=4: must divide layer 2's num_attention_heads=2"),
+])
+def test_every_layers_heads_must_divide_by_tp(tmp_path, family, tp, message):
+    cfg = tiny_config(f"--parallel.tp={tp}", "--parallel.dp_shard=1",
+                      *_config_flags(tmp_path, family, family_tiny_config(family)))
+    with pytest.raises(ConfigError, match=re.escape(message)) as error:
+        validate(cfg, tp)
+    assert "\n" not in str(error.value) and family in str(error.value)

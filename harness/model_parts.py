@@ -364,6 +364,8 @@ def tensor_parallel_parts(model: nn.Module) -> TensorParallelParts:
     return TensorParallelParts(
         family=model.config.model_type, plan=getattr(model.config, "base_model_tp_plan", None),
         base=base_model(model), layers=list(layers.values() if isinstance(layers, nn.ModuleDict) else layers),
+        routed=[module for block in moe_blocks(model) for module in (block.experts, block.router)
+                if module is not None],
         embeddings=embeddings(model), final_norm=final_norm(model), head=lm_head(model))
 
 

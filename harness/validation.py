@@ -178,6 +178,17 @@ def _check_tensor_parallel(cfg: Config, dims: ParallelDims, model: nn.Module, gp
                 where = f"layer {index}'s {key}={value} ({config.model_type}'s per-layer config)" if per_layer \
                     else f"the model's {key}={value}"
                 raise ConfigError(f"parallel.tp={tp}: must divide {where}")
+    if moe_blocks(model):
+        # MoE blocks run on each tp rank's slice of the sequence (their parameters replicated):
+        # what needs every token a router saw is not summed over the tp ranks yet.
+        unsupported = [(cfg.moe.bias_update_rate > 0, "moe.bias_update_rate (expert loads are counted over dp x cp)",
+                        "set moe.bias_update_rate=0"),
+                       (getattr(config, "output_router_logits", False), "HF's router aux loss (output_router_logits)",
+                        "set model.overrides.output_router_logits=false")]
+        for refused, what, fix in unsupported:
+            if refused:
+                raise ConfigError(f"parallel.tp={tp}: not supported with {what} in an MoE model yet; {fix} or "
+                                  "parallel.tp=1")
     if cfg.train.seq_len % (tp * dims.cp):
         raise ConfigError(f"parallel.tp={tp}: parallel.tp x parallel.cp must divide train.seq_len={cfg.train.seq_len} "
                           "(sequence parallel splits each rank's tokens over the tp ranks)")

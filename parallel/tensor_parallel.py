@@ -24,7 +24,10 @@ embeddings.
 
 from __future__ import annotations
 
+import ast
+import inspect
 import re
+import textwrap
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -77,6 +80,7 @@ class TensorParallelParts:
     plan: dict[str, str] | None  # the family's TP plan: names relative to `base` -> style
     base: nn.Module  # the base model (decoder stack)
     layers: Sequence[nn.Module]  # its decoder layers
+    routed: Sequence[nn.Module]  # the routers and routed experts of its MoE blocks
     embeddings: nn.Module | None  # None on a pipeline stage without them, likewise the norm and head
     final_norm: nn.Module | None
     head: nn.Module | None
@@ -138,11 +142,12 @@ class LocalParameters(ParallelStyle):
     not DTensor-aware (an attention that reads its sinks, a convolution whose weight its parent
     reads, a norm between gathered projections). A local tensor's gradient is taken as having the
     parameter's placement, so a replicated parameter must see the same inputs on every rank (the
-    plan leaves unplaced only what works on whole activations)."""
+    plan leaves unplaced only what works on whole activations); with `summed_gradient`, as this
+    rank's share of the sum over the ranks (a replicated parameter that sees this rank's tokens)."""
 
-    def __init__(self, placements: dict[str, Placement]) -> None:
+    def __init__(self, placements: dict[str, Placement], summed_gradient: bool = False) -> None:
         super().__init__()
-        self.placements = placements
+        self.placements, self.summed_gradient = placements, summed_gradient
 
     def _apply(self, module: nn.Module, device_mesh: DeviceMesh) -> nn.Module:
         owners = []
@@ -160,7 +165,8 @@ class LocalParameters(ParallelStyle):
             for owner, param_name in owners:
                 param = owner._parameters[param_name]
                 held.append((owner, param_name, param))
-                owner._parameters[param_name] = param.to_local()
+                owner._parameters[param_name] = param.to_local(
+                    grad_placements=(Partial(),) if self.summed_gradient else None)
 
         def restore(_module: nn.Module, _args: tuple, _output) -> None:
             for owner, param_name, param in held:
@@ -256,7 +262,8 @@ def layer_styles(parts: TensorParallelParts) -> list[dict[str, ParallelStyle]]:
     planned = _matches(plan, list(names.values()))
     planned_params = _matches(plan, [name for name, _ in base.named_parameters()])
     # The config, not the embeddings: a later pipeline stage holds no embeddings.
-    context = _Context(family, width=base.config.hidden_size, rope_dim=getattr(base.config, "qk_rope_head_dim", None))
+    context = _Context(family, width=base.config.hidden_size, rope_dim=getattr(base.config, "qk_rope_head_dim", None),
+                       routed=frozenset(map(id, parts.routed)))
     styles = []
     for layer in layers:
         prefix = names[layer] + "."
@@ -278,6 +285,7 @@ class _Context:
     family: str  # for messages
     width: int  # the residual stream's features
     rope_dim: int | None  # the config's qk_rope_head_dim (MLA)
+    routed: frozenset[int]  # ids of the routers and routed experts (TensorParallelParts.routed)
 
 
 def _layer_styles(context: _Context, layer: nn.Module, planned: dict[str, str],
@@ -288,6 +296,14 @@ def _layer_styles(context: _Context, layer: nn.Module, planned: dict[str, str],
                          "use parallel.tp=1")
     styles: dict[str, ParallelStyle] = {}
     for child_name, child in layer.named_children():
+        if any(id(module) in context.routed for module in child.modules()):
+            # An MoE block (or its router or experts, where the layer holds them) works token by
+            # token: it runs on this rank's slice of the sequence with its parameters replicated
+            # (what the plan places in it, a shared expert's projections, included), each rank's
+            # gradient covering its own tokens: no collective in forward, a summed gradient.
+            styles[child_name] = LocalParameters({name: Replicate() for name, _ in child.named_parameters()},
+                                                 summed_gradient=True)
+            continue
         in_child, params_in_child = _under(planned, child_name), _under(planned_params, child_name)
         if not in_child and not params_in_child:
             if next(child.parameters(), None) is None:
@@ -297,13 +313,40 @@ def _layer_styles(context: _Context, layer: nn.Module, planned: dict[str, str],
             if experts is not None:
                 raise ValueError(f"{family}: {cls}.{experts} ({type(layer.get_submodule(experts)).__name__}) holds "
                                  "routed experts, which its TP plan does not place; use parallel.tp=1")
-            if not _is_norm(child):
+            if _is_norm(child):
+                styles[child_name] = SequenceParallel(use_local_output=True)
+                continue
+            # A block the plan leaves whole (GPT-OSS's attention, a Mamba mixer, a convolution)
+            # runs replicated, as transformers keeps it: on the gathered sequence, its output cut
+            # back to this rank's slice, every rank computing the whole gradient. Its hooks are
+            # on its forward: a layer that calls other methods of it (Gemma 3n's AltUp) bypasses them.
+            method = next((method for method in sorted(_methods_called(layer, child_name)) if method != "forward"), None)
+            if method is not None:
                 raise ValueError(f"{family}: {cls}.{child_name} ({type(child).__name__}) holds parameters its TP "
-                                 "plan does not place; use parallel.tp=1")
-            styles[child_name] = SequenceParallel(use_local_output=True)
-            continue
+                                 f"plan does not place, and the layer calls its {method}(), not its forward; "
+                                 "use parallel.tp=1")
         styles.update(_block_styles(context, cls, child_name, child, in_child, params_in_child))
     return styles
+
+
+def _methods_called(layer: nn.Module, child_name: str) -> set[str]:
+    """The methods of `self.<child_name>` that the layer's forward calls by name (`forward` for a
+    plain call)."""
+    tree = ast.parse(textwrap.dedent(inspect.getsource(type(layer).forward)))
+    called = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Call):
+            func = node.func
+            if _is_self_attribute(func, child_name):
+                called.add("forward")
+            elif isinstance(func, ast.Attribute) and _is_self_attribute(func.value, child_name):
+                called.add(func.attr)
+    return called
+
+
+def _is_self_attribute(node: ast.expr, name: str) -> bool:
+    return (isinstance(node, ast.Attribute) and node.attr == name and isinstance(node.value, ast.Name)
+            and node.value.id == "self")
 
 
 def _under(names: dict[str, str], prefix: str) -> dict[str, str]:

@@ -320,7 +320,7 @@ def _layer_styles(context: _Context, layer: nn.Module, planned: dict[str, str],
             # runs replicated, as transformers keeps it: on the gathered sequence, its output cut
             # back to this rank's slice, every rank computing the whole gradient. Its hooks are
             # on its forward: a layer that calls other methods of it (Gemma 3n's AltUp) bypasses them.
-            method = next((method for method in sorted(_methods_called(layer, child_name)) if method != "forward"), None)
+            method = next((name for name in sorted(_methods_called(layer, child_name)) if name != "forward"), None)
             if method is not None:
                 raise ValueError(f"{family}: {cls}.{child_name} ({type(child).__name__}) holds parameters its TP "
                                  f"plan does not place, and the layer calls its {method}(), not its forward; "

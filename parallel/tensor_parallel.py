@@ -313,35 +313,42 @@ def _layer_styles(context: _Context, layer: nn.Module, planned: dict[str, str],
             if experts is not None:
                 raise ValueError(f"{family}: {cls}.{experts} ({type(layer.get_submodule(experts)).__name__}) holds "
                                  "routed experts, which its TP plan does not place; use parallel.tp=1")
-            if _is_norm(child):
+            if _is_norm(child) and all(not _owns_parameters(sub) for sub in child.modules() if sub is not child):
                 styles[child_name] = SequenceParallel(use_local_output=True)
                 continue
-            # A block the plan leaves whole (GPT-OSS's attention, a Mamba mixer, a convolution)
-            # runs replicated, as transformers keeps it: on the gathered sequence, its output cut
-            # back to this rank's slice, every rank computing the whole gradient. Its hooks are
-            # on its forward: a layer that calls other methods of it (Gemma 3n's AltUp) bypasses them.
-            method = next((name for name in sorted(_methods_called(layer, child_name)) if name != "forward"), None)
-            if method is not None:
+            # A block the plan leaves whole (GPT-OSS's attention, a Mamba mixer, a convolution, a
+            # gated norm) runs replicated, as transformers keeps it: on the gathered sequence, its
+            # output cut back to this rank's slice, every rank computing the whole gradient.
+            reason = _whole_block_unsupported(layer, child_name)
+            if reason is not None:
                 raise ValueError(f"{family}: {cls}.{child_name} ({type(child).__name__}) holds parameters its TP "
-                                 f"plan does not place, and the layer calls its {method}(), not its forward; "
-                                 "use parallel.tp=1")
+                                 f"plan does not place, and {reason}; use parallel.tp=1")
         styles.update(_block_styles(context, cls, child_name, child, in_child, params_in_child))
     return styles
 
 
-def _methods_called(layer: nn.Module, child_name: str) -> set[str]:
-    """The methods of `self.<child_name>` that the layer's forward calls by name (`forward` for a
-    plain call)."""
+def _whole_block_unsupported(layer: nn.Module, child_name: str) -> str | None:
+    """Why the layer's forward cannot run `self.<child_name>` as a replicated block, if it cannot:
+    the block's hooks are on its forward and cut its first output only, so the layer must call
+    nothing else of it (Gemma 3n's AltUp.predict, a ModuleList of norms indexed) and read no
+    other output (a hyper-connection's mixing weights, an attention's top-k indices)."""
     tree = ast.parse(textwrap.dedent(inspect.getsource(type(layer).forward)))
-    called = set()
+    called = False
     for node in ast.walk(tree):
-        if isinstance(node, ast.Call):
-            func = node.func
-            if _is_self_attribute(func, child_name):
-                called.add("forward")
-            elif isinstance(func, ast.Attribute) and _is_self_attribute(func.value, child_name):
-                called.add(func.attr)
-    return called
+        if isinstance(node, ast.Call) and _is_self_attribute(node.func, child_name):
+            called = True
+        elif isinstance(node, ast.Attribute) and _is_self_attribute(node.value, child_name):
+            return f"the layer uses its {node.attr}, not only its forward"
+        elif isinstance(node, ast.Subscript) and _is_self_attribute(node.value, child_name):
+            return "the layer indexes it rather than calling its forward"
+        elif (isinstance(node, ast.Assign) and isinstance(node.value, ast.Call)
+              and _is_self_attribute(node.value.func, child_name)):
+            for target in node.targets:
+                read = [element.id for element in getattr(target, "elts", [])[1:]
+                        if not (isinstance(element, ast.Name) and element.id.startswith("_"))]
+                if read:
+                    return f"the layer reads more than its first output ({read[0]!r})"
+    return None if called else "the layer does not call it"
 
 
 def _is_self_attribute(node: ast.expr, name: str) -> bool:

@@ -184,10 +184,10 @@ def test_pipeline_stages_under_tensor_parallel(tmp_path):
     ("minicpm5_moe", dict(n_routed_experts=4, num_experts_per_tok=2),
      "styles layers.*.self_attn.k_proj 'unit_colwise', which tensor parallel does not support"),
     # Blocks the plan leaves whole run replicated through hooks on their forward; AltUp's
-    # predict() and correct() would bypass them.
+    # predict and correct would bypass them.
     ("gemma3n_text", dict(layer_types=["full_attention"], num_kv_shared_layers=0, activation_sparsity_pattern=[0.0],
                           vocab_size_per_layer_input=64, hidden_size_per_layer_input=8),
-     "altup (Gemma3nTextAltUp) holds parameters its TP plan does not place, and the layer calls its correct()"),
+     "altup (Gemma3nTextAltUp) holds parameters its TP plan does not place, and the layer uses its predict"),
     ("doge", {}, "DogeDecoderLayer holds parameters of its own"),
 ])
 def test_plans_it_cannot_honour_are_refused_in_one_line(family, fields, message):

@@ -8,7 +8,7 @@ import torch
 from torch import nn
 from transformers import PretrainedConfig
 
-from harness.model_parts import expert_count, experts_per_token
+from harness.model_parts import expert_count, experts_per_token, layer_configs
 
 # Dense bf16 tensor-core peaks, TFLOP/s per device.
 _GPU_PEAK_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0, "B200": 2250.0}
@@ -31,16 +31,8 @@ def flops_per_token(model: nn.Module, config: PretrainedConfig, seq_len: int) ->
         share = experts_per_token(config) / experts if experts and ".experts." in name else 1.0
         active += param.numel() * share
     # QK^T and AV: 2 matmuls x 2 FLOPs x seq/2 keys on average (causal), x3 for forward + backward.
-    attention = 3 * 2 * 2 * sum(map(_heads_dim, _layer_configs(config))) * seq_len / 2
+    attention = 3 * 2 * 2 * sum(map(_heads_dim, layer_configs(config))) * seq_len / 2
     return 6 * active + attention
-
-
-def _layer_configs(config: PretrainedConfig) -> list[PretrainedConfig]:
-    """Each layer's config: per-layer configs (Gemma 4's head_dim, Dots 3's sliding-window heads)
-    refuse to answer those fields globally."""
-    if getattr(config, "is_heterogeneous", False):
-        return list(config.per_layer_config)
-    return [config] * config.num_hidden_layers
 
 
 def _heads_dim(config: PretrainedConfig) -> int:

@@ -56,6 +56,14 @@ def _field_values(config: PretrainedConfig, keys: tuple[str, ...]) -> Iterator:
             yield from (getattr(sub, key, None) for key in keys)
 
 
+def layer_configs(config: PretrainedConfig) -> list[PretrainedConfig]:
+    """Each decoder layer's config: a per-layer config (Gemma 4's head_dim and key/value heads,
+    Dots 3's sliding-window heads) refuses to answer those fields globally."""
+    if getattr(config, "is_heterogeneous", False):
+        return list(config.per_layer_config)
+    return [config] * config.num_hidden_layers
+
+
 def expert_count(config: PretrainedConfig) -> int:
     """Routed experts per MoE layer; 0 for a dense model."""
     return int(next((value for value in _field_values(config, _EXPERT_COUNT_FIELDS) if value), 0))
@@ -356,6 +364,8 @@ def tensor_parallel_parts(model: nn.Module) -> TensorParallelParts:
     return TensorParallelParts(
         family=model.config.model_type, plan=getattr(model.config, "base_model_tp_plan", None),
         base=base_model(model), layers=list(layers.values() if isinstance(layers, nn.ModuleDict) else layers),
+        routed=[module for block in moe_blocks(model) for module in (block.experts, block.router)
+                if module is not None],
         embeddings=embeddings(model), final_norm=final_norm(model), head=lm_head(model))
 
 

@@ -19,8 +19,8 @@ from harness.config import AcMode, Config, ConfigError
 from harness.data_checks import check_corpus, check_data_config
 from harness.hf_checkpoint import check_readable
 from harness.loss import token_loss_sum
-from harness.model_parts import (check_pipeline_support, decoder_layers, expert_count, experts_per_token, moe_blocks,
-                                 router_aux_loss_function, tensor_parallel_parts)
+from harness.model_parts import (check_pipeline_support, decoder_layers, expert_count, experts_per_token, layer_configs,
+                                 moe_blocks, router_aux_loss_function, tensor_parallel_parts)
 from harness.models import build_meta_model, check_weights, error_reason, load_config as load_model_config
 from harness.plan import Plan
 from harness.run_folder import RunFolder, run_folder
@@ -165,10 +165,30 @@ def _check_tensor_parallel(cfg: Config, dims: ParallelDims, model: nn.Module, gp
         raise ConfigError(f"parallel.tp={tp}: not supported with ac.mode=budget yet (its plan is measured on the "
                           "unsharded layer); use another ac.mode or parallel.tp=1")
     config = model.config
-    for key in ("num_attention_heads", "num_key_value_heads", "vocab_size"):
-        value = getattr(config, key, None)
-        if isinstance(value, int) and value % tp:
-            raise ConfigError(f"parallel.tp={tp}: must divide the model's {key}={value}")
+    vocab = getattr(config, "vocab_size", None)
+    if isinstance(vocab, int) and vocab % tp:
+        raise ConfigError(f"parallel.tp={tp}: must divide the model's vocab_size={vocab}")
+    # Column-parallel projections give each rank whole heads only where tp divides them, in every
+    # layer: a per-layer config (Gemma 4's full-attention key/value heads) may differ by layer.
+    per_layer = getattr(config, "is_heterogeneous", False)
+    for index, layer_config in enumerate(layer_configs(config)):
+        for key in ("num_attention_heads", "num_key_value_heads"):
+            value = getattr(layer_config, key, None)
+            if isinstance(value, int) and value % tp:
+                where = f"layer {index}'s {key}={value} ({config.model_type}'s per-layer config)" if per_layer \
+                    else f"the model's {key}={value}"
+                raise ConfigError(f"parallel.tp={tp}: must divide {where}")
+    if moe_blocks(model):
+        # MoE blocks run on each tp rank's slice of the sequence (their parameters replicated):
+        # what needs every token a router saw is not summed over the tp ranks yet.
+        unsupported = [(cfg.moe.bias_update_rate > 0, "moe.bias_update_rate (expert loads are counted over dp x cp)",
+                        "set moe.bias_update_rate=0"),
+                       (getattr(config, "output_router_logits", False), "HF's router aux loss (output_router_logits)",
+                        "set model.overrides.output_router_logits=false")]
+        for refused, what, fix in unsupported:
+            if refused:
+                raise ConfigError(f"parallel.tp={tp}: not supported with {what} in an MoE model yet; {fix} or "
+                                  "parallel.tp=1")
     if cfg.train.seq_len % (tp * dims.cp):
         raise ConfigError(f"parallel.tp={tp}: parallel.tp x parallel.cp must divide train.seq_len={cfg.train.seq_len} "
                           "(sequence parallel splits each rank's tokens over the tp ranks)")

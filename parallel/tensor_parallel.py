@@ -12,7 +12,10 @@ planned modules (attention, MLP) all-gathers its input, its column-parallel proj
 this rank's heads or features, and its row-parallel output projection reduce-scatters back to
 the sequence slice (a block without one, gathered throughout, has its output cut to the slice).
 Parameters the plan leaves unplaced inside a planned block work on whole activations, as
-transformers keeps them: they stay replicated, and the block runs them as local tensors. The embeddings and the LM head are sharded over the vocabulary; the head's
+transformers keeps them: they stay replicated, and the block runs them as local tensors; a
+learnable activation (Apertus's XIELU) works on this rank's features instead, so its block's
+activations and its parameters stay DTensors, and DTensor sums its gradient over the ranks. The
+embeddings and the LM head are sharded over the vocabulary; the head's
 logits stay vocabulary-sharded (a DTensor) through the family's logit processing into the loss
 (parallel/vocab_parallel_loss.py). The base model's forward reads positions and the mask from
 the whole embedded sequence, so the sequence is split at the first layer's input, not at the
@@ -21,7 +24,10 @@ embeddings.
 
 from __future__ import annotations
 
+import ast
+import inspect
 import re
+import textwrap
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -74,6 +80,7 @@ class TensorParallelParts:
     plan: dict[str, str] | None  # the family's TP plan: names relative to `base` -> style
     base: nn.Module  # the base model (decoder stack)
     layers: Sequence[nn.Module]  # its decoder layers
+    routed: Sequence[nn.Module]  # the routers and routed experts of its MoE blocks
     embeddings: nn.Module | None  # None on a pipeline stage without them, likewise the norm and head
     final_norm: nn.Module | None
     head: nn.Module | None
@@ -135,11 +142,12 @@ class LocalParameters(ParallelStyle):
     not DTensor-aware (an attention that reads its sinks, a convolution whose weight its parent
     reads, a norm between gathered projections). A local tensor's gradient is taken as having the
     parameter's placement, so a replicated parameter must see the same inputs on every rank (the
-    plan leaves unplaced only what works on whole activations)."""
+    plan leaves unplaced only what works on whole activations); with `summed_gradient`, as this
+    rank's share of the sum over the ranks (a replicated parameter that sees this rank's tokens)."""
 
-    def __init__(self, placements: dict[str, Placement]) -> None:
+    def __init__(self, placements: dict[str, Placement], summed_gradient: bool = False) -> None:
         super().__init__()
-        self.placements = placements
+        self.placements, self.summed_gradient = placements, summed_gradient
 
     def _apply(self, module: nn.Module, device_mesh: DeviceMesh) -> nn.Module:
         owners = []
@@ -157,7 +165,8 @@ class LocalParameters(ParallelStyle):
             for owner, param_name in owners:
                 param = owner._parameters[param_name]
                 held.append((owner, param_name, param))
-                owner._parameters[param_name] = param.to_local()
+                owner._parameters[param_name] = param.to_local(
+                    grad_placements=(Partial(),) if self.summed_gradient else None)
 
         def restore(_module: nn.Module, _args: tuple, _output) -> None:
             for owner, param_name, param in held:
@@ -253,7 +262,8 @@ def layer_styles(parts: TensorParallelParts) -> list[dict[str, ParallelStyle]]:
     planned = _matches(plan, list(names.values()))
     planned_params = _matches(plan, [name for name, _ in base.named_parameters()])
     # The config, not the embeddings: a later pipeline stage holds no embeddings.
-    context = _Context(family, width=base.config.hidden_size, rope_dim=getattr(base.config, "qk_rope_head_dim", None))
+    context = _Context(family, width=base.config.hidden_size, rope_dim=getattr(base.config, "qk_rope_head_dim", None),
+                       routed=frozenset(map(id, parts.routed)))
     styles = []
     for layer in layers:
         prefix = names[layer] + "."
@@ -275,6 +285,7 @@ class _Context:
     family: str  # for messages
     width: int  # the residual stream's features
     rope_dim: int | None  # the config's qk_rope_head_dim (MLA)
+    routed: frozenset[int]  # ids of the routers and routed experts (TensorParallelParts.routed)
 
 
 def _layer_styles(context: _Context, layer: nn.Module, planned: dict[str, str],
@@ -285,6 +296,14 @@ def _layer_styles(context: _Context, layer: nn.Module, planned: dict[str, str],
                          "use parallel.tp=1")
     styles: dict[str, ParallelStyle] = {}
     for child_name, child in layer.named_children():
+        if any(id(module) in context.routed for module in child.modules()):
+            # An MoE block (or its router or experts, where the layer holds them) works token by
+            # token: it runs on this rank's slice of the sequence with its parameters replicated
+            # (what the plan places in it, a shared expert's projections, included), each rank's
+            # gradient covering its own tokens: no collective in forward, a summed gradient.
+            styles[child_name] = LocalParameters({name: Replicate() for name, _ in child.named_parameters()},
+                                                 summed_gradient=True)
+            continue
         in_child, params_in_child = _under(planned, child_name), _under(planned_params, child_name)
         if not in_child and not params_in_child:
             if next(child.parameters(), None) is None:
@@ -294,13 +313,47 @@ def _layer_styles(context: _Context, layer: nn.Module, planned: dict[str, str],
             if experts is not None:
                 raise ValueError(f"{family}: {cls}.{experts} ({type(layer.get_submodule(experts)).__name__}) holds "
                                  "routed experts, which its TP plan does not place; use parallel.tp=1")
-            if not _is_norm(child):
+            if _is_norm(child) and all(not _owns_parameters(sub) for sub in child.modules() if sub is not child):
+                styles[child_name] = SequenceParallel(use_local_output=True)
+                continue
+            # A block the plan leaves whole (GPT-OSS's attention, a Mamba mixer, a convolution, a
+            # gated norm) runs replicated, as transformers keeps it: on the gathered sequence, its
+            # output cut back to this rank's slice, every rank computing the whole gradient.
+            reason = _whole_block_unsupported(layer, child_name)
+            if reason is not None:
                 raise ValueError(f"{family}: {cls}.{child_name} ({type(child).__name__}) holds parameters its TP "
-                                 "plan does not place; use parallel.tp=1")
-            styles[child_name] = SequenceParallel(use_local_output=True)
-            continue
+                                 f"plan does not place, and {reason}; use parallel.tp=1")
         styles.update(_block_styles(context, cls, child_name, child, in_child, params_in_child))
     return styles
+
+
+def _whole_block_unsupported(layer: nn.Module, child_name: str) -> str | None:
+    """Why the layer's forward cannot run `self.<child_name>` as a replicated block, if it cannot:
+    the block's hooks are on its forward and cut its first output only, so the layer must call
+    nothing else of it (Gemma 3n's AltUp.predict, a ModuleList of norms indexed) and read no
+    other output (a hyper-connection's mixing weights, an attention's top-k indices)."""
+    tree = ast.parse(textwrap.dedent(inspect.getsource(type(layer).forward)))
+    called = False
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Call) and _is_self_attribute(node.func, child_name):
+            called = True
+        elif isinstance(node, ast.Attribute) and _is_self_attribute(node.value, child_name):
+            return f"the layer uses its {node.attr}, not only its forward"
+        elif isinstance(node, ast.Subscript) and _is_self_attribute(node.value, child_name):
+            return "the layer indexes it rather than calling its forward"
+        elif (isinstance(node, ast.Assign) and isinstance(node.value, ast.Call)
+              and _is_self_attribute(node.value.func, child_name)):
+            for target in node.targets:
+                read = [element.id for element in getattr(target, "elts", [])[1:]
+                        if not (isinstance(element, ast.Name) and element.id.startswith("_"))]
+                if read:
+                    return f"the layer reads more than its first output ({read[0]!r})"
+    return None if called else "the layer does not call it"
+
+
+def _is_self_attribute(node: ast.expr, name: str) -> bool:
+    return (isinstance(node, ast.Attribute) and node.attr == name and isinstance(node.value, ast.Name)
+            and node.value.id == "self")
 
 
 def _under(names: dict[str, str], prefix: str) -> dict[str, str]:
@@ -335,6 +388,7 @@ def _block_styles(context: _Context, cls: str, block_name: str, block: nn.Module
     outputs = [name for name, style in planned.items()
                if style in _ROWWISE and getattr(modules[name], "out_features", None) == context.width]
     block_output = outputs[0] if len(outputs) == 1 else None
+    on_dtensors = _modules_on_dtensors(context, cls, modules, planned, shards_activations)
     styles: dict[str, ParallelStyle] = {}
     local: dict[str, Placement] = {}  # by dotted name, the block's own prefixed
     for name, module in modules.items():
@@ -349,11 +403,10 @@ def _block_styles(context: _Context, cls: str, block_name: str, block: nn.Module
             # replicated): a norm between gathered projections, MLA's low-rank query projection.
             # Beside column-parallel projections, an unplaced Linear or norm can only take whole
             # activations (a sharded one would not fit its width); anything else (a learnable
-            # activation, a block's own gates) might take this rank's features, whose gradient
-            # must be summed over the ranks.
-            if style is None and shards_activations and not (isinstance(module, nn.Linear) or _is_norm(module)):
-                raise ValueError(f"{family}: {cls}.{name} ({type(module).__name__}) holds parameters its TP plan "
-                                 "does not place beside column-parallel projections; use parallel.tp=1")
+            # activation) might take this rank's features, and runs on DTensors (_modules_on_dtensors).
+            if style is None and name in on_dtensors:
+                styles[name] = ReplicatedParameters()
+                continue
             local.update((param, _PARAMETER_PLACEMENTS[planned_params[param]] if param in planned_params
                           else Replicate()) for param in own)
             if style == _MLA_KV_A:
@@ -369,6 +422,8 @@ def _block_styles(context: _Context, cls: str, block_name: str, block: nn.Module
         if style == "colwise" and only_projections:
             styles[name] = LocalParameters({param: Shard(0) for param, value in module._parameters.items()
                                             if value is not None})
+        elif style == "colwise" and on_dtensors:
+            styles[name] = ColwiseParallel(use_local_output=False)
         else:
             styles[name] = _STYLES[style](Shard(1) if name == block_output else Replicate())
     boundary = [HiddenStatesInput(Shard(1), Replicate(), partial_gradient=only_projections)]
@@ -378,6 +433,42 @@ def _block_styles(context: _Context, cls: str, block_name: str, block: nn.Module
         boundary.append(LocalParameters({name[len(block_name) + 1:]: placement for name, placement in local.items()}))
     styles[block_name] = Styles(*boundary)
     return styles
+
+
+def _modules_on_dtensors(context: _Context, cls: str, modules: dict[str, nn.Module], planned: dict[str, str],
+                         shards_activations: bool) -> set[str]:
+    """The modules of a block, beside column-parallel projections, that hold parameters the plan
+    leaves unplaced and are neither a Linear nor a norm (Apertus's learnable XIELU activation): they
+    may take this rank's features, so the block's column-parallel outputs stay DTensors
+    (Shard(-1)) and these parameters replicated DTensors, whose gradient DTensor sums over the
+    ranks where the features were sharded. Only in a block of column- and row-parallel projections
+    and such modules: anything else in it runs on local tensors, which cannot meet a DTensor."""
+    if not shards_activations:
+        return set()
+    outside = {name: module for name, module in modules.items() if _owns_parameters(module)
+               and not any(name.startswith(other + ".") for other in planned)}
+    found = {name for name, module in outside.items()
+             if name not in planned and not (isinstance(module, nn.Linear) or _is_norm(module))}
+    others = [name for name in outside if name not in found and planned.get(name) not in ("colwise", "rowwise")]
+    if found and (others or any(_owns_parameters(sub) for name in found for sub in modules[name].modules()
+                                if sub is not modules[name])):
+        name = sorted(found)[0]
+        raise ValueError(f"{context.family}: {cls}.{name} ({type(modules[name]).__name__}) holds parameters its TP "
+                         "plan does not place beside column-parallel projections; use parallel.tp=1")
+    return found
+
+
+class ReplicatedParameters(ParallelStyle):
+    """A module's own parameters as replicated DTensors: it runs on the DTensor activations of
+    its block, and DTensor gives its parameters' gradient the sum over the ranks."""
+
+    def _apply(self, module: nn.Module, device_mesh: DeviceMesh) -> nn.Module:
+        for name, param in list(module._parameters.items()):
+            if param is not None:
+                module.register_parameter(name, nn.Parameter(
+                    distribute_tensor(param, device_mesh, (Replicate(),), src_data_rank=None),
+                    requires_grad=param.requires_grad))
+        return module
 
 
 def apply_tensor_parallel(parts: TensorParallelParts, mesh: DeviceMesh) -> None:

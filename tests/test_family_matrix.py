@@ -28,8 +28,8 @@ LOADED = ["lara_mini", "param2moe", "inkling2_text"]
 # rowwise_split_input (OLMo 2's norms over all heads, Phi-3's fused qkv and gate_up), a gathered
 # block with no row-parallel output (Qwen3.5's linear attention), embedding_rowwise (GPT-NeoX's
 # embed_in), mla_kv_a_proj (MiniCPM3: scaled embeddings, residuals and logits, tied),
-# local_params with sharded sinks (GraniteSWA). DeepSeek-V3's routed experts have no TP style
-# (tests/test_tensor_parallel.py trains its MLA with dense layers).
+# local_params with sharded sinks (GraniteSWA), and DeepSeek-V3's MoE layers (on each rank's
+# sequence slice, replicated).
 TENSOR_PARALLEL = ["gemma3_text", "olmo2", "phi3", "qwen3_5_text", "gpt_neox", "minicpm3", "granite_swa", "deepseek_v3"]
 TP_LAYOUT = "tp=2, selective AC"
 TESTED_LAYOUTS = ["1 process", "pp=2, selective AC", "dp_shard=2, full AC", "ep=2, selective AC",
@@ -41,8 +41,7 @@ REFUSED = {# Hyper-connection streams merged after the layers (hash-routed MoE l
            # One transformer block shared by several layers: FSDP shards it once, stages cannot split it.
            ("zamba", "pp=2, selective AC"): "share parameters",
            # Each layer returns a tuple its forward unpacks.
-           ("inkling2_text", "load, pp=2"): "unpacks each layer's output",
-           ("deepseek_v3", TP_LAYOUT): "DeepseekV3Experts) holds routed experts"}
+           ("inkling2_text", "load, pp=2"): "unpacks each layer's output"}
 # Cells refused for what transformers lacks (its modelling code, not ours): tests/library_refusals.py.
 LIBRARY_REFUSED = {("jetmoe", "ep=2, selective AC"): "not transformers' fused experts modules",
                    ("glm4_moe", "pp=2, HF aux loss"): "forward returns no router aux loss",

@@ -231,7 +231,8 @@ def _owns_parameters(module: nn.Module) -> bool:
 
 
 def _holds_grouped_weights(module: nn.Module) -> bool:
-    """Routed experts keep one weight per expert stacked in 3-D tensors (transformers' fused layout)."""
+    """Stacked weights (3-D or more, not a convolution's): routed experts keep one weight per
+    expert that way (transformers' fused layout), and no plan style splits them."""
     return (not isinstance(module, nn.modules.conv._ConvNd)
             and any(param.ndim >= 3 for param in module.parameters(recurse=False)))
 
@@ -258,6 +259,9 @@ def layer_styles(parts: TensorParallelParts) -> list[dict[str, ParallelStyle]]:
         if style not in SUPPORTED_STYLES:
             raise ValueError(f"{family}: its TP plan styles {key} {style!r}, which tensor parallel does not "
                              f"support (supported: {', '.join(SUPPORTED_STYLES)}); use parallel.tp=1")
+    if getattr(base.config, "hidden_size_per_layer_input", None):
+        raise ValueError(f"{family}: its layers take per-layer inputs computed from the whole sequence, while "
+                         "sequence parallel hands each layer the rank's slice of it; use parallel.tp=1")
     names = {module: name for name, module in base.named_modules()}
     planned = _matches(plan, list(names.values()))
     planned_params = _matches(plan, [name for name, _ in base.named_parameters()])
@@ -312,7 +316,7 @@ def _layer_styles(context: _Context, layer: nn.Module, planned: dict[str, str],
                             if _holds_grouped_weights(module)), None)
             if experts is not None:
                 raise ValueError(f"{family}: {cls}.{experts} ({type(layer.get_submodule(experts)).__name__}) holds "
-                                 "routed experts, which its TP plan does not place; use parallel.tp=1")
+                                 "stacked (3-D) weights, which its TP plan does not place; use parallel.tp=1")
             if _is_norm(child) and all(not _owns_parameters(sub) for sub in child.modules() if sub is not child):
                 styles[child_name] = SequenceParallel(use_local_output=True)
                 continue
@@ -376,8 +380,8 @@ def _block_styles(context: _Context, cls: str, block_name: str, block: nn.Module
     experts = next((name for name, module in modules.items() if name not in planned and _holds_grouped_weights(module)),
                    None)
     if experts is not None:
-        raise ValueError(f"{family}: {cls}.{experts} ({type(modules[experts]).__name__}) holds routed experts, which "
-                         "its TP plan does not place; use parallel.tp=1")
+        raise ValueError(f"{family}: {cls}.{experts} ({type(modules[experts]).__name__}) holds stacked (3-D) weights, "
+                         "which its TP plan does not place; use parallel.tp=1")
     shards_activations = any(style in _SHARDS_ACTIVATIONS for style in planned.values())
     # A block whose every parameter is in a column- or row-parallel projection (or a per-head norm
     # after one) reads its input only through its column-parallel projections: each runs on its

@@ -259,9 +259,6 @@ def layer_styles(parts: TensorParallelParts) -> list[dict[str, ParallelStyle]]:
         if style not in SUPPORTED_STYLES:
             raise ValueError(f"{family}: its TP plan styles {key} {style!r}, which tensor parallel does not "
                              f"support (supported: {', '.join(SUPPORTED_STYLES)}); use parallel.tp=1")
-    if getattr(base.config, "hidden_size_per_layer_input", None):
-        raise ValueError(f"{family}: its layers take per-layer inputs computed from the whole sequence, while "
-                         "sequence parallel hands each layer the rank's slice of it; use parallel.tp=1")
     names = {module: name for name, module in base.named_modules()}
     planned = _matches(plan, list(names.values()))
     planned_params = _matches(plan, [name for name, _ in base.named_parameters()])
@@ -281,6 +278,9 @@ def layer_styles(parts: TensorParallelParts) -> list[dict[str, ParallelStyle]]:
     if outside:
         raise ValueError(f"{family}: its TP plan places {outside[0]} outside the decoder layers, which tensor "
                          "parallel does not support; use parallel.tp=1")
+    if getattr(base.config, "hidden_size_per_layer_input", None):
+        raise ValueError(f"{family}: its layers take per-layer inputs computed from the whole sequence, while "
+                         "sequence parallel hands each layer the rank's slice of it; use parallel.tp=1")
     return styles
 
 

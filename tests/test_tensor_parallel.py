@@ -189,6 +189,10 @@ def test_pipeline_stages_under_tensor_parallel(tmp_path):
                           vocab_size_per_layer_input=64, hidden_size_per_layer_input=8),
      "altup (Gemma3nTextAltUp) holds parameters its TP plan does not place, and the layer uses its predict"),
     ("doge", {}, "DogeDecoderLayer holds parameters of its own"),
+    # Per-layer inputs are computed from the whole sequence; sequence parallel hands a layer its slice.
+    ("gemma4_text", dict(layer_types=["full_attention"], num_kv_shared_layers=0, vocab_size_per_layer_input=64,
+                         hidden_size_per_layer_input=8),
+     "gemma4_text: its layers take per-layer inputs computed from the whole sequence"),
 ])
 def test_plans_it_cannot_honour_are_refused_in_one_line(family, fields, message):
     config = AutoConfig.for_model(family, hidden_size=32, num_attention_heads=2, num_key_value_heads=2,

@@ -1,4 +1,4 @@
-"""Run a function on N real gloo ranks in spawned processes.
+"""Run a function on N real gloo ranks, each its own process (forked from a forkserver).
 
 Each rank joins one process group through a FileStore in a fresh temporary folder (no port
 to race for under pytest-xdist), runs `fn(rank, world_size, *args)`, and reports either its
@@ -22,9 +22,12 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 
-def _rank_main(fn: Callable, rank: int, world_size: int, store_path: str, args: tuple, results) -> None:
+def _rank_main(fn: Callable, rank: int, world_size: int, store_path: str, args: tuple, results,
+               environ: dict[str, str]) -> None:
     torch.set_num_threads(1)
-    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank),
+    # A forkserver child starts from the server's environment, not the caller's.
+    os.environ.clear()
+    os.environ.update(environ, RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank),
                       LOCAL_WORLD_SIZE=str(world_size))
     try:
         store = dist.FileStore(store_path, world_size)
@@ -42,13 +45,23 @@ def _rank_main(fn: Callable, rank: int, world_size: int, store_path: str, args: 
             dist.destroy_process_group()
 
 
+def _context() -> mp.context.BaseContext:
+    """A forkserver that has imported torch and transformers once: each rank forks from it
+    instead of importing them again (seconds per rank, most of a short test's time). The
+    server imports nothing of the harness and never joins a process group, so a rank starts as
+    clean as a spawned one."""
+    ctx = mp.get_context("forkserver")
+    ctx.set_forkserver_preload(["torch", "torch.distributed", "transformers.modeling_utils"])
+    return ctx
+
+
 def run_ranks(fn: Callable, world_size: int, *args: Any, timeout: float = 300.0) -> list[Any]:
     """Returns `fn`'s result per rank; raises with the first failing rank's traceback."""
-    ctx = mp.get_context("spawn")
+    ctx = _context()
     results = ctx.Queue()
     with tempfile.TemporaryDirectory() as tmp:
         store_path = os.path.join(tmp, "store")
-        procs = [ctx.Process(target=_rank_main, args=(fn, r, world_size, store_path, args, results))
+        procs = [ctx.Process(target=_rank_main, args=(fn, r, world_size, store_path, args, results, dict(os.environ)))
                  for r in range(world_size)]
         for p in procs:
             p.start()

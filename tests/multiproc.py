@@ -51,7 +51,8 @@ def _context() -> mp.context.BaseContext:
     server imports nothing of the harness and never joins a process group, so a rank starts as
     clean as a spawned one."""
     ctx = mp.get_context("forkserver")
-    ctx.set_forkserver_preload(["torch", "torch.distributed", "transformers.modeling_utils"])
+    ctx.set_forkserver_preload(["torch", "torch._dynamo", "torch.distributed.checkpoint", "torch.distributed.fsdp",
+                                "torch.distributed.pipelining", "torch.distributed.tensor", "transformers.modeling_utils"])
     return ctx
 
 

@@ -38,6 +38,7 @@ from transformers.masking_utils import AttentionMaskInterface, causal_mask_funct
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 from parallel.context_parallel import SequenceShard
+from parallel.cp_causal_attention import chunked_causal_attention
 
 # The implementations whose masks this module builds: sdpa takes a boolean mask, eager an additive one.
 INNER_IMPLEMENTATIONS = ("sdpa", "eager")
@@ -92,6 +93,9 @@ def context_parallel_attention(module: nn.Module, query: torch.Tensor, key: torc
     if attention_mask is not None:
         return attend(module, query, key, value, attention_mask, **kwargs)
     assert inner == "sdpa", "local_queries_mask skips only sdpa's plain causal mask"
+    if query.device.type == "cpu" and not kwargs.get("dropout") and kwargs.get("position_bias") is None:
+        output = chunked_causal_attention(query, key, value, shard, kwargs.get("scaling"))
+        return output.transpose(1, 2).contiguous(), None  # HF's attention output is [rows, local, heads, dim]
     order = shard.sequence_order.to(key.device)
     key, value = key[:, :, order], value[:, :, order]
     outputs = []

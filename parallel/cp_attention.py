@@ -38,43 +38,11 @@ from transformers.masking_utils import AttentionMaskInterface, causal_mask_funct
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 from parallel.context_parallel import SequenceShard
+from parallel.cp_keys_values import gather_keys_values
 from parallel.cp_causal_attention import chunked_causal_attention
 
 # The implementations whose masks this module builds: sdpa takes a boolean mask, eager an additive one.
 INNER_IMPLEMENTATIONS = ("sdpa", "eager")
-
-
-class _GatherSequence(torch.autograd.Function):
-    """All-gather along dim 0 over a process group; backward reduce-scatters (sums) the gradient.
-
-    Functional collectives, so that selective activation checkpointing saves the gathered tensor
-    (`_c10d_functional.all_gather_into_tensor` is on its save list) and its recompute issues none."""
-
-    @staticmethod
-    def forward(ctx, local: torch.Tensor, group_name: str, size: int) -> torch.Tensor:
-        ctx.group_name, ctx.size = group_name, size
-        gathered = torch.ops._c10d_functional.all_gather_into_tensor(local.contiguous(), size, group_name)
-        return torch.ops._c10d_functional.wait_tensor(gathered)
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None, None]:
-        summed = torch.ops._c10d_functional.reduce_scatter_tensor(grad.contiguous(), "sum", ctx.size, ctx.group_name)
-        return torch.ops._c10d_functional.wait_tensor(summed), None, None
-
-
-def gather_keys_values(key: torch.Tensor, value: torch.Tensor,
-                       shard: SequenceShard) -> tuple[torch.Tensor, torch.Tensor]:
-    """Key and value [rows, heads, local, dim] of every rank of the cp group, in one collective:
-    [rows, heads, size * local, dim], rank-major (`shard.gathered_index` says where each row sits)."""
-    rows, heads, local, key_dim = key.shape
-    value_dim = value.shape[-1]
-    # Sequence-major, so that the gather's dim 0 is the sequence.
-    packed = torch.cat([key.permute(2, 0, 1, 3).reshape(local, -1), value.permute(2, 0, 1, 3).reshape(local, -1)], 1)
-    gathered = _GatherSequence.apply(packed, shard.group_name, shard.size)
-    keys, values = gathered.split([rows * heads * key_dim, rows * heads * value_dim], dim=1)
-    total = shard.size * local
-    return (keys.reshape(total, rows, heads, key_dim).permute(1, 2, 0, 3),
-            values.reshape(total, rows, heads, value_dim).permute(1, 2, 0, 3))
 
 
 def _family_eager_attention(module: nn.Module) -> Callable:
@@ -88,14 +56,15 @@ def _family_eager_attention(module: nn.Module) -> Callable:
 def context_parallel_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                                attention_mask: torch.Tensor | None, *, shard: SequenceShard, inner: str,
                                **kwargs) -> tuple[torch.Tensor, torch.Tensor | None]:
-    key, value = gather_keys_values(key, value, shard)
     attend = _family_eager_attention(module) if inner == "eager" else ALL_ATTENTION_FUNCTIONS[inner]
+    if attention_mask is None:
+        assert inner == "sdpa", "local_queries_mask skips only sdpa's plain causal mask"
+        if query.device.type == "cpu" and not kwargs.get("dropout") and kwargs.get("position_bias") is None:
+            output = chunked_causal_attention(query, key, value, shard, kwargs.get("scaling"))
+            return output.transpose(1, 2).contiguous(), None  # HF's attention output is [rows, local, heads, dim]
+    key, value = gather_keys_values(key, value, shard)
     if attention_mask is not None:
         return attend(module, query, key, value, attention_mask, **kwargs)
-    assert inner == "sdpa", "local_queries_mask skips only sdpa's plain causal mask"
-    if query.device.type == "cpu" and not kwargs.get("dropout") and kwargs.get("position_bias") is None:
-        output = chunked_causal_attention(query, key, value, shard, kwargs.get("scaling"))
-        return output.transpose(1, 2).contiguous(), None  # HF's attention output is [rows, local, heads, dim]
     order = shard.sequence_order.to(key.device)
     key, value = key[:, :, order], value[:, :, order]
     outputs = []

@@ -8,6 +8,8 @@ from collections import Counter
 import numpy as np
 import pytest
 import torch
+import torch.distributed as dist
+import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from harness.config import ConfigError, load_config
@@ -18,8 +20,9 @@ from harness.materialize import canonical_name
 from harness.models import build_meta_model, load_config as load_model_config, reference_model
 from harness.trainer import build_run, local_batch, train
 from harness.validation import validate
-from parallel.context_parallel import forward_arguments, head_tail_index
+from parallel.context_parallel import SequenceShard, forward_arguments, head_tail_index
 from parallel.cp_attention import check_context_parallel
+from parallel.cp_causal_attention import chunked_causal_attention
 from tests.data_helpers import write_jsonl
 from tests.families import hand_shrunk_config, tiny_config as family_tiny_config
 from tests.family_matrix import compare
@@ -110,9 +113,33 @@ def _step_under_each_ac_mode(rank: int, world_size: int, cfgs: dict) -> dict:
     return out
 
 
+def _chunked_attention_errors(rank: int, world_size: int) -> dict:
+    """Per head shape: the largest difference of this rank's output, dQ, dK and dV from sdpa's causal
+    attention over the whole sequence (fp32), its keys and values gathered over the group."""
+    shard = SequenceShard(dist.group.WORLD, 32)
+    local = shard.local_index
+    errors = {}
+    # GQA; wider keys than values (multi-head latent attention); wider values than keys.
+    for heads, kv_heads, key_dim, value_dim in [(4, 2, 16, 16), (4, 4, 24, 16), (2, 2, 8, 12)]:
+        generator = torch.Generator().manual_seed(heads + key_dim + value_dim)
+        query, key = (torch.randn(2, h, 32, key_dim, generator=generator, requires_grad=True)
+                      for h in (heads, kv_heads))
+        value = torch.randn(2, kv_heads, 32, value_dim, generator=generator, requires_grad=True)
+        grad = torch.randn(2, heads, 32, value_dim, generator=generator)
+        expected = F.scaled_dot_product_attention(query, key, value, is_causal=True, scale=0.3, enable_gqa=True)
+        expected_grads = torch.autograd.grad(expected, (query, key, value), grad)
+        pieces = [tensor.detach()[:, :, local].requires_grad_() for tensor in (query, key, value)]
+        output = chunked_causal_attention(*pieces, shard, 0.3)
+        grads = torch.autograd.grad(output, pieces, grad[:, :, local])
+        errors[(heads, kv_heads, key_dim, value_dim)] = max(
+            (got - want[:, :, local]).abs().max().item()
+            for got, want in zip((output, *grads), (expected, *expected_grads)))
+    return errors
+
+
 def _spawned(rank: int, world_size: int, layouts: list, document_cfg, ac_cfgs: dict) -> tuple:
     return ([train_layout(rank, world_size, cfg) for cfg in layouts], _train_rows(rank, world_size, document_cfg),
-            _step_under_each_ac_mode(rank, world_size, ac_cfgs))
+            _step_under_each_ac_mode(rank, world_size, ac_cfgs), _chunked_attention_errors(rank, world_size))
 
 
 @pytest.fixture(scope="module")
@@ -154,11 +181,19 @@ def spawned(tmp_path_factory):
     results = run_ranks(_spawned, WORLD, list(layouts.values()), document_cfg, ac_cfgs, timeout=600)
     trained = {name: [per_rank[0][index] for per_rank in results] for index, name in enumerate(layouts)}
     return (layouts, trained, (document_cfg, [per_rank[1] for per_rank in results]),
-            [per_rank[2] for per_rank in results])
+            [per_rank[2] for per_rank in results], [per_rank[3] for per_rank in results])
+
+
+def test_chunked_causal_attention_matches_sdpa_over_the_whole_sequence(spawned):
+    """The plain causal path of cp=4, rank by rank: each chunk's unmasked prefix part and causal
+    diagonal part, merged by log-sum-exp, against one sdpa call over all 32 tokens."""
+    for errors in spawned[4]:
+        for shape, error in errors.items():
+            assert error < 5e-6, (shape, error)
 
 
 def test_llama_layouts_match_single_process(spawned):
-    layouts, trained, _, _ = spawned
+    layouts, trained, _, _, _ = spawned
     assert_matches_reference(trained["cp2-fsdp2"], reference_run(layouts["cp2-fsdp2"]))
     for name in ("cp4", "pp2-cp2", "cp2-tp2"):
         reference = reference_run(layouts[name])
@@ -168,14 +203,14 @@ def test_llama_layouts_match_single_process(spawned):
 
 @pytest.mark.parametrize("name", ["gemma2-cp2-hsdp", "gemma3-cp2-fsdp2", "moe-cp2-ep2", "mla-cp2-fsdp2"])
 def test_family_layouts_match_single_process(spawned, name):
-    layouts, trained, _, _ = spawned
+    layouts, trained, _, _, _ = spawned
     reference = reference_run(layouts[name])
     for result in trained[name]:
         assert compare(result, reference) == "ok", name
 
 
 def test_document_masks_match_single_process(spawned):
-    _, _, (cfg, rows), _ = spawned
+    _, _, (cfg, rows), _, _ = spawned
     loss, norm, val_loss = _document_reference(cfg)
     for row in rows:
         assert abs(row["loss"] - loss) < 1e-5
@@ -186,10 +221,11 @@ def test_document_masks_match_single_process(spawned):
 def test_activation_checkpointing_is_bitwise_and_selective_recomputes_no_gather(spawned):
     for per_mode in spawned[3]:
         loss, grads, forward, backward = per_mode["none"]
-        # One key/value all-gather per layer forward, one reduce-scatter of their gradients in backward.
+        # One key/value all-gather per layer forward; in backward (plain causal sdpa) the keys and
+        # values gathered again and one reduce-scatter of their gradients.
         layers = load_model_config("llama", None).num_hidden_layers
         assert forward == {"all_gather_into_tensor.default": layers}, forward
-        assert backward == {"reduce_scatter_tensor.default": layers}, backward
+        assert backward == {"all_gather_into_tensor.default": layers, "reduce_scatter_tensor.default": layers}, backward
         for mode in ("selective", "full"):
             other_loss, other_grads, other_forward, other_backward = per_mode[mode]
             assert torch.equal(loss, other_loss), mode
@@ -197,7 +233,7 @@ def test_activation_checkpointing_is_bitwise_and_selective_recomputes_no_gather(
                 assert torch.equal(grad, other_grads[name]), (mode, name)
             assert other_forward == forward, mode
         # Full AC gathers again in its recompute; selective AC saved the gathered keys and values.
-        assert per_mode["full"][3]["all_gather_into_tensor.default"] == layers, per_mode["full"][3]
+        assert per_mode["full"][3]["all_gather_into_tensor.default"] == 2 * layers, per_mode["full"][3]
         assert per_mode["selective"][3] == backward, per_mode["selective"][3]
 
 

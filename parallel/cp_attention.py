@@ -11,15 +11,18 @@ through the interface runs context parallel with its own scaling, soft-cap, sink
   queries against the global positions of all keys (a [rows, 1, local, seq_len] mask), after
   HF's own packed-sequence handling when documents are masked. A plain causal mask under sdpa is
   not built (None, as HF's own sdpa mask skips it): each of the rank's two chunks then attends to
-  the prefix of the sequence that ends with it, under a bottom-right-aligned causal bias, which
-  fused kernels take without a materialized mask;
+  the prefix of the sequence that ends with it. On CPU that runs without any mask
+  (parallel/cp_causal_attention.py); elsewhere under a bottom-right-aligned causal bias, which
+  CUDA's memory-efficient kernel takes without materializing it;
 - the attention function all-gathers the key and value heads (before any GQA expansion) over
-  the cp group, then runs the implementation the model would have run (sdpa, or the family's own
-  eager function) on the local queries and all keys. Its backward reduce-scatters dK and dV.
+  the cp group (parallel/cp_keys_values.py), then runs the implementation the model would have
+  run (sdpa, or the family's own eager function) on the local queries and all keys. Its backward
+  reduce-scatters dK and dV.
 
 This is the all-gather form of context parallel (the one Llama 3 was trained with; it takes any
-mask): it keeps the whole sequence's K and V per layer on every rank, which is small next to the
-queries' activations when keys and values have fewer heads.
+mask). Under a mask it keeps the whole sequence's K and V per layer on every rank, which is small
+next to the queries' activations when keys and values have fewer heads; the plain causal CPU path
+keeps only the rank's own and gathers the rest again in backward.
 """
 
 from __future__ import annotations

@@ -85,8 +85,7 @@ class _ChunkedCausalAttention(torch.autograd.Function):
         queries, output, grad = _padded(query, width), _padded(output, width), _padded(grad, width)
         grad_query = torch.zeros_like(queries)
         # The gradients of the gathered keys and values, packed as the gather was, for one reduce-scatter.
-        grad_packed = torch.zeros(shard.size * key.shape[2], pack(key[:, :, :1], value[:, :, :1]).shape[1],
-                                  dtype=key.dtype, device=key.device)
+        grad_packed = key.new_zeros(shard.size * key.shape[2], (key.numel() + value.numel()) // key.shape[2])
         grad_keys, grad_values = unpack(grad_packed, key, value)
         for rows, span, causal in _parts(shard):
             dq, dk, dv = _attend_backward(grad[:, :, rows].contiguous(), queries[:, :, rows],

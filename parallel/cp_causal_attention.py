@@ -26,11 +26,20 @@ import torch.nn.functional as F
 from parallel.context_parallel import SequenceShard
 from parallel.cp_keys_values import all_gather, pack, reduce_scatter, unpack
 
-_attend = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
-_attend_backward = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward
+flash_attention = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
+flash_attention_backward = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward
 
 
-def _padded(tensor: torch.Tensor, width: int) -> torch.Tensor:
+def merge(output: torch.Tensor, lse: torch.Tensor, other: torch.Tensor,
+          other_lse: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Two attention outputs of the same queries over disjoint keys, and their log-sum-exps, as one."""
+    merged = torch.logaddexp(lse, other_lse)
+    output = (output.float() * (lse - merged).exp().unsqueeze(-1)
+              + other.float() * (other_lse - merged).exp().unsqueeze(-1)).to(output.dtype)
+    return output, merged
+
+
+def padded(tensor: torch.Tensor, width: int) -> torch.Tensor:
     """`tensor` with zeros appended to its head dim up to `width`. The kernel takes one head dim for
     queries, keys and values; zero columns change no score (the scale is passed explicitly) and
     give zero output columns (multi-head latent attention's values are narrower than its keys)."""
@@ -58,16 +67,13 @@ class _ChunkedCausalAttention(torch.autograd.Function):
         width = max(query.shape[-1], value.shape[-1])
         keys, values = unpack(all_gather(pack(key, value), shard), key, value)
         order = shard.sequence_order.to(key.device)
-        queries = _padded(query, width)
+        queries = padded(query, width)
         outputs, lses = [], []
         for rows, span, causal in _parts(shard):
-            output, lse = _attend(queries[:, :, rows], _padded(keys[:, :, order[span]], width),
-                                  _padded(values[:, :, order[span]], width), 0.0, causal, scale=scale)
+            output, lse = flash_attention(queries[:, :, rows], padded(keys[:, :, order[span]], width),
+                                  padded(values[:, :, order[span]], width), 0.0, causal, scale=scale)
             if not causal:  # the diagonal part of the same chunk came just before
-                merged = torch.logaddexp(lse, lses[-1])
-                output = (output.float() * (lse - merged).exp().unsqueeze(-1)
-                          + outputs[-1].float() * (lses[-1] - merged).exp().unsqueeze(-1)).to(output.dtype)
-                outputs[-1], lses[-1] = output, merged
+                outputs[-1], lses[-1] = merge(output, lse, outputs[-1], lses[-1])
                 continue
             outputs.append(output)
             lses.append(lse)
@@ -82,15 +88,15 @@ class _ChunkedCausalAttention(torch.autograd.Function):
         width = max(query.shape[-1], value.shape[-1])
         keys, values = unpack(all_gather(pack(key, value), shard), key, value)
         order = shard.sequence_order.to(key.device)
-        queries, output, grad = _padded(query, width), _padded(output, width), _padded(grad, width)
+        queries, output, grad = padded(query, width), padded(output, width), padded(grad, width)
         grad_query = torch.zeros_like(queries)
         # The gradients of the gathered keys and values, packed as the gather was, for one reduce-scatter.
         grad_packed = key.new_zeros(shard.size * key.shape[2], (key.numel() + value.numel()) // key.shape[2])
         grad_keys, grad_values = unpack(grad_packed, key, value)
         for rows, span, causal in _parts(shard):
-            dq, dk, dv = _attend_backward(grad[:, :, rows].contiguous(), queries[:, :, rows],
-                                          _padded(keys[:, :, order[span]], width),
-                                          _padded(values[:, :, order[span]], width),
+            dq, dk, dv = flash_attention_backward(grad[:, :, rows].contiguous(), queries[:, :, rows],
+                                          padded(keys[:, :, order[span]], width),
+                                          padded(values[:, :, order[span]], width),
                                           output[:, :, rows].contiguous(), lse[:, :, rows].contiguous(),
                                           0.0, causal, scale=scale)
             grad_query[:, :, rows] += dq

@@ -23,6 +23,7 @@ from harness.validation import validate
 from parallel.context_parallel import SequenceShard, forward_arguments, head_tail_index
 from parallel.cp_attention import check_context_parallel
 from parallel.cp_causal_attention import chunked_causal_attention
+from parallel.cp_ring_attention import ring_attention
 from tests.data_helpers import write_jsonl
 from tests.families import hand_shrunk_config, tiny_config as family_tiny_config
 from tests.family_matrix import compare
@@ -128,12 +129,13 @@ def _chunked_attention_errors(rank: int, world_size: int) -> dict:
         grad = torch.randn(2, heads, 32, value_dim, generator=generator)
         expected = F.scaled_dot_product_attention(query, key, value, is_causal=True, scale=0.3, enable_gqa=True)
         expected_grads = torch.autograd.grad(expected, (query, key, value), grad)
-        pieces = [tensor.detach()[:, :, local].requires_grad_() for tensor in (query, key, value)]
-        output = chunked_causal_attention(*pieces, shard, 0.3)
-        grads = torch.autograd.grad(output, pieces, grad[:, :, local])
-        errors[(heads, kv_heads, key_dim, value_dim)] = max(
-            (got - want[:, :, local]).abs().max().item()
-            for got, want in zip((output, *grads), (expected, *expected_grads)))
+        for form, attend in (("allgather", chunked_causal_attention), ("ring", ring_attention)):
+            pieces = [tensor.detach()[:, :, local].requires_grad_() for tensor in (query, key, value)]
+            output = attend(*pieces, shard, 0.3)
+            grads = torch.autograd.grad(output, pieces, grad[:, :, local])
+            errors[(form, heads, kv_heads, key_dim, value_dim)] = max(
+                (got - want[:, :, local]).abs().max().item()
+                for got, want in zip((output, *grads), (expected, *expected_grads)))
     return errors
 
 

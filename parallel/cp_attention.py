@@ -43,6 +43,7 @@ from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from parallel.context_parallel import SequenceShard
 from parallel.cp_keys_values import gather_keys_values
 from parallel.cp_causal_attention import chunked_causal_attention
+from parallel.cp_ring_attention import ring_attention
 
 # The implementations whose masks this module builds: sdpa takes a boolean mask, eager an additive one.
 INNER_IMPLEMENTATIONS = ("sdpa", "eager")
@@ -63,8 +64,10 @@ def context_parallel_attention(module: nn.Module, query: torch.Tensor, key: torc
     if attention_mask is None:
         assert inner == "sdpa", "local_queries_mask skips only sdpa's plain causal mask"
         if query.device.type == "cpu" and not kwargs.get("dropout") and kwargs.get("position_bias") is None:
-            output = chunked_causal_attention(query, key, value, shard, kwargs.get("scaling"))
+            attend_chunks = ring_attention if shard.rotation == "ring" else chunked_causal_attention
+            output = attend_chunks(query, key, value, shard, kwargs.get("scaling"))
             return output.transpose(1, 2).contiguous(), None  # HF's attention output is [rows, local, heads, dim]
+        assert shard.rotation != "ring", "check_ring refuses what the ring cannot attend"
     key, value = gather_keys_values(key, value, shard)
     if attention_mask is not None:
         return attend(module, query, key, value, attention_mask, **kwargs)
@@ -96,6 +99,9 @@ def local_queries_mask(batch_size: int, mask_function: Callable, *, shard: Seque
     documents = shard.document_positions
     if inner == "sdpa" and documents is None and mask_function is causal_mask_function:
         return None
+    if shard.rotation == "ring":
+        raise ValueError("parallel.cp_rotate=ring: this model's attention needs a mask other than plain causal "
+                         "(a window, chunk or documents), which the ring does not build; use parallel.cp_rotate=allgather")
     packed = find_packed_sequence_indices(documents.to(device)) if documents is not None else None
     if packed is None:
         allowed = mask_function(batch, head, queries[None, None, :, None], keys[None, None, None, :])
@@ -159,6 +165,24 @@ def check_context_parallel(model: nn.Module, seq_len: int, cp: int) -> None:
     if inner not in INNER_IMPLEMENTATIONS:
         raise ValueError(f"parallel.cp={cp}: {name} attends with '{inner}', whose masks context parallel does not "
                          f"build (it builds {' and '.join(INNER_IMPLEMENTATIONS)} masks); {fix}")
+
+
+def check_ring(model: nn.Module) -> None:
+    """Raises ValueError (one line) where `model`'s attention needs a mask other than plain causal,
+    which the ring form does not build: an implementation other than sdpa, layers other than full
+    attention, or the sliding window or attention chunks masking_utils reads from the config."""
+    config, name = model.config, type(model).__name__
+    fix = "use parallel.cp_rotate=allgather"
+    inner = config._attn_implementation
+    reasons = [(inner != "sdpa", f"attends with '{inner}' (the ring runs sdpa)"),
+               (any(kind != "full_attention" for kind in getattr(config, "layer_types", None) or ()),
+                "has layers other than full attention"),
+               (getattr(config, "sliding_window", None) is not None, "has a sliding window"),
+               (getattr(config, "attention_chunk_size", None) is not None, "attends in chunks")]
+    for refused, what in reasons:
+        if refused:
+            raise ValueError(f"parallel.cp_rotate=ring: {name} {what}, whose mask the ring does not build "
+                             f"(it runs plain causal attention); {fix}")
 
 
 def attention_under_its_own_mask(model: nn.Module) -> tuple[str, str] | None:

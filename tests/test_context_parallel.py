@@ -84,14 +84,17 @@ def _train_rows(rank: int, world_size: int, cfg) -> dict:
 
 
 class CollectiveCounter(TorchDispatchMode):
-    """Functional collectives issued (context parallel's; FSDP2's are c10d's own ops)."""
+    """Context parallel's communication: functional collectives (FSDP2's are c10d's own ops), the
+    ring attention op (whose sends run inside it) and the ring backward's sends and receives."""
 
     def __init__(self) -> None:
         super().__init__()
         self.counts: Counter = Counter()
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        if func.namespace == "_c10d_functional" and func.__name__.split(".")[0] != "wait_tensor":
+        name = func.__name__.split(".")[0]
+        if ((func.namespace == "_c10d_functional" and name != "wait_tensor") or func.namespace == "cp_ring"
+                or (func.namespace == "c10d" and name in ("send", "recv_"))):
             self.counts[func.__name__] += 1
         return func(*args, **(kwargs or {}))
 
@@ -171,6 +174,11 @@ def spawned(tmp_path_factory):
         # of the key, through sdpa's causal-bias path.
         "mla-cp2-fsdp2": tiny_config("--parallel.cp=2", "--parallel.dp_shard=2", one_step,
                                      *_path_flags(tmp_path, "deepseek_v3", family_tiny_config("deepseek_v3"))),
+        # The ring form.
+        "ring-cp2-fsdp2": tiny_config("--parallel.cp=2", "--parallel.dp_shard=2", "--parallel.cp_rotate=ring",
+                                      one_step, llama),
+        "ring-cp4": tiny_config("--parallel.cp=4", "--parallel.dp_shard=1", "--parallel.cp_rotate=ring", one_step,
+                                llama),
     }
     document_cfg = load_config(None, ["--model.preset=llama", "--parallel.cp=2", "--parallel.dp_shard=2",
                                       "--train.steps=1", "--train.micro_batch_size=1", "--train.seq_len=32",
@@ -178,8 +186,9 @@ def spawned(tmp_path_factory):
                                       "--train.warmup_steps=1000000", f"--run.dir={tmp_path / 'docs'}",
                                       "--logging.progress=false",
                                       *_document_flags(tmp_path)])
-    ac_cfgs = {mode: tiny_config("--parallel.cp=2", "--parallel.dp_shard=2", f"--ac.mode={mode}")
-               for mode in ("none", "selective", "full")}
+    ac_cfgs = {f"{rotation}-{mode}": tiny_config("--parallel.cp=2", "--parallel.dp_shard=2", f"--ac.mode={mode}",
+                                                 f"--parallel.cp_rotate={rotation}")
+               for rotation in ("allgather", "ring") for mode in ("none", "selective", "full")}
     results = run_ranks(_spawned, WORLD, list(layouts.values()), document_cfg, ac_cfgs, timeout=600)
     trained = {name: [per_rank[0][index] for per_rank in results] for index, name in enumerate(layouts)}
     return (layouts, trained, (document_cfg, [per_rank[1] for per_rank in results]),
@@ -197,7 +206,7 @@ def test_chunked_causal_attention_matches_sdpa_over_the_whole_sequence(spawned):
 def test_llama_layouts_match_single_process(spawned):
     layouts, trained, _, _, _ = spawned
     assert_matches_reference(trained["cp2-fsdp2"], reference_run(layouts["cp2-fsdp2"]))
-    for name in ("cp4", "pp2-cp2", "cp2-tp2"):
+    for name in ("cp4", "pp2-cp2", "cp2-tp2", "ring-cp2-fsdp2", "ring-cp4"):
         reference = reference_run(layouts[name])
         for result in trained[name]:
             assert compare(result, reference) == "ok", name
@@ -220,23 +229,42 @@ def test_document_masks_match_single_process(spawned):
         assert abs(row["val_loss"] - val_loss) < 1e-5
 
 
+def _assert_bitwise_to_no_ac(per_mode: dict, rotation: str) -> None:
+    loss, grads, forward, _ = per_mode[f"{rotation}-none"]
+    for mode in ("selective", "full"):
+        other_loss, other_grads, other_forward, _ = per_mode[f"{rotation}-{mode}"]
+        assert torch.equal(loss, other_loss), (rotation, mode)
+        for name, grad in grads.items():
+            assert torch.equal(grad, other_grads[name]), (rotation, mode, name)
+        assert other_forward == forward, (rotation, mode)
+
+
 def test_activation_checkpointing_is_bitwise_and_selective_recomputes_no_gather(spawned):
+    layers = load_model_config("llama", None).num_hidden_layers
     for per_mode in spawned[3]:
-        loss, grads, forward, backward = per_mode["none"]
+        _assert_bitwise_to_no_ac(per_mode, "allgather")
+        _, _, forward, backward = per_mode["allgather-none"]
         # One key/value all-gather per layer forward; in backward (plain causal sdpa) the keys and
         # values gathered again and one reduce-scatter of their gradients.
-        layers = load_model_config("llama", None).num_hidden_layers
         assert forward == {"all_gather_into_tensor.default": layers}, forward
         assert backward == {"all_gather_into_tensor.default": layers, "reduce_scatter_tensor.default": layers}, backward
-        for mode in ("selective", "full"):
-            other_loss, other_grads, other_forward, other_backward = per_mode[mode]
-            assert torch.equal(loss, other_loss), mode
-            for name, grad in grads.items():
-                assert torch.equal(grad, other_grads[name]), (mode, name)
-            assert other_forward == forward, mode
         # Full AC gathers again in its recompute; selective AC saved the gathered keys and values.
-        assert per_mode["full"][3]["all_gather_into_tensor.default"] == 2 * layers, per_mode["full"][3]
-        assert per_mode["selective"][3] == backward, per_mode["selective"][3]
+        full_backward = per_mode["allgather-full"][3]
+        assert full_backward["all_gather_into_tensor.default"] == 2 * layers, full_backward
+        assert per_mode["allgather-selective"][3] == backward, per_mode["allgather-selective"][3]
+
+
+def test_ring_activation_checkpointing_is_bitwise_and_selective_recomputes_no_send(spawned):
+    layers = load_model_config("llama", None).num_hidden_layers
+    for per_mode in spawned[3]:
+        _assert_bitwise_to_no_ac(per_mode, "ring")
+        _, _, forward, backward = per_mode["ring-none"]
+        assert forward == {"causal_attention.default": layers}, forward
+        # cp=2, per layer: the block passed on once again, and the gradients passed on after each of
+        # the two steps (the second takes them home).
+        assert backward == {"send.default": 3 * layers, "recv_.default": 3 * layers}, backward
+        assert per_mode["ring-selective"][3] == backward, per_mode["ring-selective"][3]
+        assert per_mode["ring-full"][3] == {**backward, "causal_attention.default": layers}, per_mode["ring-full"][3]
 
 
 def _family_cfg(tmp_path, family: str, *flags: str):
@@ -253,12 +281,23 @@ def _family_cfg(tmp_path, family: str, *flags: str):
     ("lfm2_moe", [], "Lfm2MoeForCausalLM has 'conv' layers"),
     ("bloom", [], "BloomForCausalLM does not call attention through transformers' AttentionInterface"),
     ("doge", [], r"DogeForCausalLM's DogeAttention attends under a mask it makes itself \(attn_mask\)"),
+    ("gemma3_text", ["--parallel.cp_rotate=ring"],
+     r"parallel.cp_rotate=ring: Gemma3ForCausalLM has layers other than full attention, whose mask the ring "),
+    ("mistral", ["--parallel.cp_rotate=ring", "--model.overrides.sliding_window=8"],
+     "parallel.cp_rotate=ring: MistralForCausalLM has a sliding window"),
+    ("llama", ["--parallel.cp_rotate=ring", "--data.document_mask=true"],
+     "parallel.cp_rotate=ring: data.document_mask=true needs a mask between documents"),
 ])
 def test_what_cannot_split_is_refused_in_one_line(tmp_path, family, flags, message):
     cfg = _family_cfg(tmp_path, family, *flags)
     with pytest.raises(ConfigError, match=message) as error:
         validate(cfg, 2)
     assert "\n" not in str(error.value)
+
+
+def test_an_unknown_rotation_is_refused_in_one_line():
+    with pytest.raises(ConfigError, match="parallel.cp_rotate='rings': must be one of allgather, ring"):
+        tiny_config("--parallel.cp=2", "--parallel.cp_rotate=rings")
 
 
 def test_an_attention_implementation_without_local_query_masks_is_refused():

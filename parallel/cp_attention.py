@@ -17,7 +17,9 @@ through the interface runs context parallel with its own scaling, soft-cap, sink
 - the attention function all-gathers the key and value heads (before any GQA expansion) over
   the cp group (parallel/cp_keys_values.py), then runs the implementation the model would have
   run (sdpa, or the family's own eager function) on the local queries and all keys. Its backward
-  reduce-scatters dK and dV.
+  reduce-scatters dK and dV. Under `parallel.cp_rotate=ring` the plain causal CPU path passes
+  K/V blocks around the group instead (parallel/cp_ring_attention.py); `check_ring` refuses
+  every model whose attention would need a mask there.
 
 This is the all-gather form of context parallel (the one Llama 3 was trained with; it takes any
 mask). Under a mask it keeps the whole sequence's K and V per layer on every rank, which is small
@@ -41,8 +43,8 @@ from transformers.masking_utils import AttentionMaskInterface, causal_mask_funct
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 from parallel.context_parallel import SequenceShard
-from parallel.cp_keys_values import gather_keys_values
 from parallel.cp_causal_attention import chunked_causal_attention
+from parallel.cp_keys_values import gather_keys_values
 from parallel.cp_ring_attention import ring_attention
 
 # The implementations whose masks this module builds: sdpa takes a boolean mask, eager an additive one.
@@ -168,21 +170,25 @@ def check_context_parallel(model: nn.Module, seq_len: int, cp: int) -> None:
 
 
 def check_ring(model: nn.Module) -> None:
-    """Raises ValueError (one line) where `model`'s attention needs a mask other than plain causal,
-    which the ring form does not build: an implementation other than sdpa, layers other than full
-    attention, or the sliding window or attention chunks masking_utils reads from the config."""
+    """Raises ValueError (one line) where `model`'s attention needs more than plain causal attention
+    without dropout, all the ring form runs: an implementation other than sdpa, layers other than
+    full attention, the sliding window or attention chunks masking_utils reads from the config, or
+    attention dropout."""
     config, name = model.config, type(model).__name__
-    fix = "use parallel.cp_rotate=allgather"
     inner = config._attn_implementation
-    reasons = [(inner != "sdpa", f"attends with '{inner}' (the ring runs sdpa)"),
+    reasons = [(inner != "sdpa", f"attends with '{inner}', and the ring runs sdpa"),
                (any(kind != "full_attention" for kind in getattr(config, "layer_types", None) or ()),
-                "has layers other than full attention"),
-               (getattr(config, "sliding_window", None) is not None, "has a sliding window"),
-               (getattr(config, "attention_chunk_size", None) is not None, "attends in chunks")]
+                "has layers other than full attention, whose masks the ring does not build"),
+               (getattr(config, "sliding_window", None) is not None,
+                "has a sliding window, whose mask the ring does not build"),
+               (getattr(config, "attention_chunk_size", None) is not None,
+                "attends in chunks, whose mask the ring does not build"),
+               ((getattr(config, "attention_dropout", 0) or 0) > 0,
+                "has attention dropout, which the ring does not apply")]
     for refused, what in reasons:
         if refused:
-            raise ValueError(f"parallel.cp_rotate=ring: {name} {what}, whose mask the ring does not build "
-                             f"(it runs plain causal attention); {fix}")
+            raise ValueError(f"parallel.cp_rotate=ring: {name} {what} (it runs plain causal attention); "
+                             "use parallel.cp_rotate=allgather")
 
 
 def attention_under_its_own_mask(model: nn.Module) -> tuple[str, str] | None:

@@ -62,9 +62,6 @@ _SAVE_TORCH_OPS = (
     "aten._flash_attention_forward.default",
     "aten._efficient_attention_forward.default",
     "torch_attn._varlen_attn.default",
-    # Context parallel's ring attention (parallel/cp_ring_attention.py): saved whole, so that its
-    # recompute passes no blocks around the cp group.
-    "cp_ring.causal_attention.default",
     # Amax for fp8 scales.
     "aten.max.default",
     "_c10d_functional.all_to_all_single.default",

@@ -9,8 +9,8 @@ Backward passes the blocks around again, with the gradient of each block travell
 and arriving home after the last step. A rank holds at most two blocks at a time.
 
 It is a custom op so that selective activation checkpointing saves its output and log-sum-exp
-as a whole (it is on the save list of parallel/activation_checkpointing.py): its recompute then
-sends nothing.
+as a whole (the caller hands SAC_SAVE_OPS to parallel/activation_checkpointing.py): its
+recompute then sends nothing.
 """
 
 from __future__ import annotations
@@ -124,6 +124,9 @@ def _backward(ctx, grad: torch.Tensor, _grad_lse: torch.Tensor) -> tuple:
 
 
 ring_causal_attention.register_autograd(_backward, setup_context=_setup_context)
+
+# What selective activation checkpointing must save rather than replay in backward.
+SAC_SAVE_OPS = (torch.ops.cp_ring.causal_attention.default,)
 
 
 def ring_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, shard: SequenceShard,

@@ -103,7 +103,8 @@ def local_queries_mask(batch_size: int, mask_function: Callable, *, shard: Seque
         return None
     if shard.rotation == "ring":
         raise ValueError("parallel.cp_rotate=ring: this model's attention needs a mask other than plain causal "
-                         "(a window, chunk or documents), which the ring does not build; use parallel.cp_rotate=allgather")
+                         "(a window, chunk or documents), which the ring does not build; "
+                         "use parallel.cp_rotate=allgather")
     packed = find_packed_sequence_indices(documents.to(device)) if documents is not None else None
     if packed is None:
         allowed = mask_function(batch, head, queries[None, None, :, None], keys[None, None, None, :])

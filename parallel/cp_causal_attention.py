@@ -71,7 +71,7 @@ class _ChunkedCausalAttention(torch.autograd.Function):
         outputs, lses = [], []
         for rows, span, causal in _parts(shard):
             output, lse = flash_attention(queries[:, :, rows], padded(keys[:, :, order[span]], width),
-                                  padded(values[:, :, order[span]], width), 0.0, causal, scale=scale)
+                                          padded(values[:, :, order[span]], width), 0.0, causal, scale=scale)
             if not causal:  # the diagonal part of the same chunk came just before
                 outputs[-1], lses[-1] = merge(output, lse, outputs[-1], lses[-1])
                 continue
@@ -95,10 +95,10 @@ class _ChunkedCausalAttention(torch.autograd.Function):
         grad_keys, grad_values = unpack(grad_packed, key, value)
         for rows, span, causal in _parts(shard):
             dq, dk, dv = flash_attention_backward(grad[:, :, rows].contiguous(), queries[:, :, rows],
-                                          padded(keys[:, :, order[span]], width),
-                                          padded(values[:, :, order[span]], width),
-                                          output[:, :, rows].contiguous(), lse[:, :, rows].contiguous(),
-                                          0.0, causal, scale=scale)
+                                                  padded(keys[:, :, order[span]], width),
+                                                  padded(values[:, :, order[span]], width),
+                                                  output[:, :, rows].contiguous(), lse[:, :, rows].contiguous(),
+                                                  0.0, causal, scale=scale)
             grad_query[:, :, rows] += dq
             grad_keys.index_add_(2, order[span], dk[..., :key.shape[-1]])
             grad_values.index_add_(2, order[span], dv[..., :value.shape[-1]])

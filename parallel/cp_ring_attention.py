@@ -67,8 +67,8 @@ def ring_causal_attention(query: torch.Tensor, key: torch.Tensor, value: torch.T
             following, requests = _exchange(block, group)
         keys, values = padded(block[..., :key_dim], width), padded(block[..., key_dim:], width)
         for rows, columns, causal in _pairs(rank, (rank - step) % size, size, chunk):
-            output, lse = flash_attention(queries[:, :, rows], keys[:, :, columns], values[:, :, columns], 0.0, causal,
-                                  scale=scale)
+            output, lse = flash_attention(queries[:, :, rows], keys[:, :, columns], values[:, :, columns], 0.0,
+                                          causal, scale=scale)
             index = rows.start // chunk
             if outputs[index] is not None:
                 output, lse = merge(output, lse, outputs[index], lses[index])
@@ -104,9 +104,10 @@ def _backward(ctx, grad: torch.Tensor, _grad_lse: torch.Tensor) -> tuple:
             following, requests = _exchange(block, group)
         keys, values = padded(block[..., :key_dim], width), padded(block[..., key_dim:], width)
         for rows, columns, causal in _pairs(rank, (rank - step) % size, size, chunk):
-            dq, dk, dv = flash_attention_backward(grad[:, :, rows].contiguous(), queries[:, :, rows], keys[:, :, columns],
-                                          values[:, :, columns], output[:, :, rows].contiguous(),
-                                          lse[:, :, rows].contiguous(), 0.0, causal, scale=ctx.scale)
+            dq, dk, dv = flash_attention_backward(grad[:, :, rows].contiguous(), queries[:, :, rows],
+                                                  keys[:, :, columns], values[:, :, columns],
+                                                  output[:, :, rows].contiguous(), lse[:, :, rows].contiguous(),
+                                                  0.0, causal, scale=ctx.scale)
             grad_query[:, :, rows] += dq
             grad_block[:, :, columns, :key_dim] += dk[..., :key_dim]
             grad_block[:, :, columns, key_dim:] += dv[..., :value.shape[-1]]

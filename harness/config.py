@@ -23,6 +23,7 @@ from parallel.pipeline import ScheduleName
 AcMode = Literal["none", "full", "selective", "submodule", "budget"]
 ModelPreset = Literal["llama", "qwen3_moe", "mixtral", "deepseek_v3"]
 DispatcherName = Literal["alltoall", "deepep", "hybridep"]
+CpRotation = Literal["allgather", "ring"]
 
 
 def option(default: Any = None, help: str = "", *, factory: Any = None) -> Any:
@@ -90,6 +91,9 @@ class ParallelConfig:
     dp_replicate: int = option(1, "data-parallel replicas (HSDP when dp_shard > 1 too)")
     dp_shard: int = option(-1, "FSDP shards; -1 fills the world")
     cp: int = option(1, "context parallel: each sequence split over this many ranks (head-tail)")
+    cp_rotate: CpRotation = option("allgather", "how context parallel brings each rank the other ranks' keys and "
+                                                "values: allgather (any mask) or ring (plain causal attention on "
+                                                "CPU: blocks passed around while attending)")
     tp: int = option(1, "tensor-parallel ranks (sequence parallel with them), from the family's TP plan; innermost")
     ep: int = option(1, "expert-parallel ranks, borrowed from dp_shard")
     pp_schedule: ScheduleName = option("1F1B", "pipeline schedule")

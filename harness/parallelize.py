@@ -19,6 +19,7 @@ from parallel.activation_checkpointing import apply_activation_checkpointing
 from parallel.compile import compile_layers, compile_unavailable_reason
 from parallel.context_parallel import SequenceShard
 from parallel.cp_attention import use_context_parallel_attention
+from parallel.cp_ring_attention import SAC_SAVE_OPS as cp_save_ops
 from parallel.fsdp import apply_fsdp, give_every_parameter_a_gradient
 from parallel.mesh import ParallelMeshes
 from parallel.tensor_parallel import apply_tensor_parallel
@@ -46,11 +47,13 @@ def parallelize(module: nn.Module, *, cfg: Config, plan: Plan, meshes: ParallelM
         track_expert_load([(block.experts, block.router) for block in moe_blocks(module)])
     # Like TorchTitan's DeepSeek-V3 parallelize: the MoE package names its own communication
     # ops, which selective AC saves on top of torch's.
+    # Context parallel's ring attention likewise.
+    save_ops = (*moe_save_ops, *(cp_save_ops if sequence_shard is not None else ()))
     compile_blocks = cfg.train.compile and compile_unavailable_reason(device.type) is None
     if plan.ac_budget is not None:
-        apply_budget_plan(module, layers, plan.ac_budget.layer_modes, extra_save_ops=moe_save_ops)
+        apply_budget_plan(module, layers, plan.ac_budget.layer_modes, extra_save_ops=save_ops)
     else:
-        apply_activation_checkpointing(module, layers, plan.ac_mode, extra_save_ops=moe_save_ops,
+        apply_activation_checkpointing(module, layers, plan.ac_mode, extra_save_ops=save_ops,
                                        enable_compile=compile_blocks)
     if compile_blocks:
         compile_layers(module, layers)

@@ -14,6 +14,7 @@ from harness.models import describe_weights
 from harness.plan import Plan
 from parallel.activation_checkpointing import resolved_optional_ops
 from parallel.compile import compile_unavailable_reason
+from parallel.cp_ring_attention import SAC_SAVE_OPS as cp_save_ops
 
 
 def _kernels(device_type: str) -> str:
@@ -60,7 +61,7 @@ def startup_summary(cfg: Config, plan: Plan, model_config: PretrainedConfig, mod
     if plan.ac_mode == "selective" or (plan.ac_budget is not None and "selective" in plan.ac_budget.layer_modes):
         from moe.ops import SAC_SAVE_OPS as moe_save_ops  # what harness/parallelize.py hands the AC module under EP
 
-        extra = moe_save_ops if dispatcher is not None else ()
+        extra = (*(moe_save_ops if dispatcher is not None else ()), *(cp_save_ops if dims.cp > 1 else ()))
         found = {name.removeprefix("torch.ops.").removesuffix(".default"): ok
                  for name, ok in resolved_optional_ops(extra).items()}
         # aten matmuls and attention always resolve; the collectives and backends are what varies.

@@ -136,7 +136,8 @@ def build_run(cfg: Config, plan: Plan) -> Run:
     model_class, parameters = type(model).__name__, sum(p.numel() for p in model.parameters())
     model_flops = flops_per_token(model, model_config, cfg.train.seq_len)
     weights = weight_source(model, cfg.train.seed, cfg.model.path)
-    shard = SequenceShard(meshes.cp.get_group(), cfg.train.seq_len) if dims.cp > 1 else None
+    shard = (SequenceShard(meshes.cp.get_group(), cfg.train.seq_len, cfg.parallel.cp_rotate) if dims.cp > 1
+             else None)
     parallelize_fn = partial(parallelize, cfg=cfg, plan=plan, meshes=meshes, weights=weights, device=device,
                              sequence_shard=shard)
     loss_fn = GlobalTokenLoss()

@@ -27,7 +27,7 @@ from harness.run_folder import RunFolder, run_folder
 from harness.run_identity import first_difference, read_identity, run_identity
 from moe.balance import splits_over_stages
 from parallel.ac_budget import BudgetPlan, StepShape, choose_plan
-from parallel.cp_attention import check_context_parallel
+from parallel.cp_attention import check_context_parallel, check_ring
 from parallel.fsdp import mixed_precision_policy
 from parallel.mesh import ParallelDims
 from parallel.pipeline import validate_pipeline
@@ -145,6 +145,21 @@ def _check_context_parallel(cfg: Config, dims: ParallelDims, model: nn.Module) -
             raise ConfigError(f"parallel.cp={dims.cp}: not supported with {what} yet; {fix} or parallel.cp=1")
     try:
         check_context_parallel(model, cfg.train.seq_len, dims.cp)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    if cfg.parallel.cp_rotate == "ring":
+        _check_ring(cfg, model)
+
+
+def _check_ring(cfg: Config, model: nn.Module) -> None:
+    fix = "use parallel.cp_rotate=allgather"
+    if cfg.data.document_mask:
+        raise ConfigError("parallel.cp_rotate=ring: data.document_mask=true needs a mask between documents, which "
+                          f"the ring does not build (it runs plain causal attention); {fix}")
+    if torch.cuda.is_available():
+        raise ConfigError(f"parallel.cp_rotate=ring: runs on CPU only so far (torch's CPU flash kernel); {fix}")
+    try:
+        check_ring(model)
     except ValueError as e:
         raise ConfigError(str(e)) from None
 

@@ -19,6 +19,10 @@ import torch.distributed as dist
 from torch.nn.attention.bias import causal_lower_right
 
 
+# How a rank gets the other ranks' keys and values (parallel/cp_attention.py).
+ROTATIONS = ("allgather", "ring")
+
+
 def head_tail_index(seq_len: int, cp: int, rank: int) -> torch.Tensor:
     """The global positions of the tokens rank `rank` of `cp` holds, in the order it holds them."""
     assert seq_len % (2 * cp) == 0, (seq_len, cp)
@@ -32,10 +36,12 @@ class SequenceShard:
     """This rank's share of sequences of `seq_len` tokens over the context-parallel `group`."""
     group: dist.ProcessGroup
     seq_len: int
+    rotation: str = "allgather"  # one of ROTATIONS
     # Per forward (`documents`): the global document positions of the batch, when documents are masked.
     document_positions: torch.Tensor | None = field(default=None, init=False, repr=False)
 
     def __post_init__(self) -> None:
+        assert self.rotation in ROTATIONS, self.rotation
         self.size, self.rank = dist.get_world_size(self.group), dist.get_rank(self.group)
         self.group_name = self.group.group_name
         self.local_index = head_tail_index(self.seq_len, self.size, self.rank)

@@ -11,15 +11,20 @@ through the interface runs context parallel with its own scaling, soft-cap, sink
   queries against the global positions of all keys (a [rows, 1, local, seq_len] mask), after
   HF's own packed-sequence handling when documents are masked. A plain causal mask under sdpa is
   not built (None, as HF's own sdpa mask skips it): each of the rank's two chunks then attends to
-  the prefix of the sequence that ends with it, under a bottom-right-aligned causal bias, which
-  fused kernels take without a materialized mask;
+  the prefix of the sequence that ends with it. On CPU that runs without any mask
+  (parallel/cp_causal_attention.py); elsewhere under a bottom-right-aligned causal bias, which
+  CUDA's memory-efficient kernel takes without materializing it;
 - the attention function all-gathers the key and value heads (before any GQA expansion) over
-  the cp group, then runs the implementation the model would have run (sdpa, or the family's own
-  eager function) on the local queries and all keys. Its backward reduce-scatters dK and dV.
+  the cp group (parallel/cp_keys_values.py), then runs the implementation the model would have
+  run (sdpa, or the family's own eager function) on the local queries and all keys. Its backward
+  reduce-scatters dK and dV. Under `parallel.cp_rotate=ring` the plain causal CPU path passes
+  K/V blocks around the group instead (parallel/cp_ring_attention.py); `check_ring` refuses
+  every model whose attention would need a mask there.
 
 This is the all-gather form of context parallel (the one Llama 3 was trained with; it takes any
-mask): it keeps the whole sequence's K and V per layer on every rank, which is small next to the
-queries' activations when keys and values have fewer heads.
+mask). Under a mask it keeps the whole sequence's K and V per layer on every rank, which is small
+next to the queries' activations when keys and values have fewer heads; the plain causal CPU path
+keeps only the rank's own and gathers the rest again in backward.
 """
 
 from __future__ import annotations
@@ -38,42 +43,12 @@ from transformers.masking_utils import AttentionMaskInterface, causal_mask_funct
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 from parallel.context_parallel import SequenceShard
+from parallel.cp_causal_attention import chunked_causal_attention
+from parallel.cp_keys_values import gather_keys_values
+from parallel.cp_ring_attention import ring_attention
 
 # The implementations whose masks this module builds: sdpa takes a boolean mask, eager an additive one.
 INNER_IMPLEMENTATIONS = ("sdpa", "eager")
-
-
-class _GatherSequence(torch.autograd.Function):
-    """All-gather along dim 0 over a process group; backward reduce-scatters (sums) the gradient.
-
-    Functional collectives, so that selective activation checkpointing saves the gathered tensor
-    (`_c10d_functional.all_gather_into_tensor` is on its save list) and its recompute issues none."""
-
-    @staticmethod
-    def forward(ctx, local: torch.Tensor, group_name: str, size: int) -> torch.Tensor:
-        ctx.group_name, ctx.size = group_name, size
-        gathered = torch.ops._c10d_functional.all_gather_into_tensor(local.contiguous(), size, group_name)
-        return torch.ops._c10d_functional.wait_tensor(gathered)
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None, None]:
-        summed = torch.ops._c10d_functional.reduce_scatter_tensor(grad.contiguous(), "sum", ctx.size, ctx.group_name)
-        return torch.ops._c10d_functional.wait_tensor(summed), None, None
-
-
-def gather_keys_values(key: torch.Tensor, value: torch.Tensor,
-                       shard: SequenceShard) -> tuple[torch.Tensor, torch.Tensor]:
-    """Key and value [rows, heads, local, dim] of every rank of the cp group, in one collective:
-    [rows, heads, size * local, dim], rank-major (`shard.gathered_index` says where each row sits)."""
-    rows, heads, local, key_dim = key.shape
-    value_dim = value.shape[-1]
-    # Sequence-major, so that the gather's dim 0 is the sequence.
-    packed = torch.cat([key.permute(2, 0, 1, 3).reshape(local, -1), value.permute(2, 0, 1, 3).reshape(local, -1)], 1)
-    gathered = _GatherSequence.apply(packed, shard.group_name, shard.size)
-    keys, values = gathered.split([rows * heads * key_dim, rows * heads * value_dim], dim=1)
-    total = shard.size * local
-    return (keys.reshape(total, rows, heads, key_dim).permute(1, 2, 0, 3),
-            values.reshape(total, rows, heads, value_dim).permute(1, 2, 0, 3))
 
 
 def _family_eager_attention(module: nn.Module) -> Callable:
@@ -87,11 +62,17 @@ def _family_eager_attention(module: nn.Module) -> Callable:
 def context_parallel_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                                attention_mask: torch.Tensor | None, *, shard: SequenceShard, inner: str,
                                **kwargs) -> tuple[torch.Tensor, torch.Tensor | None]:
-    key, value = gather_keys_values(key, value, shard)
     attend = _family_eager_attention(module) if inner == "eager" else ALL_ATTENTION_FUNCTIONS[inner]
+    if attention_mask is None:
+        assert inner == "sdpa", "local_queries_mask skips only sdpa's plain causal mask"
+        if query.device.type == "cpu" and not kwargs.get("dropout") and kwargs.get("position_bias") is None:
+            attend_chunks = ring_attention if shard.rotation == "ring" else chunked_causal_attention
+            output = attend_chunks(query, key, value, shard, kwargs.get("scaling"))
+            return output.transpose(1, 2).contiguous(), None  # HF's attention output is [rows, local, heads, dim]
+        assert shard.rotation != "ring", "check_ring refuses what the ring cannot attend"
+    key, value = gather_keys_values(key, value, shard)
     if attention_mask is not None:
         return attend(module, query, key, value, attention_mask, **kwargs)
-    assert inner == "sdpa", "local_queries_mask skips only sdpa's plain causal mask"
     order = shard.sequence_order.to(key.device)
     key, value = key[:, :, order], value[:, :, order]
     outputs = []
@@ -120,6 +101,10 @@ def local_queries_mask(batch_size: int, mask_function: Callable, *, shard: Seque
     documents = shard.document_positions
     if inner == "sdpa" and documents is None and mask_function is causal_mask_function:
         return None
+    if shard.rotation == "ring":
+        raise ValueError("parallel.cp_rotate=ring: this model's attention needs a mask other than plain causal "
+                         "(a window, chunk or documents), which the ring does not build; "
+                         "use parallel.cp_rotate=allgather")
     packed = find_packed_sequence_indices(documents.to(device)) if documents is not None else None
     if packed is None:
         allowed = mask_function(batch, head, queries[None, None, :, None], keys[None, None, None, :])
@@ -183,6 +168,28 @@ def check_context_parallel(model: nn.Module, seq_len: int, cp: int) -> None:
     if inner not in INNER_IMPLEMENTATIONS:
         raise ValueError(f"parallel.cp={cp}: {name} attends with '{inner}', whose masks context parallel does not "
                          f"build (it builds {' and '.join(INNER_IMPLEMENTATIONS)} masks); {fix}")
+
+
+def check_ring(model: nn.Module) -> None:
+    """Raises ValueError (one line) where `model`'s attention needs more than plain causal attention
+    without dropout, all the ring form runs: an implementation other than sdpa, layers other than
+    full attention, the sliding window or attention chunks masking_utils reads from the config, or
+    attention dropout."""
+    config, name = model.config, type(model).__name__
+    inner = config._attn_implementation
+    reasons = [(inner != "sdpa", f"attends with '{inner}', and the ring runs sdpa"),
+               (any(kind != "full_attention" for kind in getattr(config, "layer_types", None) or ()),
+                "has layers other than full attention, whose masks the ring does not build"),
+               (getattr(config, "sliding_window", None) is not None,
+                "has a sliding window, whose mask the ring does not build"),
+               (getattr(config, "attention_chunk_size", None) is not None,
+                "attends in chunks, whose mask the ring does not build"),
+               ((getattr(config, "attention_dropout", 0) or 0) > 0,
+                "has attention dropout, which the ring does not apply")]
+    for refused, what in reasons:
+        if refused:
+            raise ValueError(f"parallel.cp_rotate=ring: {name} {what} (it runs plain causal attention); "
+                             "use parallel.cp_rotate=allgather")
 
 
 def attention_under_its_own_mask(model: nn.Module) -> tuple[str, str] | None:

@@ -190,11 +190,13 @@ def test_recipe_choices_match_what_the_packages_implement():
     from moe.dispatch import DISPATCHERS
     from parallel.ac_budget import BUDGET_MODE
     from parallel.activation_checkpointing import AC_MODES
+    from parallel.context_parallel import ROTATIONS
     from parallel.pipeline import SCHEDULES
 
     assert typing.get_args(AcMode) == (*AC_MODES, BUDGET_MODE)
     assert typing.get_args(DispatcherName) == DISPATCHERS
     assert typing.get_args(typing.get_type_hints(ParallelConfig)["pp_schedule"]) == SCHEDULES
+    assert typing.get_args(typing.get_type_hints(ParallelConfig)["cp_rotate"]) == ROTATIONS
 
 
 def test_validation_leaves_the_recipe_as_written(tmp_path):

@@ -8,6 +8,8 @@ from collections import Counter
 import numpy as np
 import pytest
 import torch
+import torch.distributed as dist
+import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from harness.config import ConfigError, load_config
@@ -18,8 +20,10 @@ from harness.materialize import canonical_name
 from harness.models import build_meta_model, load_config as load_model_config, reference_model
 from harness.trainer import build_run, local_batch, train
 from harness.validation import validate
-from parallel.context_parallel import forward_arguments, head_tail_index
+from parallel.context_parallel import SequenceShard, forward_arguments, head_tail_index
 from parallel.cp_attention import check_context_parallel
+from parallel.cp_causal_attention import chunked_causal_attention
+from parallel.cp_ring_attention import ring_attention
 from tests.data_helpers import write_jsonl
 from tests.families import hand_shrunk_config, tiny_config as family_tiny_config
 from tests.family_matrix import compare
@@ -80,14 +84,17 @@ def _train_rows(rank: int, world_size: int, cfg) -> dict:
 
 
 class CollectiveCounter(TorchDispatchMode):
-    """Functional collectives issued (context parallel's; FSDP2's are c10d's own ops)."""
+    """Context parallel's communication: functional collectives (FSDP2's are c10d's own ops), the
+    ring attention op (whose sends run inside it) and the ring backward's sends and receives."""
 
     def __init__(self) -> None:
         super().__init__()
         self.counts: Counter = Counter()
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        if func.namespace == "_c10d_functional" and func.__name__.split(".")[0] != "wait_tensor":
+        name = func.__name__.split(".")[0]
+        if ((func.namespace == "_c10d_functional" and name != "wait_tensor") or func.namespace == "cp_ring"
+                or (func.namespace == "c10d" and name in ("send", "recv_"))):
             self.counts[func.__name__] += 1
         return func(*args, **(kwargs or {}))
 
@@ -110,9 +117,34 @@ def _step_under_each_ac_mode(rank: int, world_size: int, cfgs: dict) -> dict:
     return out
 
 
+def _chunked_attention_errors(rank: int, world_size: int) -> dict:
+    """Per head shape: the largest difference of this rank's output, dQ, dK and dV from sdpa's causal
+    attention over the whole sequence (fp32), its keys and values gathered over the group."""
+    shard = SequenceShard(dist.group.WORLD, 32)
+    local = shard.local_index
+    errors = {}
+    # GQA; wider keys than values (multi-head latent attention); wider values than keys.
+    for heads, kv_heads, key_dim, value_dim in [(4, 2, 16, 16), (4, 4, 24, 16), (2, 2, 8, 12)]:
+        generator = torch.Generator().manual_seed(heads + key_dim + value_dim)
+        query, key = (torch.randn(2, h, 32, key_dim, generator=generator, requires_grad=True)
+                      for h in (heads, kv_heads))
+        value = torch.randn(2, kv_heads, 32, value_dim, generator=generator, requires_grad=True)
+        grad = torch.randn(2, heads, 32, value_dim, generator=generator)
+        expected = F.scaled_dot_product_attention(query, key, value, is_causal=True, scale=0.3, enable_gqa=True)
+        expected_grads = torch.autograd.grad(expected, (query, key, value), grad)
+        for form, attend in (("allgather", chunked_causal_attention), ("ring", ring_attention)):
+            pieces = [tensor.detach()[:, :, local].requires_grad_() for tensor in (query, key, value)]
+            output = attend(*pieces, shard, 0.3)
+            grads = torch.autograd.grad(output, pieces, grad[:, :, local])
+            errors[(form, heads, kv_heads, key_dim, value_dim)] = max(
+                (got - want[:, :, local]).abs().max().item()
+                for got, want in zip((output, *grads), (expected, *expected_grads)))
+    return errors
+
+
 def _spawned(rank: int, world_size: int, layouts: list, document_cfg, ac_cfgs: dict) -> tuple:
     return ([train_layout(rank, world_size, cfg) for cfg in layouts], _train_rows(rank, world_size, document_cfg),
-            _step_under_each_ac_mode(rank, world_size, ac_cfgs))
+            _step_under_each_ac_mode(rank, world_size, ac_cfgs), _chunked_attention_errors(rank, world_size))
 
 
 @pytest.fixture(scope="module")
@@ -142,6 +174,11 @@ def spawned(tmp_path_factory):
         # of the key, through sdpa's causal-bias path.
         "mla-cp2-fsdp2": tiny_config("--parallel.cp=2", "--parallel.dp_shard=2", one_step,
                                      *_path_flags(tmp_path, "deepseek_v3", family_tiny_config("deepseek_v3"))),
+        # The ring form.
+        "ring-cp2-fsdp2": tiny_config("--parallel.cp=2", "--parallel.dp_shard=2", "--parallel.cp_rotate=ring",
+                                      one_step, llama),
+        "ring-cp4": tiny_config("--parallel.cp=4", "--parallel.dp_shard=1", "--parallel.cp_rotate=ring", one_step,
+                                llama),
     }
     document_cfg = load_config(None, ["--model.preset=llama", "--parallel.cp=2", "--parallel.dp_shard=2",
                                       "--train.steps=1", "--train.micro_batch_size=1", "--train.seq_len=32",
@@ -149,18 +186,27 @@ def spawned(tmp_path_factory):
                                       "--train.warmup_steps=1000000", f"--run.dir={tmp_path / 'docs'}",
                                       "--logging.progress=false",
                                       *_document_flags(tmp_path)])
-    ac_cfgs = {mode: tiny_config("--parallel.cp=2", "--parallel.dp_shard=2", f"--ac.mode={mode}")
-               for mode in ("none", "selective", "full")}
+    ac_cfgs = {f"{rotation}-{mode}": tiny_config("--parallel.cp=2", "--parallel.dp_shard=2", f"--ac.mode={mode}",
+                                                 f"--parallel.cp_rotate={rotation}")
+               for rotation in ("allgather", "ring") for mode in ("none", "selective", "full")}
     results = run_ranks(_spawned, WORLD, list(layouts.values()), document_cfg, ac_cfgs, timeout=600)
     trained = {name: [per_rank[0][index] for per_rank in results] for index, name in enumerate(layouts)}
     return (layouts, trained, (document_cfg, [per_rank[1] for per_rank in results]),
-            [per_rank[2] for per_rank in results])
+            [per_rank[2] for per_rank in results], [per_rank[3] for per_rank in results])
+
+
+def test_chunked_causal_attention_matches_sdpa_over_the_whole_sequence(spawned):
+    """The plain causal path of cp=4, rank by rank: each chunk's unmasked prefix part and causal
+    diagonal part, merged by log-sum-exp, against one sdpa call over all 32 tokens."""
+    for errors in spawned[4]:
+        for shape, error in errors.items():
+            assert error < 5e-6, (shape, error)
 
 
 def test_llama_layouts_match_single_process(spawned):
-    layouts, trained, _, _ = spawned
+    layouts, trained, _, _, _ = spawned
     assert_matches_reference(trained["cp2-fsdp2"], reference_run(layouts["cp2-fsdp2"]))
-    for name in ("cp4", "pp2-cp2", "cp2-tp2"):
+    for name in ("cp4", "pp2-cp2", "cp2-tp2", "ring-cp2-fsdp2", "ring-cp4"):
         reference = reference_run(layouts[name])
         for result in trained[name]:
             assert compare(result, reference) == "ok", name
@@ -168,14 +214,14 @@ def test_llama_layouts_match_single_process(spawned):
 
 @pytest.mark.parametrize("name", ["gemma2-cp2-hsdp", "gemma3-cp2-fsdp2", "moe-cp2-ep2", "mla-cp2-fsdp2"])
 def test_family_layouts_match_single_process(spawned, name):
-    layouts, trained, _, _ = spawned
+    layouts, trained, _, _, _ = spawned
     reference = reference_run(layouts[name])
     for result in trained[name]:
         assert compare(result, reference) == "ok", name
 
 
 def test_document_masks_match_single_process(spawned):
-    _, _, (cfg, rows), _ = spawned
+    _, _, (cfg, rows), _, _ = spawned
     loss, norm, val_loss = _document_reference(cfg)
     for row in rows:
         assert abs(row["loss"] - loss) < 1e-5
@@ -183,22 +229,42 @@ def test_document_masks_match_single_process(spawned):
         assert abs(row["val_loss"] - val_loss) < 1e-5
 
 
+def _assert_bitwise_to_no_ac(per_mode: dict, rotation: str) -> None:
+    loss, grads, forward, _ = per_mode[f"{rotation}-none"]
+    for mode in ("selective", "full"):
+        other_loss, other_grads, other_forward, _ = per_mode[f"{rotation}-{mode}"]
+        assert torch.equal(loss, other_loss), (rotation, mode)
+        for name, grad in grads.items():
+            assert torch.equal(grad, other_grads[name]), (rotation, mode, name)
+        assert other_forward == forward, (rotation, mode)
+
+
 def test_activation_checkpointing_is_bitwise_and_selective_recomputes_no_gather(spawned):
+    layers = load_model_config("llama", None).num_hidden_layers
     for per_mode in spawned[3]:
-        loss, grads, forward, backward = per_mode["none"]
-        # One key/value all-gather per layer forward, one reduce-scatter of their gradients in backward.
-        layers = load_model_config("llama", None).num_hidden_layers
+        _assert_bitwise_to_no_ac(per_mode, "allgather")
+        _, _, forward, backward = per_mode["allgather-none"]
+        # One key/value all-gather per layer forward; in backward (plain causal sdpa) the keys and
+        # values gathered again and one reduce-scatter of their gradients.
         assert forward == {"all_gather_into_tensor.default": layers}, forward
-        assert backward == {"reduce_scatter_tensor.default": layers}, backward
-        for mode in ("selective", "full"):
-            other_loss, other_grads, other_forward, other_backward = per_mode[mode]
-            assert torch.equal(loss, other_loss), mode
-            for name, grad in grads.items():
-                assert torch.equal(grad, other_grads[name]), (mode, name)
-            assert other_forward == forward, mode
+        assert backward == {"all_gather_into_tensor.default": layers, "reduce_scatter_tensor.default": layers}, backward
         # Full AC gathers again in its recompute; selective AC saved the gathered keys and values.
-        assert per_mode["full"][3]["all_gather_into_tensor.default"] == layers, per_mode["full"][3]
-        assert per_mode["selective"][3] == backward, per_mode["selective"][3]
+        full_backward = per_mode["allgather-full"][3]
+        assert full_backward["all_gather_into_tensor.default"] == 2 * layers, full_backward
+        assert per_mode["allgather-selective"][3] == backward, per_mode["allgather-selective"][3]
+
+
+def test_ring_activation_checkpointing_is_bitwise_and_selective_recomputes_no_send(spawned):
+    layers = load_model_config("llama", None).num_hidden_layers
+    for per_mode in spawned[3]:
+        _assert_bitwise_to_no_ac(per_mode, "ring")
+        _, _, forward, backward = per_mode["ring-none"]
+        assert forward == {"causal_attention.default": layers}, forward
+        # cp=2, per layer: the block passed on once again, and the gradients passed on after each of
+        # the two steps (the second takes them home).
+        assert backward == {"send.default": 3 * layers, "recv_.default": 3 * layers}, backward
+        assert per_mode["ring-selective"][3] == backward, per_mode["ring-selective"][3]
+        assert per_mode["ring-full"][3] == {**backward, "causal_attention.default": layers}, per_mode["ring-full"][3]
 
 
 def _family_cfg(tmp_path, family: str, *flags: str):
@@ -215,12 +281,25 @@ def _family_cfg(tmp_path, family: str, *flags: str):
     ("lfm2_moe", [], "Lfm2MoeForCausalLM has 'conv' layers"),
     ("bloom", [], "BloomForCausalLM does not call attention through transformers' AttentionInterface"),
     ("doge", [], r"DogeForCausalLM's DogeAttention attends under a mask it makes itself \(attn_mask\)"),
+    ("gemma3_text", ["--parallel.cp_rotate=ring"],
+     r"parallel.cp_rotate=ring: Gemma3ForCausalLM has layers other than full attention, whose masks the ring "),
+    ("llama", ["--parallel.cp_rotate=ring", "--model.overrides.attention_dropout=0.1"],
+     "parallel.cp_rotate=ring: LlamaForCausalLM has attention dropout, which the ring does not apply"),
+    ("mistral", ["--parallel.cp_rotate=ring", "--model.overrides.sliding_window=8"],
+     "parallel.cp_rotate=ring: MistralForCausalLM has a sliding window"),
+    ("llama", ["--parallel.cp_rotate=ring", "--data.document_mask=true"],
+     "parallel.cp_rotate=ring: data.document_mask=true needs a mask between documents"),
 ])
 def test_what_cannot_split_is_refused_in_one_line(tmp_path, family, flags, message):
     cfg = _family_cfg(tmp_path, family, *flags)
     with pytest.raises(ConfigError, match=message) as error:
         validate(cfg, 2)
     assert "\n" not in str(error.value)
+
+
+def test_an_unknown_rotation_is_refused_in_one_line():
+    with pytest.raises(ConfigError, match="parallel.cp_rotate='rings': must be one of allgather, ring"):
+        tiny_config("--parallel.cp=2", "--parallel.cp_rotate=rings")
 
 
 def test_an_attention_implementation_without_local_query_masks_is_refused():

@@ -2,11 +2,12 @@
 attention work per rank of the head-tail split against a contiguous one.
 
     python -m tests.bench.context_parallel [--seqs 4096 8192 16384] [--cps 1 2 4] [--hidden 64 --layers 2]
-                                           [--out runs/bench/context_parallel.json]
+                                           [--rotations allgather ring] [--out runs/bench/context_parallel.json]
 
-Each (seq, cp) runs on cp gloo ranks of this machine: the HF Llama preset widened to `--hidden`,
-one sequence per step, each rank its head-tail share of it through the context-parallel attention
-(parallel/cp_attention.py). Activation memory is MemTracker's peak less parameters, gradients and
+Each (seq, cp, rotation) runs on cp gloo ranks of this machine: the HF Llama preset widened to
+`--hidden`, one sequence per step, each rank its head-tail share of it through the
+context-parallel attention (parallel/cp_attention.py), its keys and values all-gathered or
+passed around the ring (`parallel.cp_rotate`). Activation memory is MemTracker's peak less parameters, gradients and
 buffers (as tests/bench/ac_report.py measures it), the largest over ranks; step time (forward and
 backward) the median of `--steps` steps after one warm-up, the slowest rank's.
 
@@ -31,7 +32,7 @@ from torch.nn.attention.bias import causal_lower_right
 from harness.loss import token_loss_sum
 from harness.memory import MiB
 from harness.models import load_config, reference_model
-from parallel.context_parallel import SequenceShard, head_tail_index
+from parallel.context_parallel import ROTATIONS, SequenceShard, head_tail_index
 from parallel.cp_attention import use_context_parallel_attention
 from tests.bench.ac_report import _STATE_CATEGORIES, _scaled_overrides
 from tests.bench.results import write_results
@@ -49,10 +50,11 @@ def _step(model: torch.nn.Module, shard: SequenceShard | None, input_ids: torch.
     loss.backward()
 
 
-def _rank(rank: int, world_size: int, hidden: int, layers: int, seq: int, steps: int) -> dict[str, float]:
+def _rank(rank: int, world_size: int, hidden: int, layers: int, seq: int, steps: int,
+          rotation: str) -> dict[str, float]:
     config = load_config("llama", None, _scaled_overrides("llama", hidden, layers, seq))
     model = reference_model(config, seed=0)
-    shard = SequenceShard(dist.group.WORLD, seq) if world_size > 1 else None
+    shard = SequenceShard(dist.group.WORLD, seq, rotation) if world_size > 1 else None
     if shard is not None:
         use_context_parallel_attention(model, shard)
     input_ids = torch.randint(0, config.vocab_size, (1, seq + 1), generator=torch.Generator().manual_seed(0))
@@ -72,13 +74,14 @@ def _rank(rank: int, world_size: int, hidden: int, layers: int, seq: int, steps:
     return {"activation_mib": activation / MiB, "step_s": statistics.median(times)}
 
 
-def memory_and_time(seqs: list[int], cps: list[int], hidden: int, layers: int, steps: int) -> list[dict[str, Any]]:
+def memory_and_time(seqs: list[int], cps: list[int], rotations: list[str], hidden: int, layers: int,
+                    steps: int) -> list[dict[str, Any]]:
     rows = []
     for seq in seqs:
         base = None
-        for cp in cps:
-            per_rank = run_ranks(_rank, cp, hidden, layers, seq, steps, timeout=1800)
-            row = dict(seq=seq, cp=cp, activation_mib=max(r["activation_mib"] for r in per_rank),
+        for cp, rotation in [(cp, rotation) for cp in cps for rotation in (rotations if cp > 1 else ["-"])]:
+            per_rank = run_ranks(_rank, cp, hidden, layers, seq, steps, rotation, timeout=1800)
+            row = dict(seq=seq, cp=cp, rotation=rotation, activation_mib=max(r["activation_mib"] for r in per_rank),
                        step_s=max(r["step_s"] for r in per_rank))
             base = base or row
             row["memory_vs_cp1"] = row["activation_mib"] / base["activation_mib"]
@@ -121,11 +124,11 @@ def balance(seq: int, cps: list[int], heads: int = 4, head_dim: int = 16, repeat
 
 
 def format_tables(memory: list[dict[str, Any]], balanced: list[dict[str, Any]]) -> str:
-    lines = [f"{'seq':>6} {'cp':>3} {'act MiB/rank':>13} {'x cp=1':>7} {'goal':>6} {'step s':>8}"]
+    lines = [f"{'seq':>6} {'cp':>3} {'rotate':<10} {'act MiB/rank':>13} {'x cp=1':>7} {'goal':>6} {'step s':>8}"]
     for r in memory:
         goal = f"{r['goal']:.2f}" if r["goal"] else "-"
-        lines.append(f"{r['seq']:>6} {r['cp']:>3} {r['activation_mib']:>13.1f} {r['memory_vs_cp1']:>7.2f} {goal:>6} "
-                     f"{r['step_s']:>8.2f}")
+        lines.append(f"{r['seq']:>6} {r['cp']:>3} {r['rotation']:<10} {r['activation_mib']:>13.1f} "
+                     f"{r['memory_vs_cp1']:>7.2f} {goal:>6} {r['step_s']:>8.2f}")
     lines.append("")
     lines.append(f"{'seq':>6} {'cp':>3} {'split':<11} {'attention s per rank':<36} {'slowest/mean':>12}")
     for r in balanced:
@@ -140,10 +143,11 @@ def main() -> None:
     parser.add_argument("--cps", type=int, nargs="+", default=[1, 2, 4])
     parser.add_argument("--hidden", type=int, default=64)
     parser.add_argument("--layers", type=int, default=2)
+    parser.add_argument("--rotations", nargs="+", choices=ROTATIONS, default=list(ROTATIONS))
     parser.add_argument("--steps", type=int, default=2)
     parser.add_argument("--out", default="runs/bench/context_parallel.json")
     args = parser.parse_args()
-    memory = memory_and_time(args.seqs, args.cps, args.hidden, args.layers, args.steps)
+    memory = memory_and_time(args.seqs, args.cps, args.rotations, args.hidden, args.layers, args.steps)
     balanced = balance(args.seqs[-1], args.cps)
     print(format_tables(memory, balanced))
     write_results(args.out, {"memory_and_time": memory, "balance": balanced, "args": vars(args)})

@@ -8,15 +8,17 @@ from collections import Counter
 import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 from transformers import AutoConfig, PretrainedConfig
 
-from harness.config import ConfigError
+from harness.checkpoint import complete_checkpoints
+from harness.config import Config, ConfigError
 from harness.loss import token_loss_sum
 from harness.materialize import canonical_name
 from harness.model_parts import tensor_parallel_parts
 from harness.models import build_meta_model, load_config as load_model_config, reference_model
 from harness.summary import startup_summary
-from harness.trainer import build_run
+from harness.trainer import build_run, resume_run
 from harness.validation import validate
 from parallel.tensor_parallel import layer_styles
 from tests.families import hand_shrunk_config, tiny_config as family_tiny_config
@@ -24,6 +26,7 @@ from tests.family_matrix import compare
 from tests.layout_run import assert_matches_reference, train_layout
 from tests.multiproc import run_ranks
 from tests.reference import reference_run, tiny_config
+from tests.test_layouts_moe import STEADY_SEED
 
 
 def _family_flags(tmp_path, family: str, tied: bool = False) -> list[str]:
@@ -39,8 +42,18 @@ def _config_flags(tmp_path, family: str, config: PretrainedConfig) -> list[str]:
     return [f"--model.path={folder}/config.json"]
 
 
-def _train_each(rank: int, world_size: int, cfgs: list) -> list:
-    return [train_layout(rank, world_size, cfg) for cfg in cfgs]
+def _train_each(rank: int, world_size: int, cfgs: list, saved: int | None = None, checkpoint_root: str | None = None,
+                resumed: Config | None = None) -> tuple[list, dict[str, torch.Tensor] | None]:
+    """Each cfg trained, `cfgs[saved]` checkpointed under `checkpoint_root` at its end; then
+    `resumed` (another layout of it) loads that checkpoint: its full parameters right after."""
+    results = [train_layout(rank, world_size, cfg, checkpoint_root if index == saved else None)
+               for index, cfg in enumerate(cfgs)]
+    if resumed is None:
+        return results, None
+    run = build_run(resumed, validate(resumed, world_size))
+    (_, path), = complete_checkpoints(checkpoint_root)
+    resume_run(run, path)
+    return results, get_model_state_dict(run.modules[0], options=StateDictOptions(full_state_dict=True))
 
 
 @pytest.mark.parametrize("world_size, layout", [
@@ -63,15 +76,39 @@ def test_layout_matches_single_process(tmp_path, world_size, layout):
             tiny_config(*layout, *_family_flags(tmp_path, "gemma2", tied=True)),
             tiny_config(*layout, *_family_flags(tmp_path, "cohere")),
             tiny_config(*layout, *_config_flags(tmp_path, "apertus", family_tiny_config("apertus")))]
+    presets, saved, resumed = [0], None, None
     if world_size == 4:
-        cfgs.append(tiny_config(*layout, *_config_flags(tmp_path, "deepseek_v3", family_tiny_config("deepseek_v3"))))
-    results = run_ranks(_train_each, world_size, cfgs)
-    assert_matches_reference([per_rank[0] for per_rank in results], reference_run(cfgs[0]))
-    for index, cfg in enumerate(cfgs[1:], start=1):
+        deepseek_v3 = _config_flags(tmp_path, "deepseek_v3", family_tiny_config("deepseek_v3"))
+        cfgs.append(tiny_config(*layout, *deepseek_v3, "--moe.bias_update_rate=0.01"))
+        # Expert parallel over the ranks of equal tp index, each tp rank dispatching its slice of
+        # the sequence: Qwen3-MoE with HF's aux loss (its statistics summed over tp), checkpointed
+        # and loaded into tp=1 x ep=2; DeepSeek-V3's shared experts and MLA with aux-loss-free
+        # balancing (its expert loads summed over tp as well).
+        qwen3_moe = ["--model.preset=qwen3_moe", STEADY_SEED, "--model.overrides.output_router_logits=true",
+                     "--model.overrides.router_aux_loss_coef=0.1"]
+        cfgs += [tiny_config(*layout, "--parallel.ep=2", *qwen3_moe),
+                 tiny_config(*layout, "--parallel.ep=2", *deepseek_v3, "--moe.bias_update_rate=0.01")]
+        presets, saved = [0, len(cfgs) - 2], len(cfgs) - 2
+        resumed = tiny_config("--parallel.dp_shard=4", "--parallel.ep=2", *qwen3_moe)
+    outcome = run_ranks(_train_each, world_size, cfgs, saved, str(tmp_path / "ckpt"), resumed)
+    results = [per_rank for per_rank, _ in outcome]
+    for index, cfg in enumerate(cfgs):
         reference = reference_run(cfg)
+        if index in presets:
+            assert_matches_reference([per_rank[index] for per_rank in results], reference)
+            continue
         routed = "deepseek_v3" in cfg.model.path
         for per_rank in results:
             assert compare(per_rank[index], reference, routed=routed) == "ok", cfg.model.path
+            if cfg.moe.bias_update_rate > 0:  # the loads of every tp rank's tokens moved the biases
+                biases = [name for name in reference[2] if name.endswith("e_score_correction_bias")]
+                assert biases and all(torch.equal(per_rank[index][2][name], reference[2][name]) for name in biases)
+    if resumed is not None:
+        trained = results[0][saved][2]
+        for _, loaded in outcome:
+            assert loaded.keys() == trained.keys()
+            for name, value in loaded.items():
+                assert torch.equal(value, trained[name]), name
 
 
 # DTensor's collectives (torch.ops._c10d_functional); FSDP2's and the loss's are c10d's own.

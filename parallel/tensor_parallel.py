@@ -267,7 +267,8 @@ def layer_styles(parts: TensorParallelParts) -> list[dict[str, ParallelStyle]]:
     planned_params = _matches(plan, [name for name, _ in base.named_parameters()])
     # The config, not the embeddings: a later pipeline stage holds no embeddings.
     context = _Context(family, width=base.config.hidden_size, rope_dim=getattr(base.config, "qk_rope_head_dim", None),
-                       routed=frozenset(map(id, parts.routed)), expert_parallel=frozenset(map(id, parts.expert_parallel)))
+                       routed=frozenset(map(id, parts.routed)),
+                       expert_parallel=frozenset(map(id, parts.expert_parallel)))
     styles = []
     for layer in layers:
         prefix = names[layer] + "."

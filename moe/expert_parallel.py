@@ -2,8 +2,8 @@
 
 The experts' weights become DTensors sharded Shard(0) over the EP mesh (each rank holds
 num_experts / ep whole experts; under tensor parallel, replicated over tp: each tp rank
-dispatches its own tokens within its ep group), and the experts' forward is swapped through transformers'
-`ExpertsInterface`, so HF's own router, shared experts and router-logit outputs (aux loss)
+dispatches its own tokens within its ep group), and the experts' forward is swapped through
+transformers' `ExpertsInterface`, so HF's own router, shared experts and router-logit outputs (aux loss)
 run unchanged around it. Runs on the meta-device model, before activation checkpointing,
 FSDP and materialization.
 """

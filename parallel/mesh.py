@@ -10,7 +10,7 @@ context-parallel meshes unflatten its fsdp axis into (dp_shard, cp), the expert 
 
     dp     dp_replicate x dp_shard   data loading (the ranks of a cp or tp group read the same samples)
     dp_cp  dp_replicate x fsdp       the loss: its token count and sums (the ranks of a tp group share a batch)
-    dp_cp_tp  dp_replicate x fsdp x tp   MoE routing counts (sequence parallel: each tp rank routes its slice)
+    dp_cp_tp dp_replicate x fsdp x tp   MoE routing counts (sequence parallel: each tp rank routes its slice)
     fsdp   fsdp, or (dp_replicate, fsdp) for HSDP     FSDP2 of dense parameters
     cp     cp                        context parallel: the sequence split
     tp     tp                        tensor and sequence parallel

@@ -83,11 +83,12 @@ def test_layout_matches_single_process(tmp_path, world_size, layout):
         # Expert parallel over the ranks of equal tp index, each tp rank dispatching its slice of
         # the sequence: Qwen3-MoE with HF's aux loss (its statistics summed over tp), checkpointed
         # and loaded into tp=1 x ep=2; DeepSeek-V3's shared experts and MLA with aux-loss-free
-        # balancing (its expert loads summed over tp as well).
+        # balancing (its expert loads summed over tp as well; two steps: the second routes with
+        # the first's biases).
         qwen3_moe = ["--model.preset=qwen3_moe", STEADY_SEED, "--model.overrides.output_router_logits=true",
                      "--model.overrides.router_aux_loss_coef=0.1"]
         cfgs += [tiny_config(*layout, "--parallel.ep=2", *qwen3_moe),
-                 tiny_config(*layout, "--parallel.ep=2", *deepseek_v3, "--moe.bias_update_rate=0.01")]
+                 tiny_config(*layout, "--parallel.ep=2", *deepseek_v3, "--moe.bias_update_rate=0.01", "--train.steps=2")]
         presets, saved = [0, len(cfgs) - 2], len(cfgs) - 2
         resumed = tiny_config("--parallel.dp_shard=4", "--parallel.ep=2", *qwen3_moe)
     outcome = run_ranks(_train_each, world_size, cfgs, saved, str(tmp_path / "ckpt"), resumed)

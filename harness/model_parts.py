@@ -357,11 +357,13 @@ def moe_blocks(model: nn.Module) -> list[MoEBlock]:
     return blocks
 
 
-def tensor_parallel_parts(model: nn.Module) -> TensorParallelParts:
+def tensor_parallel_parts(model: nn.Module, expert_parallel: bool = False) -> TensorParallelParts:
     """What tensor parallel shards: the family's TP plan (as transformers declares it, relative to
-    the base model) and the parts it names or that sequence and vocabulary parallel touch."""
+    the base model) and the parts it names or that sequence and vocabulary parallel touch;
+    `expert_parallel`: whether expert parallel shards the routed experts afterwards."""
     layers = decoder_layers(model)
     return TensorParallelParts(
+        expert_parallel=[block.experts for block in moe_blocks(model)] if expert_parallel else (),
         family=model.config.model_type, plan=getattr(model.config, "base_model_tp_plan", None),
         base=base_model(model), layers=list(layers.values() if isinstance(layers, nn.ModuleDict) else layers),
         routed=[module for block in moe_blocks(model) for module in (block.experts, block.router)

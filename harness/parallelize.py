@@ -30,16 +30,18 @@ def parallelize(module: nn.Module, *, cfg: Config, plan: Plan, meshes: ParallelM
     layers = decoder_layers(module)
     if sequence_shard is not None:
         use_context_parallel_attention(module, sequence_shard)
+    expert_parallel = plan.dims.ep > 1 and bool(expert_count(module.config))
     if plan.dims.tp > 1:
-        apply_tensor_parallel(tensor_parallel_parts(module), meshes.tp)
+        apply_tensor_parallel(tensor_parallel_parts(module, expert_parallel), meshes.tp)
     expert_modules: list[nn.Module] = []
     moe_save_ops: tuple = ()
-    if plan.dims.ep > 1 and expert_count(module.config):
+    if expert_parallel:
         from moe.expert_parallel import apply_expert_parallel
         from moe.ops import SAC_SAVE_OPS as moe_save_ops
 
         blocks = [(block.experts, block.router) for block in moe_blocks(module)]
-        expert_modules = apply_expert_parallel(blocks, meshes.ep, dispatcher=cfg.moe.dispatcher,
+        expert_modules = apply_expert_parallel(blocks, meshes.ep_tp if plan.dims.tp > 1 else meshes.ep,
+                                               dispatcher=cfg.moe.dispatcher,
                                                strict=cfg.moe.dispatcher_strict)
     if cfg.moe.bias_update_rate > 0:
         from moe.balance import track_expert_load

@@ -49,9 +49,11 @@ def startup_summary(cfg: Config, plan: Plan, model_config: PretrainedConfig, mod
         f"weights: {describe_weights(model_config, cfg.train.seed, cfg.model.path)}",
         f"mesh: {dims.describe()} on {device_type} ({dist.get_backend()})",
     ]
+    views: dict[str, list[str]] = {}  # the groups, as shown -> the views that have them
     for view, groups in dims.rank_groups().items():
         if len(groups[0]) > 1:
-            lines.append(f"  {view} groups: {' '.join(str(g) for g in groups)}")
+            views.setdefault(" ".join(str(g) for g in groups), []).append(view)
+    lines += [f"  {', '.join(names)} groups: {shown}" for shown, names in views.items()]
     if dims.pp > 1:
         lines.append(f"pipeline: {p.pp_schedule}, {plan.pp_microbatches} microbatches per micro batch")
         lines += [f"  rank {rank}: " + " | ".join(s) for rank, s in enumerate(per_rank)

@@ -15,6 +15,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 from torch.distributed.checkpoint.stateful import Stateful
+from torch.distributed.device_mesh import DeviceMesh
 
 from harness.checkpoint import (TrainState, complete_checkpoints, finished_line, is_due, load_checkpoint,
                                 load_weights, save_checkpoint, start_point, training_state)
@@ -27,7 +28,7 @@ from harness.layout_planner.plan_check import PlanCheck
 from harness.loss import count_tokens, token_loss_sum
 from harness.memory import peak_mib, state_mib
 from harness.metrics import MetricsLog, report_outputs
-from harness.model_parts import aux_loss_coefficient, decoder_layers, expert_count, moe_blocks
+from harness.model_parts import aux_loss_coefficient, decoder_layers, expert_count, experts_per_token, moe_blocks
 from harness.models import build_meta_model, load_config as load_model_config, weight_source
 from harness.nonfinite import NonFiniteStep, TrainingStopped, nonfinite_line
 from harness.parallelize import parallelize
@@ -37,7 +38,7 @@ from harness.run_folder import save_recipe
 from harness.run_identity import IDENTITY_FILE, identity_file_text, run_identity
 from harness.schedule import lr_factor
 from harness.summary import startup_summary
-from moe.balance import aux_loss_term, switch_aux_loss, update_expert_bias
+from moe.balance import aux_loss_term, router_statistics, summed_over_ranks, switch_aux_loss, update_expert_bias
 from moe.load_meter import ExpertLoadMeter, expert_load_row, takes_routing
 from parallel.context_parallel import SequenceShard, forward_arguments
 from parallel.fsdp import mixed_precision_policy
@@ -67,16 +68,19 @@ class GlobalTokenLoss:
 class LastStageAuxLoss:
     """The last pipeline stage's loss with HF's router aux loss on: the token loss plus the aux
     loss of the router statistics every stage added to, scaled as `aux_loss_term` scales it over
-    the step's `num_terms` microbatch forwards (all ranks). The token losses are kept apart: they
-    are what the step reports."""
+    the step's `num_terms` microbatch forwards (all ranks); under tensor parallel, of the
+    statistics summed over `tp_mesh`. The token losses are kept apart: they are what the step
+    reports."""
 
-    def __init__(self, token_loss: GlobalTokenLoss, config, num_terms: int) -> None:
-        self.token_loss, self.num_terms = token_loss, num_terms
+    def __init__(self, token_loss: GlobalTokenLoss, config, num_terms: int, tp_mesh: DeviceMesh | None) -> None:
+        self.token_loss, self.num_terms, self.tp_mesh = token_loss, num_terms, tp_mesh
         self.coefficient, self.num_experts = aux_loss_coefficient(config), expert_count(config)
         self.token_losses: list[torch.Tensor] = []
 
     def __call__(self, output: tuple[torch.Tensor, torch.Tensor], labels: torch.Tensor) -> torch.Tensor:
         logits, router_stats = output
+        if self.tp_mesh is not None:
+            router_stats = summed_over_ranks(router_stats, self.tp_mesh)
         loss = self.token_loss(logits, labels)
         self.token_losses.append(loss.detach())
         return loss + self.coefficient * switch_aux_loss(router_stats, self.num_experts) / self.num_terms
@@ -104,6 +108,7 @@ class Run:
     forward_backward: Callable[[torch.Tensor, torch.Tensor], torch.Tensor | None]
     dp_group: dist.ProcessGroup  # the ranks that read different samples
     token_group: dist.ProcessGroup  # the ranks that hold different tokens: dp x cp
+    routing_group: dist.ProcessGroup  # the ranks that route different tokens: dp x cp x tp (sequence parallel)
     pp_group: dist.ProcessGroup | None
     flops_per_token: float
     peak_flops_per_rank: float
@@ -142,14 +147,15 @@ def build_run(cfg: Config, plan: Plan) -> Run:
                              sequence_shard=shard)
     loss_fn = GlobalTokenLoss()
     t = cfg.train
+    tp_mesh = meshes.tp if dims.tp > 1 else None
     if dims.pp > 1:
         from harness.pipeline_stage import carried_examples, stage_builder, tied_embedding_copies
         from parallel.pipeline import pipeline_model
 
         p = cfg.parallel
         carried = carried_examples(model)
-        aux_loss = (LastStageAuxLoss(loss_fn, model_config, t.global_batch_size // plan.pipeline_microbatch_size)
-                    if carried else None)
+        aux_loss = (LastStageAuxLoss(loss_fn, model_config, t.global_batch_size // plan.pipeline_microbatch_size,
+                                     tp_mesh) if carried else None)
         pipeline = pipeline_model(stage_builder(model, dims.tp, shard), len(decoder_layers(model)), meshes.pp,
                                   schedule=p.pp_schedule, n_microbatches=plan.pp_microbatches,
                                   stages_per_rank=plan.pp_stages_per_rank, layers_per_stage=p.pp_layers_per_stage,
@@ -167,7 +173,7 @@ def build_run(cfg: Config, plan: Plan) -> Run:
         aux_terms = cfg.train.global_batch_size // cfg.train.micro_batch_size
         modules = [model]
         forward_backward = partial(_forward_backward, model, loss_fn,
-                                   aux_terms if getattr(model_config, "output_router_logits", False) else 0)
+                                   aux_terms if getattr(model_config, "output_router_logits", False) else 0, tp_mesh)
     params = [p for m in modules for p in m.parameters()]
     optimizer = torch.optim.AdamW(params, lr=t.lr, betas=(0.9, 0.95), weight_decay=t.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, partial(lr_factor, cfg=t))
@@ -184,7 +190,7 @@ def build_run(cfg: Config, plan: Plan) -> Run:
         logger.info("\n".join(summary))
     return Run(cfg=cfg, plan=plan, modules=modules, optimizer=optimizer, scheduler=scheduler, sampler=sampler,
                loss_fn=loss_fn, forward_backward=forward_backward, dp_group=meshes.dp.get_group(),
-               token_group=meshes.dp_cp.get_group(),
+               token_group=meshes.dp_cp.get_group(), routing_group=meshes.dp_cp_tp.get_group(),
                pp_group=meshes.pp.get_group() if dims.pp > 1 else None, flops_per_token=model_flops,
                peak_flops_per_rank=peak_flops_per_rank(cfg.logging.peak_tflops,
                                                        int(os.environ.get("LOCAL_WORLD_SIZE", "1"))),
@@ -200,16 +206,26 @@ def _pipeline_step(step: Callable[..., torch.Tensor | None], inputs: torch.Tenso
     return step(inputs, labels)
 
 
-def _forward_backward(model: nn.Module, loss_fn: GlobalTokenLoss, aux_terms: int, inputs: torch.Tensor,
-                      labels: torch.Tensor, **model_inputs: torch.Tensor) -> torch.Tensor:
+def _forward_backward(model: nn.Module, loss_fn: GlobalTokenLoss, aux_terms: int, tp_mesh: DeviceMesh | None,
+                      inputs: torch.Tensor, labels: torch.Tensor, **model_inputs: torch.Tensor) -> torch.Tensor:
     """Backward of the token loss plus, when the model returns one, HF's router aux loss averaged
     over the step's `aux_terms` microbatch forwards (all ranks); returns the token loss alone.
+    Under tensor parallel (`tp_mesh`) each rank's routers saw its slice of the sequence, and HF's
+    loss of a slice is not the micro batch's: the switch loss of the router statistics summed over
+    tp is (validation checked that the family's loss is the switch loss).
     `model_inputs`: `position_ids` (data.document_mask: they restart at each document, and HF masks
     attention across them; context parallel: the global positions) and context parallel's mask."""
     # No KV cache in training: recompute under activation checkpointing would append to it again.
     outputs = model(input_ids=inputs, use_cache=False, **model_inputs)
     loss = loss_fn(outputs.logits, labels)
-    total = loss + aux_loss_term(outputs, aux_loss_coefficient(model.config), aux_terms) if aux_terms else loss
+    total = loss
+    if aux_terms and tp_mesh is None:
+        total = loss + aux_loss_term(outputs, aux_loss_coefficient(model.config), aux_terms)
+    elif aux_terms:
+        experts = expert_count(model.config)
+        stats = router_statistics(tuple(outputs.router_logits), experts, experts_per_token(model.config))
+        aux = switch_aux_loss(summed_over_ranks(stats, tp_mesh), experts)
+        total = loss + aux_loss_coefficient(model.config) * aux / aux_terms
     total.backward()
     return loss.detach()
 
@@ -312,7 +328,7 @@ def run_step(run: Run, preemption: PreemptionRequest | None = None) -> tuple[Pen
     run.optimizer.step()
     run.scheduler.step()
     if cfg.moe.bias_update_rate > 0:
-        update_expert_bias(run.modules, cfg.moe.bias_update_rate, run.token_group)
+        update_expert_bias(run.modules, cfg.moe.bias_update_rate, run.routing_group)
     run.optimizer.zero_grad(set_to_none=True)
     run.state.step += 1
     return pending, stop

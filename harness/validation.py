@@ -193,17 +193,6 @@ def _check_tensor_parallel(cfg: Config, dims: ParallelDims, model: nn.Module, gp
                 where = f"layer {index}'s {key}={value} ({config.model_type}'s per-layer config)" if per_layer \
                     else f"the model's {key}={value}"
                 raise ConfigError(f"parallel.tp={tp}: must divide {where}")
-    if moe_blocks(model):
-        # MoE blocks run on each tp rank's slice of the sequence (their parameters replicated):
-        # what needs every token a router saw is not summed over the tp ranks yet.
-        unsupported = [(cfg.moe.bias_update_rate > 0, "moe.bias_update_rate (expert loads are counted over dp x cp)",
-                        "set moe.bias_update_rate=0"),
-                       (getattr(config, "output_router_logits", False), "HF's router aux loss (output_router_logits)",
-                        "set model.overrides.output_router_logits=false")]
-        for refused, what, fix in unsupported:
-            if refused:
-                raise ConfigError(f"parallel.tp={tp}: not supported with {what} in an MoE model yet; {fix} or "
-                                  "parallel.tp=1")
     if cfg.train.seq_len % (tp * dims.cp):
         raise ConfigError(f"parallel.tp={tp}: parallel.tp x parallel.cp must divide train.seq_len={cfg.train.seq_len} "
                           "(sequence parallel splits each rank's tokens over the tp ranks)")
@@ -426,10 +415,14 @@ def _check_aux_loss(model: nn.Module, dims: ParallelDims) -> None:
     if family_loss is None:
         raise ConfigError(f"model.overrides.output_router_logits: {config.model_type}'s forward returns no router "
                           "aux loss; set it to false (routers with a correction bias: moe.bias_update_rate)")
-    if dims.pp > 1 and not splits_over_stages(family_loss, expert_count(config), experts_per_token(config)):
+    # Pipeline stages (their layers) and tensor-parallel ranks (their slices of the sequence) each
+    # see part of the routing: the loss is the switch loss of their summed statistics.
+    split = [name for name, size in (("pp", dims.pp), ("tp", dims.tp)) if size > 1]
+    if split and not splits_over_stages(family_loss, expert_count(config), experts_per_token(config)):
         raise ConfigError(f"model.overrides.output_router_logits: {config.model_type}'s router aux loss is not HF's "
-                          "switch loss, which pipeline stages compute from per-stage statistics; use parallel.pp=1 "
-                          "or aux-loss-free balancing")
+                          "switch loss, which pipeline stages and tensor-parallel ranks compute from summed "
+                          f"statistics; use {' and '.join(f'parallel.{name}=1' for name in split)} or aux-loss-free "
+                          "balancing")
 
 
 def _check_checkpoint(cfg: Config, folder: RunFolder, model_config: PretrainedConfig) -> None:

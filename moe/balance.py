@@ -5,7 +5,9 @@ Auxiliary loss: HF's own. With `config.output_router_logits = True` the model re
 HF's switch loss couples every layer of a forward (picks summed over all layers times
 probabilities summed over all layers), so under pipeline parallel each stage adds its layers'
 `router_statistics` to those it received and the last stage takes `switch_aux_loss` of the
-total; the probabilities' gradient flows back through the stages with the activations.
+total; the probabilities' gradient flows back through the stages with the activations. Under
+tensor parallel each rank's routers see its slice of the sequence: the statistics are summed
+over the tp ranks before the loss is taken (`summed_over_ranks`).
 
 Aux-loss-free (DeepSeek-V3): the router's `e_score_correction_bias` biases expert selection
 only. Tokens per expert are counted at the experts' input (any layout: one process, FSDP,
@@ -21,6 +23,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.distributed.device_mesh import DeviceMesh
+from torch.distributed.tensor import DTensor, Partial, Replicate
 from torch.utils._python_dispatch import _disable_current_modes
 
 
@@ -49,6 +53,14 @@ def router_statistics(router_logits: tuple[torch.Tensor, ...], num_experts: int,
         stats = stats + torch.stack([torch.cat([probs.sum(dim=0), rows.new_zeros(1)]),
                                      torch.cat([picks, rows])])
     return stats
+
+
+def summed_over_ranks(stats: torch.Tensor, mesh: DeviceMesh) -> torch.Tensor:
+    """`stats` summed over the ranks of `mesh` (tensor parallel: each rank's routers saw its slice
+    of the sequence). Every rank takes the same loss of the sum, so the gradient of a rank's own
+    statistics is the sum's: no collective in backward."""
+    as_partial = DTensor.from_local(stats, mesh, (Partial(),), run_check=False)
+    return as_partial.redistribute(placements=(Replicate(),)).to_local()
 
 
 def switch_aux_loss(stats: torch.Tensor, num_experts: int) -> torch.Tensor:
@@ -124,8 +136,8 @@ def update_expert_bias(modules: list[nn.Module], rate: float, group: dist.Proces
     model parts (`track_expert_load` ran on them).
 
     `group`: the ranks that each route different tokens through the same layers (data
-    parallel x context parallel; not tensor-parallel or pipeline peers, which would count
-    the same tokens twice or mix layers). The counts are reset afterwards.
+    parallel x context parallel x tensor parallel, whose ranks route their slices of the
+    sequence; not pipeline peers, which would mix layers). The counts are reset afterwards.
     """
     biased = _tracked(modules)
     if not biased:

@@ -1,8 +1,9 @@
 """Expert parallelism for Hugging Face MoE blocks.
 
 The experts' weights become DTensors sharded Shard(0) over the EP mesh (each rank holds
-num_experts / ep whole experts), and the experts' forward is swapped through transformers'
-`ExpertsInterface`, so HF's own router, shared experts and router-logit outputs (aux loss)
+num_experts / ep whole experts; under tensor parallel, replicated over tp: each tp rank
+dispatches its own tokens within its ep group), and the experts' forward is swapped through
+transformers' `ExpertsInterface`, so HF's own router, shared experts and router-logit outputs (aux loss)
 run unchanged around it. Runs on the meta-device model, before activation checkpointing,
 FSDP and materialization.
 """
@@ -16,7 +17,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
-from torch.distributed.tensor import Shard, distribute_tensor
+from torch.distributed.tensor import DTensor, Replicate, Shard, distribute_tensor
 from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS
 
 from moe.dispatch import resolve_dispatcher
@@ -64,21 +65,28 @@ def apply_expert_parallel(blocks: list[tuple[nn.Module, nn.Module | None]], ep_m
 
     `blocks`: (experts module, router module or None) per MoE block, as the caller's model
     adapter finds them; none is fine (a pipeline stage of dense layers only). Only the experts
-    change: routers stay replicated and run HF's own code. Returns the
-    experts modules, for the caller to FSDP-shard over the experts' FSDP mesh.
+    change: routers stay replicated and run HF's own code. `ep_mesh`: the ep mesh, or under
+    tensor parallel the (ep, tp) mesh, whose tp dimension the experts are replicated over
+    (tensor parallel placed them replicated over tp before). Returns the experts modules, for
+    the caller to FSDP-shard over the experts' FSDP mesh.
     """
-    if ep_mesh.ndim != 1:
-        raise ValueError(f"ep_mesh must be 1-D, got a {ep_mesh.ndim}-D mesh")
+    if ep_mesh.ndim not in (1, 2):
+        raise ValueError(f"ep_mesh must be 1-D (ep) or 2-D (ep, tp), got a {ep_mesh.ndim}-D mesh")
     if not blocks:
         return []
-    ep = ep_mesh.size()
+    ep = ep_mesh.size(0)
     for experts, _ in blocks:
         check_expert_parallel_support(experts, ep)
-    chosen, reason = resolve_dispatcher(dispatcher, strict, ep_mesh.get_group(), expert_input_size(blocks[0][0]))
+    chosen, reason = resolve_dispatcher(dispatcher, strict, ep_mesh.get_group(0), expert_input_size(blocks[0][0]))
+    placements = (Shard(0), *[Replicate()] * (ep_mesh.ndim - 1))
     for experts, _ in blocks:
         for name in expert_param_names(experts):
             param = getattr(experts, name)
-            sharded = distribute_tensor(param.data, ep_mesh, [Shard(0)])
+            whole = param.data
+            if isinstance(whole, DTensor):
+                assert all(p.is_replicate() for p in whole.placements), f"{name}: tensor parallel left it split"
+                whole = whole.to_local()
+            sharded = distribute_tensor(whole, ep_mesh, placements)
             experts.register_parameter(name, nn.Parameter(sharded, requires_grad=param.requires_grad))
         # A private config copy: the switch must not leak into other modules or models that
         # share the config object, nor into an exported config.json.

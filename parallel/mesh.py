@@ -10,11 +10,17 @@ context-parallel meshes unflatten its fsdp axis into (dp_shard, cp), the expert 
 
     dp     dp_replicate x dp_shard   data loading (the ranks of a cp or tp group read the same samples)
     dp_cp  dp_replicate x fsdp       the loss: its token count and sums (the ranks of a tp group share a batch)
+    dp_cp_tp dp_replicate x fsdp x tp   MoE routing counts (sequence parallel: each tp rank routes its slice)
     fsdp   fsdp, or (dp_replicate, fsdp) for HSDP     FSDP2 of dense parameters
     cp     cp                        context parallel: the sequence split
     tp     tp                        tensor and sequence parallel
     ep     ep                      expert parallel
     efsdp  efsdp, or (dp_replicate, efsdp) for HSDP   FSDP2 of expert parameters
+    ep_tp  (ep, tp), 2-D             the experts' weights: sharded over ep, replicated over tp
+
+An ep group is the ranks of equal tp index, so under tensor parallel each tp rank dispatches the
+tokens of its own slice of the sequence within its ep group, and the tp ranks of a group hold the
+same experts.
 """
 
 from __future__ import annotations
@@ -54,9 +60,6 @@ class ParallelDims:
             raise ValueError(f"parallel: pp*dp_replicate*dp_shard*cp*tp = {self.pp}*{self.dp_replicate}*"
                              f"{self.dp_shard}*{self.cp}*{self.tp} = {product}, but the world size is "
                              f"{self.world_size}; make them equal (dp_shard=-1 fills the rest)")
-        if self.ep > 1 and self.tp > 1:
-            raise ValueError(f"parallel.ep={self.ep} with parallel.tp={self.tp}: expert parallel under tensor "
-                             "parallel is not supported yet; set parallel.ep=1 or parallel.tp=1")
         borrowable = self.dp_shard * self.cp
         if borrowable % self.ep:
             raise ValueError(f"parallel.ep={self.ep}: must divide dp_shard*cp={borrowable} "
@@ -87,11 +90,13 @@ class ParallelDims:
             pp=world["pp"],
             dp=shards["dp_replicate", "dp_shard"]._flatten("dp"),
             dp_cp=world["dp_replicate", "fsdp"]._flatten("dp_cp"),
+            dp_cp_tp=world["dp_replicate", "fsdp", "tp"]._flatten("dp_cp_tp"),
             fsdp=world["dp_replicate", "fsdp"] if hsdp else world["fsdp"],
             cp=shards["cp"],
             tp=world["tp"],
             ep=experts["ep"],
             efsdp=experts["dp_replicate", "efsdp"] if hsdp else experts["efsdp"],
+            ep_tp=experts["ep", "tp"],
         )
 
     def rank_groups(self) -> dict[str, list[list[int]]]:
@@ -104,7 +109,8 @@ class ParallelDims:
 
         experts = along(grid, 0), along(grid, 2, 3), along(grid, 4), along(grid, 3), along(grid, 2)
         shards = torch.arange(self.world_size).reshape(self.pp, self.dp_replicate, self.dp_shard, self.cp, self.tp)
-        return {"pp": experts[0], "dp": along(shards, 1, 2), "dp_cp": along(shards, 1, 2, 3), "fsdp": experts[1],
+        return {"pp": experts[0], "dp": along(shards, 1, 2), "dp_cp": along(shards, 1, 2, 3),
+                "dp_cp_tp": along(shards, 1, 2, 3, 4), "fsdp": experts[1],
                 "cp": along(shards, 3), "tp": experts[2], "ep": experts[3], "efsdp": experts[4]}
 
     def describe(self) -> str:
@@ -120,8 +126,10 @@ class ParallelMeshes:
     pp: DeviceMesh
     dp: DeviceMesh
     dp_cp: DeviceMesh
+    dp_cp_tp: DeviceMesh
     fsdp: DeviceMesh
     cp: DeviceMesh
     tp: DeviceMesh
     ep: DeviceMesh
     efsdp: DeviceMesh
+    ep_tp: DeviceMesh

@@ -84,6 +84,7 @@ class TensorParallelParts:
     embeddings: nn.Module | None  # None on a pipeline stage without them, likewise the norm and head
     final_norm: nn.Module | None
     head: nn.Module | None
+    expert_parallel: Sequence[nn.Module] = ()  # the routed experts expert parallel shards after tensor parallel
 
 
 def _redistribute(tensor: torch.Tensor, mesh: DeviceMesh, current: Placement, desired: Placement,
@@ -143,7 +144,9 @@ class LocalParameters(ParallelStyle):
     reads, a norm between gathered projections). A local tensor's gradient is taken as having the
     parameter's placement, so a replicated parameter must see the same inputs on every rank (the
     plan leaves unplaced only what works on whole activations); with `summed_gradient`, as this
-    rank's share of the sum over the ranks (a replicated parameter that sees this rank's tokens)."""
+    rank's share of the sum over the ranks (a replicated parameter that sees this rank's tokens).
+    The placements are read at each forward: expert parallel may have re-placed a parameter over
+    (ep, tp) since, where the gradient is summed over the replicated dimension only."""
 
     def __init__(self, placements: dict[str, Placement], summed_gradient: bool = False) -> None:
         super().__init__()
@@ -165,8 +168,8 @@ class LocalParameters(ParallelStyle):
             for owner, param_name in owners:
                 param = owner._parameters[param_name]
                 held.append((owner, param_name, param))
-                owner._parameters[param_name] = param.to_local(
-                    grad_placements=(Partial(),) if self.summed_gradient else None)
+                summed = tuple(Partial() if placement.is_replicate() else placement for placement in param.placements)
+                owner._parameters[param_name] = param.to_local(grad_placements=summed if self.summed_gradient else None)
 
         def restore(_module: nn.Module, _args: tuple, _output) -> None:
             for owner, param_name, param in held:
@@ -264,7 +267,8 @@ def layer_styles(parts: TensorParallelParts) -> list[dict[str, ParallelStyle]]:
     planned_params = _matches(plan, [name for name, _ in base.named_parameters()])
     # The config, not the embeddings: a later pipeline stage holds no embeddings.
     context = _Context(family, width=base.config.hidden_size, rope_dim=getattr(base.config, "qk_rope_head_dim", None),
-                       routed=frozenset(map(id, parts.routed)))
+                       routed=frozenset(map(id, parts.routed)),
+                       expert_parallel=frozenset(map(id, parts.expert_parallel)))
     styles = []
     for layer in layers:
         prefix = names[layer] + "."
@@ -290,6 +294,7 @@ class _Context:
     width: int  # the residual stream's features
     rope_dim: int | None  # the config's qk_rope_head_dim (MLA)
     routed: frozenset[int]  # ids of the routers and routed experts (TensorParallelParts.routed)
+    expert_parallel: frozenset[int]  # ids of TensorParallelParts.expert_parallel
 
 
 def _layer_styles(context: _Context, layer: nn.Module, planned: dict[str, str],
@@ -305,8 +310,17 @@ def _layer_styles(context: _Context, layer: nn.Module, planned: dict[str, str],
             # token: it runs on this rank's slice of the sequence with its parameters replicated
             # (what the plan places in it, a shared expert's projections, included), each rank's
             # gradient covering its own tokens: no collective in forward, a summed gradient.
-            styles[child_name] = LocalParameters({name: Replicate() for name, _ in child.named_parameters()},
+            # Experts under expert parallel are FSDP-sharded on their own, gathered in their own
+            # forward (after the block's): they take their local tensors there.
+            experts = [name for name, module in child.named_modules()
+                       if name and id(module) in context.expert_parallel]
+            styles[child_name] = LocalParameters({name: Replicate() for name, _ in child.named_parameters()
+                                                  if not any(name.startswith(f"{e}.") for e in experts)},
                                                  summed_gradient=True)
+            for name in experts:
+                styles[f"{child_name}.{name}"] = LocalParameters(
+                    {param: Replicate() for param, _ in child.get_submodule(name).named_parameters()},
+                    summed_gradient=True)
             continue
         in_child, params_in_child = _under(planned, child_name), _under(planned_params, child_name)
         if not in_child and not params_in_child:

@@ -43,6 +43,7 @@ LAYOUTS: dict[str, tuple[int, list[str], bool]] = {
     "hsdp 2x2": (4, ["--parallel.dp_replicate=2", "--parallel.dp_shard=2"], False),
     "tp=2, selective AC": (2, ["--parallel.tp=2", "--parallel.dp_shard=1", "--ac.mode=selective"], False),
     "ep=2, selective AC": (2, ["--parallel.dp_shard=2", "--parallel.ep=2", "--ac.mode=selective"], True),
+    "tp=2 x ep=2": (4, ["--parallel.tp=2", "--parallel.dp_shard=2", "--parallel.ep=2"], True),
     "cp=2": (2, ["--parallel.cp=2", "--parallel.dp_shard=1"], False),
     "pp=2, HF aux loss": (2, ["--parallel.pp=2", "--parallel.dp_shard=1", "--parallel.pp_microbatches=2",
                               "--model.overrides.output_router_logits=true"], True),

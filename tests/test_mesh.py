@@ -9,7 +9,7 @@ from tests.multiproc import run_ranks
 LAYOUTS = [dict(dp_shard=4), dict(pp=2, dp_shard=2, ep=2), dict(dp_replicate=2, dp_shard=2, ep=2),
            dict(dp_shard=4, ep=2), dict(dp_shard=2, tp=2), dict(dp_replicate=2, tp=2, dp_shard=1),
            dict(dp_shard=2, cp=2), dict(dp_replicate=2, cp=2, dp_shard=1), dict(cp=2, ep=2, dp_shard=2),
-           dict(pp=2, cp=2, dp_shard=1), dict(cp=2, tp=2, dp_shard=1)]
+           dict(pp=2, cp=2, dp_shard=1), dict(cp=2, tp=2, dp_shard=1), dict(dp_shard=2, tp=2, ep=2)]
 
 
 def test_dp_shard_fills_the_world_and_ep_borrows_from_it():
@@ -21,6 +21,10 @@ def test_tp_is_innermost_and_outside_data_parallel():
     groups = ParallelDims(dp_shard=2, tp=2, world_size=4).rank_groups()
     assert groups["tp"] == [[0, 1], [2, 3]]
     assert groups["dp"] == [[0, 2], [1, 3]]  # the ranks of a tp group read the same batch
+    # Expert parallel borrows from dp_shard only: an ep group is the ranks of equal tp index, and
+    # routing counts cover every rank's tokens (sequence parallel).
+    groups = ParallelDims(dp_shard=2, tp=2, ep=2, world_size=4).rank_groups()
+    assert groups["ep"] == [[0, 2], [1, 3]] and groups["dp_cp_tp"] == [[0, 1, 2, 3]]
 
 
 def test_cp_ranks_share_samples_and_shard_the_weights_with_dp():
@@ -39,7 +43,6 @@ def test_cp_ranks_share_samples_and_shard_the_weights_with_dp():
     (dict(pp=3, world_size=4), "not divisible by pp*dp_replicate*cp*tp=3"),
     (dict(dp_shard=2, ep=4, world_size=2), "parallel.ep=4: must divide dp_shard*cp=2"),
     (dict(dp_shard=-2, world_size=2), "parallel.dp_shard=-2"),
-    (dict(tp=2, ep=2, dp_shard=2, world_size=4), "parallel.ep=2 with parallel.tp=2"),
     (dict(cp=3, world_size=4), "not divisible by pp*dp_replicate*cp*tp=3"),
 ])
 def test_invalid_dims(kwargs, message):
@@ -52,7 +55,7 @@ def _groups_seen(rank: int, world_size: int) -> list[dict[str, list[int]]]:
     for layout in LAYOUTS:
         meshes = ParallelDims(world_size=world_size, **layout).build_meshes("cpu")
         views = {}
-        for name in ("pp", "dp", "dp_cp", "fsdp", "cp", "tp", "ep", "efsdp"):
+        for name in ("pp", "dp", "dp_cp", "dp_cp_tp", "fsdp", "cp", "tp", "ep", "efsdp"):
             mesh = getattr(meshes, name)
             # HSDP views are 2-D (replicate, shard): their last dimension is the shard group.
             group = mesh.get_group(mesh.ndim - 1)

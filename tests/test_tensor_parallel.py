@@ -8,15 +8,17 @@ from collections import Counter
 import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 from transformers import AutoConfig, PretrainedConfig
 
-from harness.config import ConfigError
+from harness.checkpoint import complete_checkpoints
+from harness.config import Config, ConfigError
 from harness.loss import token_loss_sum
 from harness.materialize import canonical_name
 from harness.model_parts import tensor_parallel_parts
 from harness.models import build_meta_model, load_config as load_model_config, reference_model
 from harness.summary import startup_summary
-from harness.trainer import build_run
+from harness.trainer import build_run, resume_run
 from harness.validation import validate
 from parallel.tensor_parallel import layer_styles
 from tests.families import hand_shrunk_config, tiny_config as family_tiny_config
@@ -24,6 +26,7 @@ from tests.family_matrix import compare
 from tests.layout_run import assert_matches_reference, train_layout
 from tests.multiproc import run_ranks
 from tests.reference import reference_run, tiny_config
+from tests.test_layouts_moe import STEADY_SEED
 
 
 def _family_flags(tmp_path, family: str, tied: bool = False) -> list[str]:
@@ -39,8 +42,18 @@ def _config_flags(tmp_path, family: str, config: PretrainedConfig) -> list[str]:
     return [f"--model.path={folder}/config.json"]
 
 
-def _train_each(rank: int, world_size: int, cfgs: list) -> list:
-    return [train_layout(rank, world_size, cfg) for cfg in cfgs]
+def _train_each(rank: int, world_size: int, cfgs: list, saved: int | None = None, checkpoint_root: str | None = None,
+                resumed: Config | None = None) -> tuple[list, dict[str, torch.Tensor] | None]:
+    """Each cfg trained, `cfgs[saved]` checkpointed under `checkpoint_root` at its end; then
+    `resumed` (another layout of it) loads that checkpoint: its full parameters right after."""
+    results = [train_layout(rank, world_size, cfg, checkpoint_root if index == saved else None)
+               for index, cfg in enumerate(cfgs)]
+    if resumed is None:
+        return results, None
+    run = build_run(resumed, validate(resumed, world_size))
+    (_, path), = complete_checkpoints(checkpoint_root)
+    resume_run(run, path)
+    return results, get_model_state_dict(run.modules[0], options=StateDictOptions(full_state_dict=True))
 
 
 @pytest.mark.parametrize("world_size, layout", [
@@ -63,15 +76,40 @@ def test_layout_matches_single_process(tmp_path, world_size, layout):
             tiny_config(*layout, *_family_flags(tmp_path, "gemma2", tied=True)),
             tiny_config(*layout, *_family_flags(tmp_path, "cohere")),
             tiny_config(*layout, *_config_flags(tmp_path, "apertus", family_tiny_config("apertus")))]
+    presets, saved, resumed = [0], None, None
     if world_size == 4:
-        cfgs.append(tiny_config(*layout, *_config_flags(tmp_path, "deepseek_v3", family_tiny_config("deepseek_v3"))))
-    results = run_ranks(_train_each, world_size, cfgs)
-    assert_matches_reference([per_rank[0] for per_rank in results], reference_run(cfgs[0]))
-    for index, cfg in enumerate(cfgs[1:], start=1):
+        deepseek_v3 = _config_flags(tmp_path, "deepseek_v3", family_tiny_config("deepseek_v3"))
+        cfgs.append(tiny_config(*layout, *deepseek_v3, "--moe.bias_update_rate=0.01"))
+        # Expert parallel over the ranks of equal tp index, each tp rank dispatching its slice of
+        # the sequence: Qwen3-MoE with HF's aux loss (its statistics summed over tp), checkpointed
+        # and loaded into tp=1 x ep=2; DeepSeek-V3's shared experts and MLA with aux-loss-free
+        # balancing (its expert loads summed over tp as well; two steps: the second routes with
+        # the first's biases).
+        qwen3_moe = ["--model.preset=qwen3_moe", STEADY_SEED, "--model.overrides.output_router_logits=true",
+                     "--model.overrides.router_aux_loss_coef=0.1"]
+        cfgs += [tiny_config(*layout, "--parallel.ep=2", *qwen3_moe),
+                 tiny_config(*layout, "--parallel.ep=2", *deepseek_v3, "--moe.bias_update_rate=0.01", "--train.steps=2")]
+        presets, saved = [0, len(cfgs) - 2], len(cfgs) - 2
+        resumed = tiny_config("--parallel.dp_shard=4", "--parallel.ep=2", *qwen3_moe)
+    outcome = run_ranks(_train_each, world_size, cfgs, saved, str(tmp_path / "ckpt"), resumed)
+    results = [per_rank for per_rank, _ in outcome]
+    for index, cfg in enumerate(cfgs):
         reference = reference_run(cfg)
+        if index in presets:
+            assert_matches_reference([per_rank[index] for per_rank in results], reference)
+            continue
         routed = "deepseek_v3" in cfg.model.path
         for per_rank in results:
             assert compare(per_rank[index], reference, routed=routed) == "ok", cfg.model.path
+            if cfg.moe.bias_update_rate > 0:  # the loads of every tp rank's tokens moved the biases
+                biases = [name for name in reference[2] if name.endswith("e_score_correction_bias")]
+                assert biases and all(torch.equal(per_rank[index][2][name], reference[2][name]) for name in biases)
+    if resumed is not None:
+        trained = results[0][saved][2]
+        for _, loaded in outcome:
+            assert loaded.keys() == trained.keys()
+            for name, value in loaded.items():
+                assert torch.equal(value, trained[name]), name
 
 
 # DTensor's collectives (torch.ops._c10d_functional); FSDP2's and the loss's are c10d's own.
@@ -129,7 +167,7 @@ def test_activation_checkpointing_is_bitwise_and_selective_recomputes_no_collect
 
 
 def _pipelines_then_ac(rank: int, world_size: int, cfgs: list, ac_cfgs: dict) -> tuple[list, dict]:
-    return _train_each(rank, world_size, cfgs), _pipeline_step_under_each_ac_mode(rank, world_size, ac_cfgs)
+    return _train_each(rank, world_size, cfgs)[0], _pipeline_step_under_each_ac_mode(rank, world_size, ac_cfgs)
 
 
 def _pipeline_step_under_each_ac_mode(rank: int, world_size: int, cfgs: dict) -> dict:
@@ -152,12 +190,17 @@ def test_pipeline_stages_under_tensor_parallel(tmp_path):
     # pp=2 x tp=2: stages hand on the sequence-sharded residual stream. Gemma 2's tied embeddings
     # sit on the first and last stage (one rank each under 1F1B, one rank for both under the V
     # placement of ZBVZeroBubble, whose backward splits input and weight gradients); Cohere's
-    # logit scale on the last of four stages of Interleaved1F1B.
+    # logit scale on the last of four stages of Interleaved1F1B. Qwen3-MoE's HF aux loss: the last
+    # stage takes it of the router statistics carried through the stages and summed over tp (one
+    # step: its gradient norm carries the aux loss's gradient, at a weight of 1, where a loss of a
+    # tp rank's own statistics is 9e-2 off; at 0.1 only 1.2e-5).
     pp_tp = ["--parallel.pp=2", "--parallel.tp=2", "--parallel.dp_shard=1", "--parallel.pp_microbatches=2"]
     gemma2, cohere = _family_flags(tmp_path, "gemma2", tied=True), _family_flags(tmp_path, "cohere")
     cfgs = [tiny_config(*pp_tp, "--parallel.pp_schedule=1F1B", *gemma2),
             tiny_config(*pp_tp, "--parallel.pp_schedule=ZBVZeroBubble", *gemma2),
-            tiny_config(*pp_tp, "--parallel.pp_schedule=Interleaved1F1B", *cohere)]
+            tiny_config(*pp_tp, "--parallel.pp_schedule=Interleaved1F1B", *cohere),
+            tiny_config(*pp_tp, "--model.preset=qwen3_moe", "--train.steps=1",
+                        "--model.overrides.output_router_logits=true", "--model.overrides.router_aux_loss_coef=1.0")]
     ac_cfgs = {mode: tiny_config(*pp_tp, "--parallel.pp_schedule=GPipe", f"--ac.mode={mode}", "--train.steps=1")
                for mode in ("none", "selective", "full")}
     results = run_ranks(_pipelines_then_ac, 4, cfgs, ac_cfgs, timeout=900)

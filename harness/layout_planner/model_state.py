@@ -3,9 +3,9 @@ exact shapes each layout gives this rank's shards.
 
 Sharding, as the run applies it: tensor parallel splits what the family's TP plan styles
 (colwise: dim 0, rowwise: dim 1 of the weight; embeddings and head over the vocabulary); expert
-parallel splits experts (dim 0) over ep; FSDP2 then shards dim 0 of what is left over dp_shard
-(experts over dp_shard / ep, along dim 1 when fewer experts than shards remain), padded to equal
-shards, and HSDP replicates those shards over dp_replicate. Parameters, gradients and both AdamW
+parallel splits experts (dim 0) over ep, replicated over tp; FSDP2 then shards dim 0 of what is
+left over dp_shard (experts over dp_shard / ep, along dim 1 when fewer experts than shards
+remain), padded to equal shards, and HSDP replicates those shards over dp_replicate. Parameters, gradients and both AdamW
 moments are fp32 shards; FSDP gathers each layer in the compute dtype for its forward and
 backward (two layers at once with prefetching), and the root (embeddings, final norm, head)
 stays gathered for the whole step. Under pipeline parallel, layers stay gathered between

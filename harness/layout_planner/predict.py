@@ -171,7 +171,8 @@ def _step_times(facts: ModelFacts, layout: Layout, cfg: Config, world: int, gpus
         times["tp"] = tp / 1e9 / _link_GBps(device, layout.tp, gpus_per_node)
     if layout.ep > 1:
         moe_layers = sum(1 for i in layer_ids if any(t.expert for t in facts.state.layers[i]))
-        ep = microbatches * moe_layers * 4 * activation * facts.top_k * (layout.ep - 1) / layout.ep
+        # Under tp each rank dispatches its slice of the sequence (sequence parallel).
+        ep = microbatches * moe_layers * 4 * activation / layout.tp * facts.top_k * (layout.ep - 1) / layout.ep
         times["ep"] = ep / 1e9 / _link_GBps(device, layout.ep * layout.tp, gpus_per_node)
     if layout.cp > 1:
         # Keys and values all-gathered per attention layer forward (again under full AC), their

@@ -1,0 +1,50 @@
+"""One rank of a tensor- and context-parallel layout, on a fake process group, for ac.mode=budget's
+fake-tensor step (parallel/ac_budget.py): the step runs the layer as a rank runs it, DTensor
+shards, sequence-parallel redistributions and the key/value all-gather included, so its memory is
+a rank's. A fake process group communicates nothing, and under fake tensors no collective runs;
+it only gives the meshes and groups the parallel styles are built on.
+
+Validation runs in the launcher before any worker starts, so no process group exists yet; the
+fake one is this process's default group for the measurement only.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import torch.distributed as dist
+from torch import nn
+
+from harness.model_parts import tensor_parallel_parts
+from parallel.ac_budget import RankLayout
+from parallel.context_parallel import SequenceShard
+from parallel.cp_attention import use_context_parallel_attention
+from parallel.mesh import ParallelDims
+from parallel.tensor_parallel import apply_tensor_parallel
+
+
+@contextmanager
+def fake_rank_layout(tp: int, cp: int, seq_len: int) -> Iterator[RankLayout | None]:
+    """Rank 0 of a tp x cp layout over sequences of `seq_len` tokens (None when both are 1). Every
+    rank keeps the same activations: tensor parallel splits evenly, and context parallel's
+    head-tail chunks give each rank keys up to the same total length."""
+    if tp == cp == 1:
+        yield None
+        return
+    assert not dist.is_initialized(), "the budget's fake layout is measured before any process group starts"
+    dist.init_process_group("fake", store=dist.HashStore(), rank=0, world_size=tp * cp)
+    try:
+        meshes = ParallelDims(pp=1, dp_replicate=1, dp_shard=1, cp=cp, tp=tp, ep=1,
+                              world_size=tp * cp).build_meshes("cpu")
+        shard = SequenceShard(meshes.cp.get_group(), seq_len) if cp > 1 else None
+
+        def parallelize(model: nn.Module) -> None:
+            if shard is not None:
+                use_context_parallel_attention(model, shard)
+            if tp > 1:
+                apply_tensor_parallel(tensor_parallel_parts(model), meshes.tp)
+
+        yield RankLayout(parallelize=parallelize, sequence_shard=shard)
+    finally:
+        dist.destroy_process_group()

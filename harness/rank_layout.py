@@ -20,8 +20,25 @@ from harness.model_parts import tensor_parallel_parts
 from parallel.ac_budget import RankLayout
 from parallel.context_parallel import SequenceShard
 from parallel.cp_attention import use_context_parallel_attention
-from parallel.mesh import ParallelDims
+from parallel.mesh import ParallelDims, ParallelMeshes
 from parallel.tensor_parallel import apply_tensor_parallel
+
+
+def rank_layout(meshes: ParallelMeshes, seq_len: int) -> RankLayout | None:
+    """This rank's share of the layout of `meshes` (tensor and context parallel only; None when it
+    has neither), applied to a meta-device model in the order `harness.parallelize` applies it."""
+    tp, cp = meshes.tp.size(), meshes.cp.size()
+    if tp == cp == 1:
+        return None
+    shard = SequenceShard(meshes.cp.get_group(), seq_len) if cp > 1 else None
+
+    def parallelize(model: nn.Module) -> None:
+        if shard is not None:
+            use_context_parallel_attention(model, shard)
+        if tp > 1:
+            apply_tensor_parallel(tensor_parallel_parts(model), meshes.tp)
+
+    return RankLayout(parallelize=parallelize, sequence_shard=shard)
 
 
 @contextmanager
@@ -35,16 +52,7 @@ def fake_rank_layout(tp: int, cp: int, seq_len: int) -> Iterator[RankLayout | No
     assert not dist.is_initialized(), "the budget's fake layout is measured before any process group starts"
     dist.init_process_group("fake", store=dist.HashStore(), rank=0, world_size=tp * cp)
     try:
-        meshes = ParallelDims(pp=1, dp_replicate=1, dp_shard=1, cp=cp, tp=tp, ep=1,
-                              world_size=tp * cp).build_meshes("cpu")
-        shard = SequenceShard(meshes.cp.get_group(), seq_len) if cp > 1 else None
-
-        def parallelize(model: nn.Module) -> None:
-            if shard is not None:
-                use_context_parallel_attention(model, shard)
-            if tp > 1:
-                apply_tensor_parallel(tensor_parallel_parts(model), meshes.tp)
-
-        yield RankLayout(parallelize=parallelize, sequence_shard=shard)
+        dims = ParallelDims(pp=1, dp_replicate=1, dp_shard=1, cp=cp, tp=tp, ep=1, world_size=tp * cp)
+        yield rank_layout(dims.build_meshes("cpu"), seq_len)
     finally:
         dist.destroy_process_group()

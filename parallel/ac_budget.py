@@ -260,16 +260,21 @@ def track_step(model: nn.Module, layers: Sequence[nn.Module], input_ids: torch.T
     tensors alike; `during`: a context the step runs in."""
     tracker = MemTracker()
     kept = [0] * len(layers)
+    forward = [True]  # a checkpointed layer's recompute in backward runs its hooks again
     handles = []
     for index, layer in enumerate(layers):
         def before(*_: Any, index: int = index) -> None:
-            kept[index] = -_activation_bytes(tracker.get_tracker_snapshot("current"))
+            if forward[0]:
+                kept[index] = -_activation_bytes(tracker.get_tracker_snapshot("current"))
         def after(*_: Any, index: int = index) -> None:
-            kept[index] += _activation_bytes(tracker.get_tracker_snapshot("current"))
+            if forward[0]:
+                kept[index] += _activation_bytes(tracker.get_tracker_snapshot("current"))
         handles += [layer.register_forward_pre_hook(before), layer.register_forward_hook(after)]
     tracker.track_external(model, input_ids)
     with tracker, during:
-        loss_fn(model(input_ids=input_ids, **model_inputs).logits, input_ids).backward()
+        loss = loss_fn(model(input_ids=input_ids, **model_inputs).logits, input_ids)
+        forward[0] = False
+        loss.backward()
     for handle in handles:
         handle.remove()
     peak = max(_activation_bytes({device: snap}) for device, snap in tracker.get_tracker_snapshot("peak").items())

@@ -3,6 +3,7 @@ rank's per-layer activation memory."""
 
 from __future__ import annotations
 
+import copy
 from collections import Counter
 from dataclasses import replace
 
@@ -98,7 +99,7 @@ def kept_bytes_on_rank(config: PretrainedConfig, meshes: ParallelMeshes, rows: i
     input_ids = torch.randint(0, config.vocab_size, (rows, seq_len), generator=torch.Generator().manual_seed(0))
     kept = {}
     for mode in BUDGET_MODES:
-        model = build_meta_model(config)
+        model = build_meta_model(copy.deepcopy(config))  # context parallel renames its attention implementation
         layout.parallelize(model)
         layers = list(decoder_layers(model))
         apply_budget_plan(model, decoder_layers(model), [mode] * len(layers))

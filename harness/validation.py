@@ -139,8 +139,7 @@ def _check_context_parallel(cfg: Config, dims: ParallelDims, model: nn.Module) -
         return
     # HF's router aux loss multiplies two means over the micro batch's tokens; a cp rank sees a
     # part of them, and the product of partial means is not the whole batch's.
-    unsupported = [(cfg.train.compile, "train.compile=true", "set train.compile=false"),
-                   (getattr(model.config, "output_router_logits", False), "HF's router aux loss (output_router_logits)",
+    unsupported = [(getattr(model.config, "output_router_logits", False), "HF's router aux loss (output_router_logits)",
                     "set model.overrides.output_router_logits=false")]
     for refused, what, fix in unsupported:
         if refused:

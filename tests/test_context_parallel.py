@@ -227,7 +227,6 @@ def _family_cfg(tmp_path, family: str, *flags: str):
 
 @pytest.mark.parametrize("family, flags, message", [
     ("llama", ["--train.seq_len=30"], r"train.seq_len=30: context parallel cuts each sequence into 2\*parallel.cp=4 "),
-    ("llama", ["--train.compile=true"], "parallel.cp=2: not supported with train.compile=true yet"),
     ("qwen3_moe", ["--model.overrides.output_router_logits=true"], r"not supported with HF's router aux loss"),
     ("qwen3_next", [], "Qwen3NextForCausalLM has 'linear_attention' layers"),
     ("lfm2_moe", [], "Lfm2MoeForCausalLM has 'conv' layers"),

@@ -4,16 +4,19 @@ shards, sequence-parallel redistributions and the key/value all-gather included,
 a rank's. A fake process group communicates nothing, and under fake tensors no collective runs;
 it only gives the meshes and groups the parallel styles are built on.
 
-Validation runs in the launcher before any worker starts, so no process group exists yet; the
-fake one is this process's default group for the measurement only.
+Validation runs in the launcher, and in each worker before it joins its process group, so no
+process group exists yet; the fake one is this process's default group for the measurement only.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from typing import TypeVar
 
 import torch.distributed as dist
+# Registers the "fake" backend (a process group that communicates nothing).
+import torch.testing._internal.distributed.fake_pg  # noqa: F401
 from torch import nn
 
 from harness.model_parts import tensor_parallel_parts
@@ -22,6 +25,8 @@ from parallel.context_parallel import SequenceShard
 from parallel.cp_attention import use_context_parallel_attention
 from parallel.mesh import ParallelDims, ParallelMeshes
 from parallel.tensor_parallel import apply_tensor_parallel
+
+T = TypeVar("T")
 
 
 def rank_layout(meshes: ParallelMeshes, seq_len: int) -> RankLayout | None:
@@ -41,18 +46,25 @@ def rank_layout(meshes: ParallelMeshes, seq_len: int) -> RankLayout | None:
     return RankLayout(parallelize=parallelize, sequence_shard=shard)
 
 
-@contextmanager
-def fake_rank_layout(tp: int, cp: int, seq_len: int) -> Iterator[RankLayout | None]:
-    """Rank 0 of a tp x cp layout over sequences of `seq_len` tokens (None when both are 1). Every
-    rank keeps the same activations: tensor parallel splits evenly, and context parallel's
+def on_fake_rank(tp: int, cp: int, seq_len: int, measure: Callable[[RankLayout | None], T]) -> T:
+    """`measure(layout)` on rank 0 of a tp x cp layout over sequences of `seq_len` tokens (None when
+    both are 1), in a thread of its own. DTensor caches redistribution plans and mesh facts per
+    mesh, and meshes compare equal across process groups (same ranks, dims and thread): in this
+    thread, the real meshes a worker builds after validation would reuse what was computed for the
+    fake rank 0 (rank 1 of tp=2 then read and saved rank 0's shards)."""
+    with ThreadPoolExecutor(max_workers=1) as thread:
+        return thread.submit(_measure_on_fake_rank, tp, cp, seq_len, measure).result()
+
+
+def _measure_on_fake_rank(tp: int, cp: int, seq_len: int, measure: Callable[[RankLayout | None], T]) -> T:
+    """Every rank keeps the same activations: tensor parallel splits evenly, and context parallel's
     head-tail chunks give each rank keys up to the same total length."""
     if tp == cp == 1:
-        yield None
-        return
+        return measure(None)
     assert not dist.is_initialized(), "the budget's fake layout is measured before any process group starts"
     dist.init_process_group("fake", store=dist.HashStore(), rank=0, world_size=tp * cp)
     try:
         dims = ParallelDims(pp=1, dp_replicate=1, dp_shard=1, cp=cp, tp=tp, ep=1, world_size=tp * cp)
-        yield rank_layout(dims.build_meshes("cpu"), seq_len)
+        return measure(rank_layout(dims.build_meshes("cpu"), seq_len))
     finally:
         dist.destroy_process_group()

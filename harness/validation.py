@@ -23,7 +23,7 @@ from harness.model_parts import (check_pipeline_support, decoder_layers, expert_
                                  moe_blocks, router_aux_loss_function, tensor_parallel_parts)
 from harness.models import build_meta_model, check_weights, error_reason, load_config as load_model_config
 from harness.plan import Plan
-from harness.rank_layout import fake_rank_layout
+from harness.rank_layout import on_fake_rank
 from harness.run_folder import RunFolder, run_folder
 from harness.run_identity import first_difference, read_identity, run_identity
 from moe.balance import splits_over_stages
@@ -125,9 +125,8 @@ def _check_activation_checkpointing(cfg: Config, dims: ParallelDims, model: nn.M
     shape = StepShape(rows=cfg.train.micro_batch_size, seq_len=cfg.train.seq_len,
                       dtype=mixed_precision_policy(device_type).param_dtype or torch.float32, device_type=device_type)
     try:
-        with fake_rank_layout(dims.tp, dims.cp, cfg.train.seq_len) as layout:
-            return choose_plan(model, decoder_layers(model), int(budget * 2**20), shape, token_loss_sum,
-                               layout=layout)
+        return on_fake_rank(dims.tp, dims.cp, cfg.train.seq_len, lambda layout: choose_plan(
+            model, decoder_layers(model), int(budget * 2**20), shape, token_loss_sum, layout=layout))
     except ValueError as e:
         raise ConfigError(f"ac.budget_mib={budget:g}: too small for train.micro_batch_size={shape.rows} x "
                           f"train.seq_len={shape.seq_len}: {e}; raise ac.budget_mib or lower the micro batch "

@@ -17,7 +17,7 @@ from harness.loss import token_loss_sum
 from harness.materialize import canonical_name, materialize
 from harness.model_parts import decoder_layers
 from harness.models import build_meta_model, load_config as load_model_config, reference_model
-from harness.rank_layout import fake_rank_layout, rank_layout
+from harness.rank_layout import on_fake_rank, rank_layout
 from parallel.ac_budget import BUDGET_MODES, Measurement, StepShape, apply_budget_plan, measure_layers, track_step
 from parallel.mesh import ParallelMeshes
 
@@ -117,8 +117,8 @@ def predicted_layers_and_budget_config(cfg: Config, tp: int, cp: int) -> tuple[M
     meta = build_meta_model(load_model_config(cfg.model.preset, cfg.model.path, cfg.model.overrides))
     shape = StepShape(rows=cfg.train.micro_batch_size, seq_len=cfg.train.seq_len, dtype=torch.float32,
                       device_type="cpu")
-    with fake_rank_layout(tp, cp, cfg.train.seq_len) as layout:
-        measurement = measure_layers(meta, decoder_layers(meta), shape, token_loss_sum, layout=layout)
+    measurement = on_fake_rank(tp, cp, cfg.train.seq_len, lambda layout: measure_layers(
+        meta, decoder_layers(meta), shape, token_loss_sum, layout=layout))
     peaks = measurement.uniform_peak_bytes
     budget_mib = (peaks["none"] + peaks["full"]) / 2 / 2**20
     return measurement, replace(cfg, ac=replace(cfg.ac, mode="budget", budget_mib=budget_mib))

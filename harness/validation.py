@@ -23,6 +23,7 @@ from harness.model_parts import (check_pipeline_support, decoder_layers, expert_
                                  moe_blocks, router_aux_loss_function, tensor_parallel_parts)
 from harness.models import build_meta_model, check_weights, error_reason, load_config as load_model_config
 from harness.plan import Plan
+from harness.rank_layout import on_fake_rank
 from harness.run_folder import RunFolder, run_folder
 from harness.run_identity import first_difference, read_identity, run_identity
 from moe.balance import splits_over_stages
@@ -124,7 +125,8 @@ def _check_activation_checkpointing(cfg: Config, dims: ParallelDims, model: nn.M
     shape = StepShape(rows=cfg.train.micro_batch_size, seq_len=cfg.train.seq_len,
                       dtype=mixed_precision_policy(device_type).param_dtype or torch.float32, device_type=device_type)
     try:
-        return choose_plan(model, decoder_layers(model), int(budget * 2**20), shape, token_loss_sum)
+        return on_fake_rank(dims.tp, dims.cp, cfg.train.seq_len, lambda layout: choose_plan(
+            model, decoder_layers(model), int(budget * 2**20), shape, token_loss_sum, layout=layout))
     except ValueError as e:
         raise ConfigError(f"ac.budget_mib={budget:g}: too small for train.micro_batch_size={shape.rows} x "
                           f"train.seq_len={shape.seq_len}: {e}; raise ac.budget_mib or lower the micro batch "
@@ -136,9 +138,7 @@ def _check_context_parallel(cfg: Config, dims: ParallelDims, model: nn.Module) -
         return
     # HF's router aux loss multiplies two means over the micro batch's tokens; a cp rank sees a
     # part of them, and the product of partial means is not the whole batch's.
-    unsupported = [(cfg.train.compile, "train.compile=true", "set train.compile=false"),
-                   (_ac_mode(cfg.ac.mode) == "budget", "ac.mode=budget", "use another ac.mode"),
-                   (getattr(model.config, "output_router_logits", False), "HF's router aux loss (output_router_logits)",
+    unsupported = [(getattr(model.config, "output_router_logits", False), "HF's router aux loss (output_router_logits)",
                     "set model.overrides.output_router_logits=false")]
     for refused, what, fix in unsupported:
         if refused:
@@ -176,9 +176,6 @@ def _check_tensor_parallel(cfg: Config, dims: ParallelDims, model: nn.Module, gp
         raise ConfigError(f"parallel.tp={tp}: larger than a node's {gpus_per_node} GPUs (a tensor-parallel group "
                           "communicates at every layer and must stay inside one node); set parallel.tp <= "
                           f"{gpus_per_node} and use dp_shard or pp across nodes")
-    if _ac_mode(cfg.ac.mode) == "budget":
-        raise ConfigError(f"parallel.tp={tp}: not supported with ac.mode=budget yet (its plan is measured on the "
-                          "unsharded layer); use another ac.mode or parallel.tp=1")
     config = model.config
     vocab = getattr(config, "vocab_size", None)
     if isinstance(vocab, int) and vocab % tp:

@@ -9,6 +9,11 @@ same fake forward: each op's roofline cost, summed over the ops a mode recompute
 
 Choice: from none everywhere, move layers to modes that keep less, best bytes saved per cost
 added first, until the simulated peak fits the budget.
+
+Under tensor and context parallel the fake step is one rank's: the copy it runs is parallelized as
+a run parallelizes it (`RankLayout`, on a fake process group), so each layer keeps what it keeps on
+a rank: its slice of the sequence in the residual stream and norms, its heads and features in the
+column-parallel parts, and under context parallel the whole sequence's gathered keys and values.
 """
 
 from __future__ import annotations
@@ -17,13 +22,14 @@ import contextlib
 import math
 import copy
 from dataclasses import dataclass
-from typing import Any, Callable, Collection, Iterator, Sequence
+from typing import Any, Callable, Collection, ContextManager, Iterator, Sequence
 
 import torch
 from torch import nn
 from torch._subclasses import fake_impls
-from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
+from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode, unset_fake_temporarily
 from torch.distributed._tools.mem_tracker import MemTracker, _MemRefType
+from torch.distributed.tensor import DTensor
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 from torch.utils.checkpoint import CheckpointPolicy, SelectiveCheckpointContext
@@ -31,6 +37,7 @@ from torch.utils.flop_counter import flop_registry
 
 from parallel.activation_checkpointing import (_layer_slots, apply_activation_checkpointing,
                                                make_selective_checkpoint_context_fn)
+from parallel.context_parallel import SequenceShard
 
 # The recipe's name of this mode, next to `activation_checkpointing.AC_MODES`'s uniform ones.
 BUDGET_MODE = "budget"
@@ -59,6 +66,15 @@ class StepShape:
     seq_len: int
     dtype: torch.dtype
     device_type: str
+
+
+@dataclass(frozen=True)
+class RankLayout:
+    """One rank of a tensor- and/or context-parallel layout, for the fake step: `parallelize` does
+    to a meta-device model what the run does before activation checkpointing (context-parallel
+    attention over `sequence_shard`, tensor parallel), on meshes of a fake process group."""
+    parallelize: Callable[[nn.Module], None]
+    sequence_shard: SequenceShard | None
 
 
 @dataclass(frozen=True)
@@ -137,7 +153,8 @@ def _meta_copy(model: nn.Module, layers: Sequence[nn.Module]) -> tuple[nn.Module
 
 def _make_fake(model: nn.Module, shape: StepShape) -> None:
     """Replace the parameters and buffers of `model` by fake tensors on the run's device, parameters
-    in the compute dtype, tied parameters still tied. Call under a FakeTensorMode."""
+    in the compute dtype, tied parameters still tied, tensor-parallel shards (DTensors) as this
+    rank's shards. Call under a FakeTensorMode."""
     made: dict[int, torch.Tensor] = {}
     for module in model.modules():
         for store, is_param in ((module._parameters, True), (module._buffers, False)):
@@ -146,7 +163,14 @@ def _make_fake(model: nn.Module, shape: StepShape) -> None:
                     continue
                 if id(tensor) not in made:
                     dtype = shape.dtype if is_param and tensor.is_floating_point() else tensor.dtype
-                    empty = torch.empty(tensor.shape, dtype=dtype, device=shape.device_type)
+                    if isinstance(tensor, DTensor):
+                        with unset_fake_temporarily():  # the meta shard's shape
+                            local_shape = tensor.to_local().shape
+                        local = torch.empty(local_shape, dtype=dtype, device=shape.device_type)
+                        empty = DTensor.from_local(local, tensor.device_mesh, tensor.placements, run_check=False,
+                                                   shape=tensor.shape, stride=tensor.stride())
+                    else:
+                        empty = torch.empty(tensor.shape, dtype=dtype, device=shape.device_type)
                     made[id(tensor)] = nn.Parameter(empty, requires_grad=tensor.requires_grad) if is_param else empty
                 store[name] = made[id(tensor)]
 
@@ -227,31 +251,57 @@ class _Simulation:
     recompute: _RecomputeCost | None
 
 
+def track_step(model: nn.Module, layers: Sequence[nn.Module], input_ids: torch.Tensor, loss_fn: LossFn,
+               model_inputs: dict[str, torch.Tensor], during: ContextManager = contextlib.nullcontext()
+               ) -> tuple[int, list[int]]:
+    """Forward and backward of `model` on `input_ids` (its own labels) under MemTracker: the peak
+    activation bytes (everything but parameters, gradients, buffers and optimizer state) and the
+    bytes each of `layers` (checkpoint-wrapped or not) left alive after its forward. Fake or real
+    tensors alike; `during`: a context the step runs in."""
+    tracker = MemTracker()
+    kept = [0] * len(layers)
+    forward = [True]  # a checkpointed layer's recompute in backward runs its hooks again
+    handles = []
+    for index, layer in enumerate(layers):
+        def before(*_: Any, index: int = index) -> None:
+            if forward[0]:
+                kept[index] = -_activation_bytes(tracker.get_tracker_snapshot("current"))
+        def after(*_: Any, index: int = index) -> None:
+            if forward[0]:
+                kept[index] += _activation_bytes(tracker.get_tracker_snapshot("current"))
+        handles += [layer.register_forward_pre_hook(before), layer.register_forward_hook(after)]
+    tracker.track_external(model, input_ids)
+    with tracker, during:
+        loss = loss_fn(model(input_ids=input_ids, **model_inputs).logits, input_ids)
+        forward[0] = False
+        loss.backward()
+    for handle in handles:
+        handle.remove()
+    peak = max(_activation_bytes({device: snap}) for device, snap in tracker.get_tracker_snapshot("peak").items())
+    return peak, kept
+
+
 def simulate(model: nn.Module, layers: Sequence[nn.Module], layer_modes: Sequence[str], shape: StepShape,
-             loss_fn: LossFn, extra_save_ops: Collection[Any] = (), price_ops: bool = False) -> _Simulation:
+             loss_fn: LossFn, extra_save_ops: Collection[Any] = (), price_ops: bool = False,
+             layout: RankLayout | None = None) -> _Simulation:
     """One training step of `model` (meta device) on fake tensors with `layer_modes[i]` applied
-    to `layers[i]`: peak activation bytes (MemTracker, everything but parameters, gradients,
-    buffers and optimizer state) and each layer's kept bytes. `price_ops`: also price each
-    layer's forward ops for full and selective recompute."""
+    to `layers[i]`: peak activation bytes and each layer's kept bytes (`track_step`). `price_ops`:
+    also price each layer's forward ops for full and selective recompute. `layout`: the step of one
+    rank of it."""
     fake, fake_layers = _meta_copy(model, layers)
-    with _fake_friendly_ops(), FakeTensorMode():
+    shard = layout.sequence_shard if layout is not None else None
+    if layout is not None:
+        layout.parallelize(fake)
+    # The sequence shard's index tensors and causal biases are real (built once, outside any step).
+    with _fake_friendly_ops(), FakeTensorMode(allow_non_fake_inputs=shard is not None):
         _make_fake(fake, shape)
         apply_budget_plan(fake, fake_layers, layer_modes, extra_save_ops)
-        tracker = MemTracker()
-        kept = [0] * len(fake_layers)
-        for index, layer in enumerate(fake_layers):
-            def before(*_: Any, index: int = index) -> None:
-                kept[index] = -_activation_bytes(tracker.get_tracker_snapshot("current"))
-            def after(*_: Any, index: int = index) -> None:
-                kept[index] += _activation_bytes(tracker.get_tracker_snapshot("current"))
-            layer.register_forward_pre_hook(before)
-            layer.register_forward_hook(after)
-        input_ids = torch.zeros(shape.rows, shape.seq_len, dtype=torch.long, device=shape.device_type)
+        seq_len = shape.seq_len if shard is None else shard.local_index.numel()
+        input_ids = torch.zeros(shape.rows, seq_len, dtype=torch.long, device=shape.device_type)
+        model_inputs = shard.model_inputs(shape.rows, None, input_ids.device) if shard is not None else {}
         recompute = _RecomputeCost(fake_layers, shape.device_type) if price_ops else None
-        tracker.track_external(fake, input_ids)
-        with tracker, recompute or contextlib.nullcontext():
-            loss_fn(fake(input_ids=input_ids).logits, input_ids).backward()
-        peak = max(_activation_bytes({device: snap}) for device, snap in tracker.get_tracker_snapshot("peak").items())
+        peak, kept = track_step(fake, fake_layers, input_ids, loss_fn, model_inputs,
+                                recompute or contextlib.nullcontext())
     return _Simulation(peak_bytes=peak, kept_bytes=kept, recompute=recompute)
 
 
@@ -262,11 +312,11 @@ class Measurement:
 
 
 def measure_layers(model: nn.Module, layers: Sequence[nn.Module], shape: StepShape, loss_fn: LossFn,
-                   extra_save_ops: Collection[Any] = ()) -> Measurement:
+                   extra_save_ops: Collection[Any] = (), layout: RankLayout | None = None) -> Measurement:
     """Each layer's kept bytes and recompute cost under each of `BUDGET_MODES`, from one fake
-    step per mode (every layer in that mode)."""
+    step per mode (every layer in that mode), on one rank of `layout`."""
     runs = {mode: simulate(model, layers, [mode] * len(layers), shape, loss_fn, extra_save_ops,
-                           price_ops=mode == "none") for mode in BUDGET_MODES}
+                           price_ops=mode == "none", layout=layout) for mode in BUDGET_MODES}
     prices = runs["none"].recompute
     costs = [LayerCost(kept_bytes={mode: runs[mode].kept_bytes[i] for mode in BUDGET_MODES},
                        recompute_cost={"none": 0.0, "selective": prices.selective[i], "full": prices.full[i]})
@@ -299,21 +349,22 @@ def greedy_sequence(costs: Sequence[LayerCost]) -> list[tuple[str, ...]]:
 
 def choose_plan(model: nn.Module, layers: Sequence[nn.Module], budget_bytes: int, shape: StepShape,
                 loss_fn: LossFn, extra_save_ops: Collection[Any] = (),
-                measurement: Measurement | None = None) -> BudgetPlan:
+                measurement: Measurement | None = None, layout: RankLayout | None = None) -> BudgetPlan:
     """The cheapest plan along the greedy sequence whose simulated peak fits `budget_bytes`.
 
     The sequence is (nearly) monotone in memory, so a binary search over it needs only a few fake
     steps. Raises ValueError naming the smallest achievable peak when even its end does not fit.
-    `measurement`: `measure_layers`' answer, when already at hand.
+    `measurement`: `measure_layers`' answer, when already at hand. `layout`: plan one rank of it.
     """
-    measurement = measurement or measure_layers(model, layers, shape, loss_fn, extra_save_ops)
+    measurement = measurement or measure_layers(model, layers, shape, loss_fn, extra_save_ops, layout)
     plans = greedy_sequence(measurement.layers)
     uniform = {(mode,) * len(layers): peak for mode, peak in measurement.uniform_peak_bytes.items()}
     peaks = {index: uniform[plan] for index, plan in enumerate(plans) if plan in uniform}
 
     def peak(index: int) -> int:
         if index not in peaks:
-            peaks[index] = simulate(model, layers, plans[index], shape, loss_fn, extra_save_ops).peak_bytes
+            peaks[index] = simulate(model, layers, plans[index], shape, loss_fn, extra_save_ops,
+                                    layout=layout).peak_bytes
         return peaks[index]
 
     last = len(plans) - 1

@@ -147,7 +147,9 @@ def test_verbose_prints_the_libraries_warnings_after_the_error(tmp_path) -> None
 
 
 def test_launcher_trains_under_a_budget_on_two_ranks(tmp_path) -> None:
-    result = _launch(tmp_path, "--ac.mode=budget", "--ac.budget_mib=2.5")
+    # Under tp=2 each worker validates (the fake rank's step) before it joins the process group,
+    # then trains and saves its shards.
+    result = _launch(tmp_path, "--ac.mode=budget", "--ac.budget_mib=2.5", "--parallel.dp_shard=1", "--parallel.tp=2")
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     output = (result.stdout + result.stderr).splitlines()
     assert not any("Warning" in line for line in output), output

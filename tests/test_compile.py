@@ -1,6 +1,7 @@
 """Compiling each transformer block: the same losses and gradients as eager (inductor's fused
 kernels round differently, so within 1e-4), with every activation-checkpointing mode and under
-tensor parallel; a machine without a C++ compiler is told so instead of failing inside inductor."""
+tensor and context parallel; a machine without a C++ compiler is told so instead of failing
+inside inductor."""
 
 from __future__ import annotations
 
@@ -78,12 +79,31 @@ def test_selective_context_under_a_tracing_mode_is_sac_own_modes():
     assert len(seen) == 2 and all(isinstance(mode, TorchDispatchMode) for mode in seen), seen
 
 
-def test_compiled_blocks_under_tensor_parallel_match_eager():
-    # tp=2 with selective AC: each compiled block holds DTensor parameters, sequence-parallel
-    # norms and the hooks that gather and scatter the sequence; against the one-process eager run.
-    cfg = tiny_config("--parallel.tp=2", "--parallel.dp_shard=1", "--train.compile=true", "--ac.mode=selective",
-                      "--train.steps=2")
-    reference_losses, reference_norms, _ = reference_run(cfg)
-    for losses, norms, _ in run_ranks(train_layout, 2, cfg, timeout=900):
-        torch.testing.assert_close(torch.tensor(losses), torch.tensor(reference_losses), atol=1e-4, rtol=0)
-        torch.testing.assert_close(torch.tensor(norms), torch.tensor(reference_norms), atol=0, rtol=1e-4)
+def _train_each_compiled(rank: int, world_size: int, cfgs: list) -> list:
+    """Per config: what `train_layout` returns, and the graphs dynamo compiled for it."""
+    from torch._dynamo.utils import counters
+
+    out = []
+    for cfg in cfgs:
+        before = counters["stats"]["unique_graphs"]
+        out.append((train_layout(rank, world_size, cfg), counters["stats"]["unique_graphs"] - before))
+    return out
+
+
+def test_compiled_blocks_under_tensor_and_context_parallel_match_eager():
+    # tp=2 with selective AC: each block holds DTensor parameters, sequence-parallel norms and the
+    # hooks that gather and scatter the sequence. cp=2: each compiled block holds context
+    # parallel's attention (the key/value all-gather's autograd function over functional
+    # collectives, the chunks' causal biases) in one graph. Both against the one-process eager run.
+    # Under selective AC dynamo traces no graph of a llama block here (a side effect inside
+    # checkpoint's higher-order op, from the `kernels` package's forward wrapper) and runs it eager,
+    # so only the cp run is asserted to have compiled.
+    tp_cfg = tiny_config("--parallel.tp=2", "--parallel.dp_shard=1", "--train.compile=true", "--ac.mode=selective",
+                         "--train.steps=2")
+    cp_cfg = tiny_config("--parallel.cp=2", "--parallel.dp_shard=1", "--train.compile=true", "--train.steps=2")
+    references = [reference_run(cfg) for cfg in (tp_cfg, cp_cfg)]
+    for per_rank in run_ranks(_train_each_compiled, 2, [tp_cfg, cp_cfg], timeout=900):
+        assert per_rank[1][1] > 0, "the cp run compiled no graph"
+        for ((losses, norms, _), _), (reference_losses, reference_norms, _) in zip(per_rank, references):
+            torch.testing.assert_close(torch.tensor(losses), torch.tensor(reference_losses), atol=1e-4, rtol=0)
+            torch.testing.assert_close(torch.tensor(norms), torch.tensor(reference_norms), atol=0, rtol=1e-4)

@@ -34,8 +34,11 @@ CASES = [
     (["--parallel.dp_shard=0"], 1, "parallel.dp_shard=0"),
     (["--parallel.tp=2", "--parallel.pp=2", "--parallel.dp_shard=1", "--parallel.pp_layers_per_stage=[0,4]"], 4,
      "under parallel.tp=2 the first stage needs a decoder layer"),
-    (["--parallel.tp=2", "--parallel.dp_shard=1", "--ac.mode=budget", "--ac.budget_mib=100"], 2,
-     "not supported with ac.mode=budget"),
+    # The budget is measured on one rank of the layout (a fake process group, started and ended here).
+    (["--parallel.tp=2", "--parallel.dp_shard=1", "--ac.mode=budget", "--ac.budget_mib=0.01"], 2,
+     "ac.budget_mib=0.01: too small"),
+    (["--parallel.cp=2", "--parallel.dp_shard=1", "--ac.mode=budget", "--ac.budget_mib=0.01"], 2,
+     "ac.budget_mib=0.01: too small"),
     (["--parallel.tp=4", "--parallel.dp_shard=1"], 4, "parallel.tp=4: must divide the model's num_key_value_heads=2"),
     (["--parallel.tp=2", "--parallel.dp_shard=1", "--train.seq_len=33"], 2, "must divide train.seq_len=33"),
     (["--parallel.tp=2", "--parallel.dp_shard=1", "--model.overrides.vocab_size=257"], 2, "vocab_size=257"),

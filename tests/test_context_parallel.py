@@ -24,6 +24,8 @@ from parallel.context_parallel import SequenceShard, forward_arguments, head_tai
 from parallel.cp_attention import check_context_parallel
 from parallel.cp_causal_attention import chunked_causal_attention
 from parallel.cp_ring_attention import ring_attention
+from parallel.mesh import ParallelDims
+from tests.ac_helpers import assert_kept_bytes_predicted, kept_bytes_on_rank, predicted_layers_and_budget_config
 from tests.data_helpers import write_jsonl
 from tests.families import hand_shrunk_config, tiny_config as family_tiny_config
 from tests.family_matrix import compare
@@ -99,11 +101,13 @@ class CollectiveCounter(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
-def _step_under_each_ac_mode(rank: int, world_size: int, cfgs: dict) -> dict:
-    """Per AC mode: the loss, every gradient shard, and the collectives of forward and backward."""
+def _step_under_each_ac_mode(rank: int, world_size: int, cfgs: dict, plans: dict) -> dict:
+    """Per AC mode: the loss, every gradient shard, and the collectives of forward and backward.
+    `plans`: the modes validated before the spawn (ac.mode=budget measures on a fake process group,
+    which only a process without one can start)."""
     out = {}
     for mode, cfg in cfgs.items():
-        run = build_run(cfg, validate(cfg, world_size))
+        run = build_run(cfg, plans.get(mode) or validate(cfg, world_size))
         model = run.modules[0]
         inputs, labels, _ = local_batch(run, 0)
         extra, context = forward_arguments(run.sequence_shard, inputs.shape[0], None, torch.device("cpu"))
@@ -142,9 +146,13 @@ def _chunked_attention_errors(rank: int, world_size: int) -> dict:
     return errors
 
 
-def _spawned(rank: int, world_size: int, layouts: list, document_cfg, ac_cfgs: dict) -> tuple:
+def _spawned(rank: int, world_size: int, layouts: list, document_cfg, ac_cfgs: dict, ac_plans: dict) -> tuple:
+    cfg = ac_cfgs["allgather-none"]
+    meshes = ParallelDims(pp=1, dp_replicate=1, dp_shard=2, cp=2, tp=1, ep=1, world_size=4).build_meshes("cpu")
+    kept = kept_bytes_on_rank(load_model_config("llama", None), meshes, cfg.train.micro_batch_size, cfg.train.seq_len)
     return ([train_layout(rank, world_size, cfg) for cfg in layouts], _train_rows(rank, world_size, document_cfg),
-            _step_under_each_ac_mode(rank, world_size, ac_cfgs), _chunked_attention_errors(rank, world_size))
+            _step_under_each_ac_mode(rank, world_size, ac_cfgs, ac_plans), _chunked_attention_errors(rank, world_size),
+            kept)
 
 
 @pytest.fixture(scope="module")
@@ -189,10 +197,14 @@ def spawned(tmp_path_factory):
     ac_cfgs = {f"{rotation}-{mode}": tiny_config("--parallel.cp=2", "--parallel.dp_shard=2", f"--ac.mode={mode}",
                                                  f"--parallel.cp_rotate={rotation}")
                for rotation in ("allgather", "ring") for mode in ("none", "selective", "full")}
-    results = run_ranks(_spawned, WORLD, list(layouts.values()), document_cfg, ac_cfgs, timeout=600)
+    # A budget plan that mixes modes, planned from one rank's fake step.
+    predicted, ac_cfgs["allgather-budget"] = predicted_layers_and_budget_config(ac_cfgs["allgather-none"], tp=1, cp=2)
+    ac_plans = {"allgather-budget": validate(ac_cfgs["allgather-budget"], WORLD)}
+    results = run_ranks(_spawned, WORLD, list(layouts.values()), document_cfg, ac_cfgs, ac_plans, timeout=600)
     trained = {name: [per_rank[0][index] for per_rank in results] for index, name in enumerate(layouts)}
     return (layouts, trained, (document_cfg, [per_rank[1] for per_rank in results]),
-            [per_rank[2] for per_rank in results], [per_rank[3] for per_rank in results])
+            [per_rank[2] for per_rank in results], [per_rank[3] for per_rank in results],
+            (predicted, ac_plans["allgather-budget"], [per_rank[4] for per_rank in results]))
 
 
 def test_chunked_causal_attention_matches_sdpa_over_the_whole_sequence(spawned):
@@ -204,7 +216,7 @@ def test_chunked_causal_attention_matches_sdpa_over_the_whole_sequence(spawned):
 
 
 def test_llama_layouts_match_single_process(spawned):
-    layouts, trained, _, _, _ = spawned
+    layouts, trained, *_ = spawned
     assert_matches_reference(trained["cp2-fsdp2"], reference_run(layouts["cp2-fsdp2"]))
     for name in ("cp4", "pp2-cp2", "cp2-tp2", "ring-cp2-fsdp2", "ring-cp4"):
         reference = reference_run(layouts[name])
@@ -214,14 +226,14 @@ def test_llama_layouts_match_single_process(spawned):
 
 @pytest.mark.parametrize("name", ["gemma2-cp2-hsdp", "gemma3-cp2-fsdp2", "moe-cp2-ep2", "mla-cp2-fsdp2"])
 def test_family_layouts_match_single_process(spawned, name):
-    layouts, trained, _, _, _ = spawned
+    layouts, trained, *_ = spawned
     reference = reference_run(layouts[name])
     for result in trained[name]:
         assert compare(result, reference) == "ok", name
 
 
 def test_document_masks_match_single_process(spawned):
-    _, _, (cfg, rows), _, _ = spawned
+    _, _, (cfg, rows), *_ = spawned
     loss, norm, val_loss = _document_reference(cfg)
     for row in rows:
         assert abs(row["loss"] - loss) < 1e-5
@@ -229,9 +241,9 @@ def test_document_masks_match_single_process(spawned):
         assert abs(row["val_loss"] - val_loss) < 1e-5
 
 
-def _assert_bitwise_to_no_ac(per_mode: dict, rotation: str) -> None:
+def _assert_bitwise_to_no_ac(per_mode: dict, rotation: str, modes: tuple[str, ...]) -> None:
     loss, grads, forward, _ = per_mode[f"{rotation}-none"]
-    for mode in ("selective", "full"):
+    for mode in modes:
         other_loss, other_grads, other_forward, _ = per_mode[f"{rotation}-{mode}"]
         assert torch.equal(loss, other_loss), (rotation, mode)
         for name, grad in grads.items():
@@ -242,7 +254,7 @@ def _assert_bitwise_to_no_ac(per_mode: dict, rotation: str) -> None:
 def test_activation_checkpointing_is_bitwise_and_selective_recomputes_no_gather(spawned):
     layers = load_model_config("llama", None).num_hidden_layers
     for per_mode in spawned[3]:
-        _assert_bitwise_to_no_ac(per_mode, "allgather")
+        _assert_bitwise_to_no_ac(per_mode, "allgather", ("selective", "full", "budget"))
         _, _, forward, backward = per_mode["allgather-none"]
         # One key/value all-gather per layer forward; in backward (plain causal sdpa) the keys and
         # values gathered again and one reduce-scatter of their gradients.
@@ -257,7 +269,7 @@ def test_activation_checkpointing_is_bitwise_and_selective_recomputes_no_gather(
 def test_ring_activation_checkpointing_is_bitwise_and_selective_recomputes_no_send(spawned):
     layers = load_model_config("llama", None).num_hidden_layers
     for per_mode in spawned[3]:
-        _assert_bitwise_to_no_ac(per_mode, "ring")
+        _assert_bitwise_to_no_ac(per_mode, "ring", ("selective", "full"))
         _, _, forward, backward = per_mode["ring-none"]
         assert forward == {"causal_attention.default": layers}, forward
         # cp=2, per layer: the block passed on once again, and the gradients passed on after each of
@@ -267,6 +279,15 @@ def test_ring_activation_checkpointing_is_bitwise_and_selective_recomputes_no_se
         assert per_mode["ring-full"][3] == {**backward, "causal_attention.default": layers}, per_mode["ring-full"][3]
 
 
+def test_budget_plans_one_ranks_layers(spawned):
+    """The budget's per-layer prediction (one rank's fake step: its queries, all keys and values)
+    is what each layer keeps on every rank; its plan mixes modes (trained bitwise above)."""
+    predicted, plan, kept_per_rank = spawned[5]
+    assert len(set(plan.ac_budget.layer_modes)) > 1, plan.ac_budget.describe()
+    for kept in kept_per_rank:
+        assert_kept_bytes_predicted(predicted, kept)
+
+
 def _family_cfg(tmp_path, family: str, *flags: str):
     return tiny_config("--parallel.cp=2", "--parallel.dp_shard=1", *flags,
                        *_path_flags(tmp_path, family, family_tiny_config(family)))
@@ -274,8 +295,6 @@ def _family_cfg(tmp_path, family: str, *flags: str):
 
 @pytest.mark.parametrize("family, flags, message", [
     ("llama", ["--train.seq_len=30"], r"train.seq_len=30: context parallel cuts each sequence into 2\*parallel.cp=4 "),
-    ("llama", ["--ac.mode=budget", "--ac.budget_mib=100"], "parallel.cp=2: not supported with ac.mode=budget yet"),
-    ("llama", ["--train.compile=true"], "parallel.cp=2: not supported with train.compile=true yet"),
     ("qwen3_moe", ["--model.overrides.output_router_logits=true"], r"not supported with HF's router aux loss"),
     ("qwen3_next", [], "Qwen3NextForCausalLM has 'linear_attention' layers"),
     ("lfm2_moe", [], "Lfm2MoeForCausalLM has 'conv' layers"),

@@ -21,6 +21,8 @@ from harness.summary import startup_summary
 from harness.trainer import build_run, resume_run
 from harness.validation import validate
 from parallel.tensor_parallel import layer_styles
+from parallel.mesh import ParallelDims
+from tests.ac_helpers import assert_kept_bytes_predicted, kept_bytes_on_rank, predicted_layers_and_budget_config
 from tests.families import hand_shrunk_config, tiny_config as family_tiny_config
 from tests.family_matrix import compare
 from tests.layout_run import assert_matches_reference, train_layout
@@ -127,11 +129,13 @@ class CollectiveCounter(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
-def _step_under_each_ac_mode(rank: int, world_size: int, cfgs: dict) -> dict:
-    """Per AC mode: the loss, every gradient shard, and the TP collectives of forward and backward."""
+def _step_under_each_ac_mode(rank: int, world_size: int, cfgs: dict, plans: dict) -> dict:
+    """Per AC mode: the loss, every gradient shard, and the TP collectives of forward and backward.
+    `plans`: the modes validated before the spawn (ac.mode=budget measures on a fake process group,
+    which only a process without one can start)."""
     out = {}
     for mode, cfg in cfgs.items():
-        plan = validate(cfg, world_size)
+        plan = plans.get(mode) or validate(cfg, world_size)
         run = build_run(cfg, plan)
         model = run.modules[0]
         summary = startup_summary(cfg, plan, model.config, type(model).__name__, 0, run.modules, 0, None)
@@ -147,14 +151,28 @@ def _step_under_each_ac_mode(rank: int, world_size: int, cfgs: dict) -> dict:
     return out
 
 
+def _ac_steps_and_kept_bytes(rank: int, world_size: int, cfgs: dict, plans: dict) -> tuple[dict, dict]:
+    meshes = ParallelDims(pp=1, dp_replicate=1, dp_shard=1, cp=1, tp=2, ep=1, world_size=2).build_meshes("cpu")
+    cfg = cfgs["none"]
+    kept = kept_bytes_on_rank(load_model_config("llama", None), meshes, cfg.train.micro_batch_size, cfg.train.seq_len)
+    return _step_under_each_ac_mode(rank, world_size, cfgs, plans), kept
+
+
 def test_activation_checkpointing_is_bitwise_and_selective_recomputes_no_collective():
+    """Uniform modes and a budget plan that mixes them; the budget's per-layer prediction (one
+    rank's fake step) is what each layer keeps on a rank."""
     cfgs = {mode: tiny_config("--parallel.tp=2", "--parallel.dp_shard=1", f"--ac.mode={mode}")
             for mode in ("none", "selective", "full")}
-    for per_mode in run_ranks(_step_under_each_ac_mode, 2, cfgs):
+    predicted, budget_cfg = predicted_layers_and_budget_config(cfgs["none"], tp=2, cp=1)
+    cfgs["budget"] = budget_cfg
+    plans = {"budget": validate(budget_cfg, 2)}
+    assert len(set(plans["budget"].ac_budget.layer_modes)) > 1, plans["budget"].ac_budget.describe()
+    for per_mode, kept in run_ranks(_ac_steps_and_kept_bytes, 2, cfgs, plans):
+        assert_kept_bytes_predicted(predicted, kept)
         loss, grads, forward, backward, _ = per_mode["none"]
         assert sum(forward.values()) > 0 and sum(backward.values()) > 0, (forward, backward)
         assert [per_mode[mode][4] for mode in ("none", "selective", "full")] == [False, True, False]
-        for mode in ("selective", "full"):
+        for mode in ("selective", "full", "budget"):
             other_loss, other_grads, other_forward, other_backward, _ = per_mode[mode]
             assert torch.equal(loss, other_loss), mode
             for name, grad in grads.items():

@@ -44,7 +44,9 @@ def _budget_prediction(facts: ModelFacts, layout: Layout, cfg: Config, world: in
                        device: Device, plans: list[tuple[str, ...]]) -> Prediction | None:
     """The layout under ac.mode=budget with the activation memory the device has left, when the
     cheapest plan that fits mixes modes (a uniform one is already among the candidates).
-    Validation takes budget only without pipeline, tensor and context parallel and compile."""
+    Validation takes budget only without pipeline and compile; under tensor and context parallel
+    this profile (the unsharded layer's, divided by tp and cp) is not what validation measures on a
+    rank, so no budget plan is proposed there."""
     if layout.pp > 1 or layout.tp > 1 or layout.cp > 1 or cfg.train.compile:
         return None
     none = predict(facts, layout, cfg, world, gpus_per_node, device)

@@ -46,6 +46,9 @@ class SequenceShard:
         self.group_name = self.group.group_name
         self.local_index = head_tail_index(self.seq_len, self.size, self.rank)
         self.chunk = self.seq_len // (2 * self.size)
+        # The first global position of each local chunk, as ints: the attention's chunk loop reads
+        # them under fake tensors too (the budget's step), where a tensor's values are unknown.
+        self.chunk_starts = [self.rank * self.chunk, (2 * self.size - 1 - self.rank) * self.chunk]
         # The global position of each row of an all-gather over the group (rank-major), and the
         # rows of the gather in sequence order.
         self.gathered_index = torch.cat([head_tail_index(self.seq_len, self.size, r) for r in range(self.size)])
@@ -54,7 +57,7 @@ class SequenceShard:
         # Made here, outside any checkpointed region: a CausalBias created in activation
         # checkpointing's recompute wraps a tensor SAC handed back, which torch refuses.
         self.causal_biases = [causal_lower_right(self.chunk, start + self.chunk)
-                              for start in self.local_index[::self.chunk].tolist()]
+                              for start in self.chunk_starts]
 
     def split(self, tensor: torch.Tensor) -> torch.Tensor:
         """This rank's tokens of `tensor` [rows, seq_len, ...]."""

@@ -50,7 +50,7 @@ def _parts(shard: SequenceShard) -> list[tuple[slice, slice, bool]]:
     """Per local chunk and part: its rows of the local queries, the global positions of its keys,
     and whether it is the causal (diagonal) part. The first chunk of the sequence has no keys before it."""
     parts = []
-    for index, start in enumerate(shard.local_index[::shard.chunk].tolist()):
+    for index, start in enumerate(shard.chunk_starts):
         rows = slice(index * shard.chunk, (index + 1) * shard.chunk)
         parts.append((rows, slice(start, start + shard.chunk), True))
         if start:

@@ -516,8 +516,8 @@ def apply_tensor_parallel(parts: TensorParallelParts, mesh: DeviceMesh) -> None:
     per_layer = layer_styles(parts)
     if embeddings is not None:
         assert layers, "the stage with the embeddings holds a decoder layer, whose input splits the sequence"
-        parallelize_module(embeddings, mesh, Styles(RowwiseParallel(input_layouts=Replicate(), output_layouts=Replicate()),
-                                                    CollectiveAwaited()))
+        parallelize_module(embeddings, mesh, Styles(
+            RowwiseParallel(input_layouts=Replicate(), output_layouts=Replicate()), CollectiveAwaited()))
         parallelize_module(layers[0], mesh, HiddenStatesInput(Replicate(), Shard(1)))
     for layer, styles in zip(layers, per_layer):
         parallelize_module(layer, mesh, styles)

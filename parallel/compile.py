@@ -34,6 +34,14 @@ def compile_layers(model: nn.Module, layers: nn.ModuleList | nn.ModuleDict) -> N
         parents = [(parent, name) for parent in model.modules() for name, child in parent.named_children()
                    if child is layer]
         compiled = torch.compile(layer)
+        # transformers wraps some attention classes' forward (`use_kernelized_func`, from the
+        # `kernels` package: Llama's, for its rotary embedding) to set a module-level context
+        # variable and reset it on return. Inside a checkpointed block dynamo refuses that
+        # mutation (it cannot replay it when the backward recomputes the forward) and ran the
+        # block eagerly; the pair cancels out and only routes which function the traced graph
+        # calls, so the recomputation needs no replay.
+        compiled.forward = torch._dynamo.config.patch(skip_fwd_side_effects_in_bwd_under_checkpoint=True)(
+            compiled.forward)
         for parent, name in parents:
             setattr(parent, name, compiled)
         layers[key] = compiled

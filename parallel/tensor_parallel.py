@@ -33,6 +33,7 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
+from torch.distributed._functional_collectives import AsyncCollectiveTensor
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import DTensor, Partial, Placement, Replicate, Shard, distribute_tensor
 from torch.distributed.tensor.parallel import (ColwiseParallel, ParallelStyle, RowwiseParallel, SequenceParallel,
@@ -202,6 +203,20 @@ class MlaKvAProjection(ParallelStyle):
         def hook(_module: nn.Module, _args: tuple, output: torch.Tensor) -> torch.Tensor:
             compressed, rope = output.split([output.shape[-1] - self.rope_dim, self.rope_dim], dim=-1)
             return torch.cat([compressed, _all_reduce_in_backward(rope, device_mesh)], dim=-1)
+
+        module.register_forward_hook(hook)
+        return module
+
+
+class CollectiveAwaited(ParallelStyle):
+    """Hands on a module's output as a plain tensor where it is an AsyncCollectiveTensor (what
+    RowwiseParallel's all-reduce hands on): a compiled block (train.compile) that takes one as its
+    input gives it no gradient (torch 2.13), so the embeddings before the first layer would train on
+    nothing. Copying it waits for the collective and keeps the autograd graph; `wait()` would not."""
+
+    def _apply(self, module: nn.Module, device_mesh: DeviceMesh) -> nn.Module:
+        def hook(_module: nn.Module, _args: tuple, output: torch.Tensor) -> torch.Tensor:
+            return output.clone() if isinstance(output, AsyncCollectiveTensor) else output
 
         module.register_forward_hook(hook)
         return module
@@ -501,7 +516,8 @@ def apply_tensor_parallel(parts: TensorParallelParts, mesh: DeviceMesh) -> None:
     per_layer = layer_styles(parts)
     if embeddings is not None:
         assert layers, "the stage with the embeddings holds a decoder layer, whose input splits the sequence"
-        parallelize_module(embeddings, mesh, RowwiseParallel(input_layouts=Replicate(), output_layouts=Replicate()))
+        parallelize_module(embeddings, mesh, Styles(
+            RowwiseParallel(input_layouts=Replicate(), output_layouts=Replicate()), CollectiveAwaited()))
         parallelize_module(layers[0], mesh, HiddenStatesInput(Replicate(), Shard(1)))
     for layer, styles in zip(layers, per_layer):
         parallelize_module(layer, mesh, styles)

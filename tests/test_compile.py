@@ -1,7 +1,8 @@
 """Compiling each transformer block: the same losses and gradients as eager (inductor's fused
 kernels round differently, so within 1e-4), with every activation-checkpointing mode and under
-tensor and context parallel; a machine without a C++ compiler is told so instead of failing
-inside inductor."""
+tensor and context parallel, each case asserting that dynamo compiled a graph (a block dynamo
+gives up on runs eagerly and would pass unexamined); a machine without a C++ compiler is told so
+instead of failing inside inductor."""
 
 from __future__ import annotations
 
@@ -24,7 +25,15 @@ from tests.reference import reference_run, tiny_config
 pytestmark = pytest.mark.skipif(compile_unavailable_reason("cpu") is not None, reason="no C++ compiler")
 
 
-def _loss_and_grads(mode: str, compiled: bool) -> tuple[float, dict[str, torch.Tensor]]:
+def _compiled_graphs() -> int:
+    from torch._dynamo.utils import counters
+
+    return counters["stats"]["unique_graphs"]
+
+
+def _loss_and_grads(mode: str, compiled: bool) -> tuple[float, dict[str, torch.Tensor], int]:
+    """The loss, every gradient by name, and how many graphs dynamo compiled for them."""
+    before = _compiled_graphs()
     config = load_config("llama", None, {"num_hidden_layers": 2})
     model = reference_model(config, seed=0)
     layers = decoder_layers(model)
@@ -35,14 +44,16 @@ def _loss_and_grads(mode: str, compiled: bool) -> tuple[float, dict[str, torch.T
     ids = torch.randint(0, config.vocab_size, (2, 33), generator=torch.Generator().manual_seed(0))
     loss = token_loss_sum(model(input_ids=ids[:, :-1]).logits, ids[:, 1:]) / ids[:, 1:].numel()
     loss.backward()
-    return loss.item(), {name.replace("_orig_mod.", "").replace("_checkpoint_wrapped_module.", ""): p.grad
-                         for name, p in model.named_parameters()}
+    grads = {name.replace("_orig_mod.", "").replace("_checkpoint_wrapped_module.", ""): p.grad
+             for name, p in model.named_parameters()}
+    return loss.item(), grads, _compiled_graphs() - before
 
 
 @pytest.mark.parametrize("mode", ["none", "selective"])
 def test_compiled_blocks_match_eager(mode):
-    eager_loss, eager_grads = _loss_and_grads(mode, compiled=False)
-    loss, grads = _loss_and_grads(mode, compiled=True)
+    eager_loss, eager_grads, _ = _loss_and_grads(mode, compiled=False)
+    loss, grads, graphs = _loss_and_grads(mode, compiled=True)
+    assert graphs > 0, "dynamo compiled no graph: the blocks ran eagerly"
     assert loss == pytest.approx(eager_loss, abs=1e-5)
     assert grads.keys() == eager_grads.keys()
     for name, grad in grads.items():
@@ -81,29 +92,30 @@ def test_selective_context_under_a_tracing_mode_is_sac_own_modes():
 
 def _train_each_compiled(rank: int, world_size: int, cfgs: list) -> list:
     """Per config: what `train_layout` returns, and the graphs dynamo compiled for it."""
-    from torch._dynamo.utils import counters
-
     out = []
     for cfg in cfgs:
-        before = counters["stats"]["unique_graphs"]
-        out.append((train_layout(rank, world_size, cfg), counters["stats"]["unique_graphs"] - before))
+        before = _compiled_graphs()
+        out.append((train_layout(rank, world_size, cfg), _compiled_graphs() - before))
     return out
 
 
 def test_compiled_blocks_under_tensor_and_context_parallel_match_eager():
-    # tp=2 with selective AC: each block holds DTensor parameters, sequence-parallel norms and the
-    # hooks that gather and scatter the sequence. cp=2: each compiled block holds context
-    # parallel's attention (the key/value all-gather's autograd function over functional
-    # collectives, the chunks' causal biases) in one graph. Both against the one-process eager run.
-    # Under selective AC dynamo traces no graph of a llama block here (a side effect inside
-    # checkpoint's higher-order op, from the `kernels` package's forward wrapper) and runs it eager,
-    # so only the cp run is asserted to have compiled.
-    tp_cfg = tiny_config("--parallel.tp=2", "--parallel.dp_shard=1", "--train.compile=true", "--ac.mode=selective",
-                         "--train.steps=2")
-    cp_cfg = tiny_config("--parallel.cp=2", "--parallel.dp_shard=1", "--train.compile=true", "--train.steps=2")
-    references = [reference_run(cfg) for cfg in (tp_cfg, cp_cfg)]
-    for per_rank in run_ranks(_train_each_compiled, 2, [tp_cfg, cp_cfg], timeout=900):
-        assert per_rank[1][1] > 0, "the cp run compiled no graph"
-        for ((losses, norms, _), _), (reference_losses, reference_norms, _) in zip(per_rank, references):
-            torch.testing.assert_close(torch.tensor(losses), torch.tensor(reference_losses), atol=1e-4, rtol=0)
-            torch.testing.assert_close(torch.tensor(norms), torch.tensor(reference_norms), atol=0, rtol=1e-4)
+    # tp=2, without AC and with selective AC: each block holds DTensor parameters,
+    # sequence-parallel norms and the hooks that gather and scatter the sequence, and the first
+    # takes the vocabulary-parallel embeddings' all-reduced output (whose gradient a compiled
+    # block once dropped). cp=2: each compiled block holds context parallel's attention (the
+    # key/value all-gather's autograd function over functional collectives, the chunks' causal
+    # biases) in one graph. Each against the one-process eager run.
+    tp = ("--parallel.tp=2", "--parallel.dp_shard=1", "--train.compile=true", "--train.steps=2")
+    cfgs = [tiny_config(*tp, "--ac.mode=none"), tiny_config(*tp, "--ac.mode=selective"),
+            tiny_config("--parallel.cp=2", "--parallel.dp_shard=1", "--train.compile=true", "--train.steps=2")]
+    references = [reference_run(cfg) for cfg in cfgs]
+    for per_rank in run_ranks(_train_each_compiled, 2, cfgs, timeout=900):
+        for cfg, ((losses, norms, _), graphs), (reference_losses, reference_norms, _) in zip(cfgs, per_rank,
+                                                                                              references):
+            layout = f"tp={cfg.parallel.tp} cp={cfg.parallel.cp} ac={cfg.ac.mode}"
+            assert graphs > 0, f"{layout}: dynamo compiled no graph"
+            torch.testing.assert_close(torch.tensor(losses), torch.tensor(reference_losses), atol=1e-4, rtol=0,
+                                       msg=lambda m: f"{layout}: {m}")
+            torch.testing.assert_close(torch.tensor(norms), torch.tensor(reference_norms), atol=0, rtol=1e-4,
+                                       msg=lambda m: f"{layout}: {m}")

@@ -106,6 +106,10 @@ class _ChunkedCausalAttention(torch.autograd.Function):
         return grad_query[..., :query.shape[-1]], grad_key, grad_value, None, None
 
 
+# Left to eager under train.compile: inductor's trace of this Function's backward (which gathers
+# the other ranks' keys and values again) assumed strides the saved keys do not have at run time
+# ("Cannot view a tensor with shape [local, rows, heads, dim] ... as [local, width]", torch 2.13).
+@torch.compiler.disable
 def chunked_causal_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, shard: SequenceShard,
                              scale: float | None) -> torch.Tensor:
     """Causal attention of this rank's queries [rows, heads, local, dim] over the keys and values of

@@ -197,6 +197,11 @@ def _check_tensor_parallel(cfg: Config, dims: ParallelDims, model: nn.Module, gp
         layer_styles(tensor_parallel_parts(model))
     except ValueError as e:
         raise ConfigError(f"parallel.tp={tp}: {e}") from None
+    # The fake step's memory tracker hooks each module's parameters, and an MoE block under tp
+    # runs on tp-local tensors swapped in at its forward (torch refuses hooks on non-leaves).
+    if _ac_mode(cfg.ac.mode) == "budget" and moe_blocks(model):
+        raise ConfigError(f"parallel.tp={tp}: ac.mode=budget does not measure MoE blocks under tensor parallel "
+                          "yet; use ac.mode=selective or full, or parallel.tp=1")
 
 
 def _check_positive(cfg: Config) -> None:

@@ -39,6 +39,8 @@ CASES = [
      "ac.budget_mib=0.01: too small"),
     (["--parallel.cp=2", "--parallel.dp_shard=1", "--ac.mode=budget", "--ac.budget_mib=0.01"], 2,
      "ac.budget_mib=0.01: too small"),
+    (["--model.preset=qwen3_moe", "--parallel.tp=2", "--parallel.dp_shard=1", "--ac.mode=budget",
+      "--ac.budget_mib=64"], 2, "ac.mode=budget does not measure MoE blocks under tensor parallel"),
     (["--parallel.tp=4", "--parallel.dp_shard=1"], 4, "parallel.tp=4: must divide the model's num_key_value_heads=2"),
     (["--parallel.tp=2", "--parallel.dp_shard=1", "--train.seq_len=33"], 2, "must divide train.seq_len=33"),
     (["--parallel.tp=2", "--parallel.dp_shard=1", "--model.overrides.vocab_size=257"], 2, "vocab_size=257"),

@@ -26,7 +26,8 @@ from harness.model_parts import (decoder_layers, embeddings, has_tied_embeddings
                                  tensor_parallel_parts)
 from parallel.pipeline import stage_ids_for_rank
 from parallel.pipeline_split import EMBEDDINGS, LM_HEAD, layer_name, stage_module_names
-from parallel.tensor_parallel import LocalParameters, Styles, layer_styles
+from parallel.tensor_parallel import layer_styles
+from parallel.tp_styles import LocalParameters, Styles
 
 FP32 = 4
 
